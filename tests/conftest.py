@@ -1,0 +1,25 @@
+import os
+
+# No hub on these machines: everything must load from local files.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """The embedded SmolLM2-135M-Instruct as an HF folder (converted from GGUF once, then cached)."""
+    from tyr.models.default import default_model_dir as resolve
+
+    return resolve()
+
+
+@pytest.fixture(scope="session")
+def smollm2(default_model_dir):
+    from tyr.models.io import load_model
+
+    return load_model(default_model_dir, dtype=torch.float32)

@@ -1,0 +1,232 @@
+"""Structured OBS pruning of a linear layer's input columns (FFN channels) or input column blocks (attention heads).
+
+Setting (ZipLM / SlimGPT): a linear layer y = x Wᵀ with W [out, in], calibration inputs X [rows, in] and the
+Hessian H = XᵀX (damped: H + λI, λ = damp · mean(diag H)). Removing the column set S from W and re-tuning the rest
+optimally costs
+
+    error(S) = trace(W_S (H⁻¹_SS)⁻¹ W_Sᵀ)
+
+and the optimal update of the remaining weights, and the inverse Hessian of the remaining columns, are
+
+    W   -= W_S (H⁻¹_SS)⁻¹ H⁻¹_{S,:}
+    H⁻¹ -= H⁻¹_{:,S} (H⁻¹_SS)⁻¹ H⁻¹_{S,:}      (the Schur complement: the inverse of H restricted to the rest).
+
+Columns are removed progressively, a few at a time, cheapest first. After the path, the kept columns are refit
+by least squares against the dense output: W_keptᵀ = (H_kk + λI)⁻¹ (H Wᵀ)_k, which minimises
+||X Wᵀ − X_k W_keptᵀ||² + λ||W_kept||².
+
+Everything here is a pure function of tensors; the solver runs in float64 (the matrices are at most ffn × ffn).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PrunedLinear:
+    """One pruned version of a linear layer."""
+
+    keep: list[int]         # kept units, sorted: input columns (column pruning) or query heads (head pruning)
+    weight: torch.Tensor    # [out, kept columns], the updated weights of the kept columns (input dtype)
+    error: float            # ||X Wᵀ − X_k weightᵀ||², the output reconstruction error on the calibration rows
+    obs_error: float        # the OBS objective summed along the removal path (damped metric; 0 when nothing removed)
+
+
+def damped(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """H + λI with λ = damp · mean(diag H) (λ = damp when H is all zero, so the result is always invertible)."""
+    mean_diag = H.diagonal().mean().item()
+    lam = damp * mean_diag if mean_diag > 0 else damp
+    return H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device), lam
+
+
+def spd_inverse(H: torch.Tensor) -> torch.Tensor:
+    return torch.cholesky_inverse(torch.linalg.cholesky(H))
+
+
+def removal_errors(W: torch.Tensor, Hinv: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
+    """OBS error of removing each column set: ``sets`` [n_sets, set_size] (indices into W's columns) -> [n_sets]."""
+    Hinv_SS = Hinv[sets[:, :, None], sets[:, None, :]]        # [n, s, s]
+    W_S = W[:, sets].permute(1, 2, 0)                         # [n, s, out]
+    Z = torch.cholesky_solve(W_S, torch.linalg.cholesky(Hinv_SS))
+    return (W_S * Z).sum(dim=(1, 2))
+
+
+def obs_remove(W: torch.Tensor, Hinv: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Remove columns S optimally: (W of the remaining columns, their inverse Hessian, the OBS error)."""
+    L = torch.linalg.cholesky(Hinv[S][:, S])
+    W_S = W[:, S]
+    Z = torch.cholesky_solve(W_S.T, L)                        # (H⁻¹_SS)⁻¹ W_Sᵀ   [s, out]
+    error = (W_S.T * Z).sum().item()
+    W = W - Z.T @ Hinv[S]
+    Hinv = Hinv - Hinv[:, S] @ torch.cholesky_solve(Hinv[S], L)
+    rest = torch.ones(W.shape[1], dtype=torch.bool, device=W.device)
+    rest[S] = False
+    return W[:, rest], Hinv[rest][:, rest], error
+
+
+def least_squares_refit(WHt: torch.Tensor, H_damped: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """W_keptᵀ = (H_kk + λI)⁻¹ (H Wᵀ)_k given WHt = H Wᵀ [in, out]; returns W_kept [out, k]."""
+    L = torch.linalg.cholesky(H_damped[keep][:, keep])
+    return torch.cholesky_solve(WHt[keep], L).T
+
+
+def reconstruction_error(W: torch.Tensor, H: torch.Tensor, WHt: torch.Tensor, keep: torch.Tensor,
+                         W_kept: torch.Tensor) -> float:
+    """||X Wᵀ − X_k W_keptᵀ||² = tr(W H Wᵀ) − 2 tr(W_kept (H Wᵀ)_k) + tr(W_kept H_kk W_keptᵀ)."""
+    if keep.numel() == 0:
+        return (W * WHt.T).sum().item()
+    cross = (W_kept * WHt[keep].T).sum()
+    kept = (W_kept * (W_kept @ H[keep][:, keep])).sum()
+    return ((W * WHt.T).sum() - 2 * cross + kept).item()
+
+
+def _finish(W0: torch.Tensor, H: torch.Tensor, Hd: torch.Tensor, WHt: torch.Tensor, keep_cols: torch.Tensor,
+            W_obs: torch.Tensor, refit: bool) -> tuple[torch.Tensor, float]:
+    """The final weights of a kept column set (LS refit or OBS-updated) and their reconstruction error."""
+    if keep_cols.numel() == W0.shape[1]:
+        return W0, 0.0                                        # nothing removed: the dense weights, exactly
+    W_kept = least_squares_refit(WHt, Hd, keep_cols) if refit and keep_cols.numel() else W_obs
+    return W_kept, reconstruction_error(W0, H, WHt, keep_cols, W_kept)
+
+
+def prune_columns_progressively(W: torch.Tensor, H: torch.Tensor, group_size: int, keep_counts: list[int],
+                                damp: float = 0.01, refit: bool = True) -> list[PrunedLinear]:
+    """Remove input columns of W [out, in] from all to none, ``group_size`` at a time, cheapest OBS error first.
+
+    One pass yields every requested keep count as a snapshot, so the kept sets are nested. Each step removes the
+    ``group_size`` columns with the smallest single-column OBS error ||w_j||² / [H⁻¹]_jj jointly (steps shrink
+    to land exactly on every requested count). Returns one PrunedLinear per entry of ``keep_counts``, same order.
+    """
+    n_in = W.shape[1]
+    if any(not 0 <= k <= n_in for k in keep_counts):
+        raise ValueError(f"keep counts {keep_counts} must lie in [0, {n_in}]")
+    if group_size < 1:
+        raise ValueError(f"group_size must be at least 1, got {group_size}")
+    W0, H64 = W.to(torch.float64), H.to(torch.float64)
+    Hd, _ = damped(H64, damp)
+    WHt = H64 @ W0.T
+    Hinv, W_cur = spd_inverse(Hd), W0
+    alive = torch.arange(n_in, device=W.device)
+    wanted = sorted(set(keep_counts), reverse=True)
+    snapshots: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    path_error = 0.0
+    for target in wanted:
+        while alive.numel() > target:
+            step = min(group_size, alive.numel() - target)
+            scores = W_cur.pow(2).sum(0) / Hinv.diagonal()
+            S = torch.sort(torch.topk(scores, step, largest=False).indices).values
+            W_cur, Hinv, err = obs_remove(W_cur, Hinv, S)
+            path_error += err
+            keep_mask = torch.ones(alive.numel(), dtype=torch.bool, device=W.device)
+            keep_mask[S] = False
+            alive = alive[keep_mask]
+        snapshots[target] = (alive.clone(), W_cur, path_error)
+    results = {}
+    for k, (cols, W_obs, obs_error) in snapshots.items():
+        W_kept, error = _finish(W0, H64, Hd, WHt, cols, W_obs, refit)
+        results[k] = PrunedLinear(keep=cols.tolist(), weight=W_kept.to(W.dtype), error=error, obs_error=obs_error)
+    return [results[k] for k in keep_counts]
+
+
+# ----- attention heads under GQA -----
+
+def gqa_attention_params(groups: int, heads_per_group: int) -> int:
+    """Attention weights of a GQA configuration in units of head_dim · hidden: q and o (2·g·r), k and v (2·g)."""
+    return 2 * groups * heads_per_group + 2 * groups
+
+
+def gqa_targets(n_heads: int, n_kv_heads: int, sparsity: float) -> list[tuple[int, int]]:
+    """The GQA configurations (kv groups, heads per group) whose attention size is closest to (1 − sparsity) · dense.
+
+    Ties in distance go to the less pruned size; all configurations of that size are returned ((0, 0) = removed).
+    """
+    per_group = n_heads // n_kv_heads
+    configs = [(0, 0)] + [(g, r) for g in range(1, n_kv_heads + 1) for r in range(1, per_group + 1)]
+    goal = (1 - sparsity) * gqa_attention_params(n_kv_heads, per_group)
+    size = min({gqa_attention_params(g, r) for g, r in configs}, key=lambda p: (abs(p - goal), -p))
+    return sorted(c for c in configs if gqa_attention_params(*c) == size)
+
+
+def _head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Column indices of query heads (positions in the current W) [n] -> [n, head_dim]."""
+    return heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)
+
+
+def _greedy_head_path(W0: torch.Tensor, Hinv: torch.Tensor, head_dim: int, n_kv_heads: int,
+                      targets: list[tuple[int, int]]) -> tuple[list[int], torch.Tensor, float]:
+    """Constrained greedy OBS path from dense to one of ``targets``: (kept heads, their OBS weights, path error).
+
+    A move drops one query head from every kept group (each group's cheapest head, scored jointly) or one whole
+    KV group (its remaining heads); only moves that keep some target reachable are allowed; the cheapest wins.
+    """
+    per_group = W0.shape[1] // head_dim // n_kv_heads
+    heads = list(range(n_kv_heads * per_group))                # kept dense head indices, sorted
+    W, path_error = W0, 0.0
+    g, r = n_kv_heads, per_group
+    reachable = lambda g_, r_: any(tg <= g_ and tr <= r_ for tg, tr in targets)  # noqa: E731
+    while (g, r) not in targets:
+        position = {h: i for i, h in enumerate(heads)}
+        groups = sorted({h // per_group for h in heads})
+        members = [[h for h in heads if h // per_group == grp] for grp in groups]
+        moves: list[tuple[float, list[int], tuple[int, int]]] = []
+        if r > 1 and reachable(g, r - 1):
+            local = torch.tensor([position[h] for m in members for h in m], device=W.device)
+            single = removal_errors(W, Hinv, _head_columns(local, head_dim)).view(g, r)
+            drop = [members[i][j] for i, j in enumerate(single.argmin(1).tolist())]
+            cols = _head_columns(torch.tensor([position[h] for h in drop], device=W.device), head_dim).flatten()
+            moves.append((removal_errors(W, Hinv, cols[None]).item(), drop, (g, r - 1)))
+        if g > 1 and reachable(g - 1, r):
+            sets = torch.stack([_head_columns(torch.tensor([position[h] for h in m], device=W.device), head_dim).flatten()
+                                for m in members])
+            errors = removal_errors(W, Hinv, sets)
+            best = int(errors.argmin())
+            moves.append((errors[best].item(), members[best], (g - 1, r)))
+        if not moves:
+            raise ValueError(f"no GQA move from ({g}, {r}) reaches any of {targets}")
+        _, drop, (g, r) = min(moves, key=lambda m: m[0])
+        cols = _head_columns(torch.tensor(sorted(position[h] for h in drop), device=W.device), head_dim).flatten()
+        W, Hinv, err = obs_remove(W, Hinv, cols)
+        path_error += err
+        heads = [h for h in heads if h not in set(drop)]
+    return heads, W, path_error
+
+
+def prune_heads_gqa(W: torch.Tensor, H: torch.Tensor, head_dim: int, n_kv_heads: int,
+                    targets: list[list[tuple[int, int]]], damp: float = 0.01,
+                    refit: bool = True) -> list[PrunedLinear]:
+    """Prune the query heads (input column blocks of o_proj, W [hidden, heads·head_dim]) GQA-consistently.
+
+    ``targets``: per request, the acceptable (kv groups, heads per group) configurations (see ``gqa_targets``);
+    [(0, 0)] means remove the attention. Each request follows its own greedy path from dense (identical requests
+    are computed once). ``keep`` of each result lists the kept query heads: whole KV groups (heads h with
+    h // heads_per_group = group), the same number in each kept group.
+    """
+    n_heads = W.shape[1] // head_dim
+    if W.shape[1] != n_heads * head_dim or n_heads % n_kv_heads:
+        raise ValueError(f"o_proj input width {W.shape[1]} does not hold whole heads of {head_dim} in "
+                         f"{n_kv_heads} KV groups")
+    per_group = n_heads // n_kv_heads
+    W0, H64 = W.to(torch.float64), H.to(torch.float64)
+    Hd, _ = damped(H64, damp)
+    WHt = H64 @ W0.T
+    Hinv = spd_inverse(Hd)
+    done: dict[tuple, PrunedLinear] = {}
+    for request in targets:
+        key = tuple(sorted(request))
+        if key in done:
+            continue
+        if any(not (0 <= g <= n_kv_heads and 0 <= r <= per_group and (g == 0) == (r == 0)) for g, r in key):
+            raise ValueError(f"GQA targets {list(key)} are not configurations of {n_kv_heads} groups x {per_group}")
+        if (0, 0) in key:
+            empty = W0.new_zeros(W0.shape[0], 0)
+            done[key] = PrunedLinear(keep=[], weight=empty.to(W.dtype), error=(W0 * WHt.T).sum().item(),
+                                     obs_error=(W0 * (W0 @ Hd)).sum().item())
+            continue
+        heads, W_obs, obs_error = _greedy_head_path(W0, Hinv, head_dim, n_kv_heads, list(key))
+        cols = _head_columns(torch.tensor(heads, device=W.device), head_dim).flatten()
+        W_kept, error = _finish(W0, H64, Hd, WHt, cols, W_obs, refit)
+        done[key] = PrunedLinear(keep=heads, weight=W_kept.to(W.dtype), error=error, obs_error=obs_error)
+    return [done[tuple(sorted(request))] for request in targets]

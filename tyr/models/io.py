@@ -1,0 +1,94 @@
+"""Load dense or pruned models from folders or hub ids; save pruned models as self-describing HF folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+from tyr.atomic import atomic_dir
+from tyr.errors import TyrError
+from tyr.models import modeling_tyr_llama, register_auto_classes
+from tyr.models.modeling_tyr_llama import TyrLlamaConfig, TyrLlamaForCausalLM
+
+# Dense architectures whose decoder layers are Llama layers (same tensor names and math).
+SUPPORTED_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM (Llama 2/3.x, SmolLM, TinyLlama)",
+    "mistral": "MistralForCausalLM (sliding_window null or at least the sequence length used)",
+    TyrLlamaConfig.model_type: "TyrLlamaForCausalLM (a model pruned by tyr)",
+}
+MODELING_FILE = Path(modeling_tyr_llama.__file__).name
+AUTO_MAP = {
+    "AutoConfig": f"{MODELING_FILE[:-3]}.TyrLlamaConfig",
+    "AutoModel": f"{MODELING_FILE[:-3]}.TyrLlamaModel",
+    "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.TyrLlamaForCausalLM",
+}
+
+
+def resolve_model_path(spec: str | Path | None) -> str:
+    """None or "default" -> the embedded SmolLM2 folder; an existing folder -> itself; anything else: a hub id."""
+    if spec is None or str(spec) == "default":
+        from tyr.models.default import default_model_dir
+
+        return str(default_model_dir())
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise TyrError(f"{path} is not a model folder (expected a directory with config.json and *.safetensors)")
+        if not (path / "config.json").is_file():
+            raise TyrError(f"{path} has no config.json: not a Hugging Face model folder")
+        if not any(path.glob("*.safetensors")):
+            raise TyrError(f"{path} has no *.safetensors weights (tyr loads only safetensors, never pickles)")
+        return str(path)
+    return str(spec)
+
+
+def check_supported(config_dict: dict, where: str) -> None:
+    model_type = config_dict.get("model_type")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        supported = "\n  ".join(SUPPORTED_ARCHITECTURES.values())
+        raise TyrError(f"{where}: model_type {model_type!r} is not supported. Supported:\n  {supported}")
+    if model_type == "mistral" and config_dict.get("sliding_window") not in (None, 0):
+        if config_dict["sliding_window"] < config_dict.get("max_position_embeddings", 0):
+            raise TyrError(f"{where}: Mistral sliding_window={config_dict['sliding_window']} is not supported")
+
+
+def load_model(spec: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               trust_remote_code: bool = False):
+    """Load (model, tokenizer) from the default model, a local folder or a hub id, weights from safetensors only."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    register_auto_classes()
+    path = resolve_model_path(spec)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        raise TyrError(f"cannot read the model config of {path}: {err}") from err
+    check_supported(config.to_dict(), path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise TyrError(f"cannot load the model in {path}: {err}") from err
+    return model.to(device).eval(), tokenizer
+
+
+def save_model(model: TyrLlamaForCausalLM, tokenizer, out_dir: str | Path, overwrite: bool = False,
+               extra_files: dict[str, str] | None = None) -> Path:
+    """Write a pruned model as an HF folder that loads with or without tyr (auto_map + modeling file)."""
+    if not isinstance(model, TyrLlamaForCausalLM):
+        raise TyrError(f"save_model expects a TyrLlamaForCausalLM, got {type(model).__name__} (use slicing.to_tyr)")
+    model.config.architectures = ["TyrLlamaForCausalLM"]
+    model.config.auto_map = dict(AUTO_MAP)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        shutil.copy(modeling_tyr_llama.__file__, tmp / MODELING_FILE)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(out_dir)

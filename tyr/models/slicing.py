@@ -1,0 +1,159 @@
+"""From per-layer keep sets (query heads, FFN channels) to a physically smaller heterogeneous-width model.
+
+A layer keeps whole KV groups and the same number of query heads in each kept group, so every pruned layer is a
+standard GQA layer. ``mask_model`` builds the dense twin with the same heads and channels zeroed: the two must
+produce the same logits, which is how slicing is tested.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from pydantic import BaseModel, Field
+
+from tyr.errors import TyrError
+from tyr.models.modeling_tyr_llama import TyrLlamaConfig, TyrLlamaForCausalLM
+
+# Config fields that describe the dense architecture and are carried over into a TyrLlamaConfig.
+_NOT_CARRIED = {"model_type", "architectures", "auto_map", "per_layer_config", "transformers_version",
+                "allow_global_per_layer_attribute_access", "_name_or_path", "_model_name_or_path", "sliding_window",
+                "quantization_config"}
+
+
+class LayerKeep(BaseModel):
+    """What one decoder layer keeps, as indices into that layer's current heads and FFN channels."""
+
+    keep_heads: list[int] = Field(description="query heads that stay (GQA-consistent: whole KV groups, same count each)")
+    keep_ffn: list[int] = Field(description="FFN channels (rows of gate/up, columns of down) that stay")
+
+
+class LayerWidth(BaseModel):
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+
+
+def layer_widths(config) -> list[LayerWidth]:
+    return [LayerWidth(num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+                       intermediate_size=c.intermediate_size) for c in config.per_layer_config]
+
+
+def layer_params(config, width: LayerWidth) -> tuple[int, int]:
+    """(attention, mlp) parameter counts of a decoder layer: the matmul weights, norms included with their module."""
+    hidden, head_dim = config.hidden_size, config.head_dim
+    attn = (2 * width.num_attention_heads + 2 * width.num_key_value_heads) * head_dim * hidden
+    mlp = 3 * width.intermediate_size * hidden
+    return attn + (hidden if attn else 0), mlp + (hidden if mlp else 0)
+
+
+def kept_groups(keep_heads: list[int], heads_per_group: int, where: str) -> list[int]:
+    """The KV groups a GQA-consistent head set keeps; raise naming the layer if the set is not consistent."""
+    groups: dict[int, int] = {}
+    for head in keep_heads:
+        groups[head // heads_per_group] = groups.get(head // heads_per_group, 0) + 1
+    if len(set(groups.values())) > 1:
+        raise TyrError(f"{where}: kept query heads per KV group differ ({dict(sorted(groups.items()))}); "
+                       "GQA kernels need the same number of query heads in every kept group")
+    return sorted(groups)
+
+
+def tyr_config(config, widths: list[LayerWidth]) -> TyrLlamaConfig:
+    """A TyrLlamaConfig with the dense sizes global and ``widths`` per layer."""
+    base = {k: v for k, v in config.to_dict().items() if k not in _NOT_CARRIED}
+    base.setdefault("head_dim", base["hidden_size"] // base["num_attention_heads"])
+    per_layer = {i: w.model_dump() for i, w in enumerate(widths)}
+    try:
+        return TyrLlamaConfig(**base, per_layer_config=per_layer)
+    except ValueError as err:
+        raise TyrError(str(err)) from err
+
+
+def to_tyr(model) -> TyrLlamaForCausalLM:
+    """The same network as a TyrLlamaForCausalLM (a dense Llama or Mistral keeps all its widths)."""
+    if isinstance(model, TyrLlamaForCausalLM):
+        return model
+    full = [LayerKeep(keep_heads=list(range(w.num_attention_heads)), keep_ffn=list(range(w.intermediate_size)))
+            for w in layer_widths(model.config)]
+    return slice_model(model, full)
+
+
+def _rows(weight: torch.Tensor, blocks: list[int], block: int) -> torch.Tensor:
+    index = torch.cat([torch.arange(b * block, (b + 1) * block) for b in blocks]) if blocks else torch.empty(0, dtype=torch.long)
+    return weight.index_select(0, index.to(weight.device))
+
+
+def _slice_layer(state: dict, prefix: str, width: LayerWidth, keep: LayerKeep, head_dim: int, where: str) -> tuple[dict, LayerWidth]:
+    heads, kv_heads, ffn = width.num_attention_heads, width.num_key_value_heads, width.intermediate_size
+    keep_heads, keep_ffn = sorted(set(keep.keep_heads)), sorted(set(keep.keep_ffn))
+    if any(not 0 <= h < heads for h in keep_heads):
+        raise TyrError(f"{where}.keep_heads has indices outside [0, {heads})")
+    if any(not 0 <= c < ffn for c in keep_ffn):
+        raise TyrError(f"{where}.keep_ffn has indices outside [0, {ffn})")
+    out = {}
+    groups = kept_groups(keep_heads, heads // kv_heads, where) if keep_heads else []
+    attn, mlp = f"{prefix}self_attn.", f"{prefix}mlp."
+    if keep_heads:
+        for name in ("q_proj", "k_proj", "v_proj"):
+            blocks = keep_heads if name == "q_proj" else groups
+            for kind in ("weight", "bias"):
+                if (key := f"{attn}{name}.{kind}") in state:
+                    out[key] = _rows(state[key], blocks, head_dim)
+        out[f"{attn}o_proj.weight"] = _rows(state[f"{attn}o_proj.weight"].T, keep_heads, head_dim).T.contiguous()
+        if (key := f"{attn}o_proj.bias") in state:
+            out[key] = state[key]
+        out[f"{prefix}input_layernorm.weight"] = state[f"{prefix}input_layernorm.weight"]
+    if keep_ffn:
+        index = torch.tensor(keep_ffn)
+        for name in ("gate_proj", "up_proj"):
+            for kind in ("weight", "bias"):
+                if (key := f"{mlp}{name}.{kind}") in state:
+                    out[key] = state[key].index_select(0, index)
+        out[f"{mlp}down_proj.weight"] = state[f"{mlp}down_proj.weight"].index_select(1, index)
+        if (key := f"{mlp}down_proj.bias") in state:
+            out[key] = state[key]
+        out[f"{prefix}post_attention_layernorm.weight"] = state[f"{prefix}post_attention_layernorm.weight"]
+    return out, LayerWidth(num_attention_heads=len(keep_heads), num_key_value_heads=len(groups),
+                           intermediate_size=len(keep_ffn))
+
+
+def slice_model(model, keeps: list[LayerKeep]) -> TyrLlamaForCausalLM:
+    """A new, physically smaller TyrLlamaForCausalLM keeping ``keeps[i]`` of layer i (indices into its current widths)."""
+    config = model.config
+    widths = layer_widths(config)
+    if len(keeps) != len(widths):
+        raise TyrError(f"got keep sets for {len(keeps)} layers, the model has {len(widths)}")
+    state = model.state_dict()
+    new_state = {k: v for k, v in state.items() if not k.startswith("model.layers.")}
+    new_widths = []
+    for i, (width, keep) in enumerate(zip(widths, keeps)):
+        layer_state, new_width = _slice_layer(state, f"model.layers.{i}.", width, keep, config.head_dim, f"layers[{i}]")
+        new_state.update(layer_state)
+        new_widths.append(new_width)
+    new_config = tyr_config(config, new_widths)
+    param = next(model.parameters())
+    pruned = TyrLlamaForCausalLM(new_config).to(dtype=param.dtype, device=param.device)
+    missing, unexpected = pruned.load_state_dict(new_state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and new_config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise TyrError(f"sliced weights do not fit the pruned architecture: missing {missing}, unexpected {unexpected}")
+    pruned.generation_config = copy.deepcopy(model.generation_config)
+    return pruned.eval()
+
+
+@torch.no_grad()
+def mask_model(model, keeps: list[LayerKeep]):
+    """A copy of ``model`` with the heads and channels that ``keeps`` drops zeroed at their output projections."""
+    masked = copy.deepcopy(model)
+    head_dim = model.config.head_dim
+    for i, (layer, keep) in enumerate(zip(masked.model.layers, keeps)):
+        if layer.self_attn is not None:
+            heads = layer.self_attn.o_proj.in_features // head_dim
+            drop = sorted(set(range(heads)) - set(keep.keep_heads))
+            kept_groups(keep.keep_heads, heads // (layer.self_attn.k_proj.out_features // head_dim), f"layers[{i}]")
+            for h in drop:
+                layer.self_attn.o_proj.weight[:, h * head_dim:(h + 1) * head_dim] = 0
+        if layer.mlp is not None:
+            drop = sorted(set(range(layer.mlp.down_proj.in_features)) - set(keep.keep_ffn))
+            layer.mlp.down_proj.weight[:, drop] = 0
+    return masked

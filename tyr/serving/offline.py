@@ -1,0 +1,103 @@
+"""Offline batch throughput through vllm.LLM, measured in a subprocess.
+
+`run_offline_throughput` runs this module as a script (`python -m tyr.serving.offline SPEC OUT`). vLLM's workers
+re-import the main script, so the engine is built only under `if __name__ == "__main__":`. One warm-up batch runs
+first; the timed batch is every prompt at once, each generating exactly `output_tokens` tokens (ignore_eos).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from tyr.atomic import atomic_write_json
+from tyr.errors import TyrError
+from tyr.serving.config import OfflineConfig, ServerConfig
+from tyr.serving.platform_info import Accelerator
+from tyr.serving.results import OfflineThroughput
+from tyr.serving.server import log_tail, vllm_env
+
+log = logging.getLogger(__name__)
+
+
+class OfflineSpec(BaseModel):
+    model: str
+    dtype: str
+    max_model_len: int
+    enforce_eager: bool
+    trust_remote_code: bool
+    gpu_memory_utilization: float | None
+    prompts: list[list[int]] = Field(min_length=1)
+    output_tokens: int
+
+
+def run_offline_throughput(model_dir: str | Path, prompts: list[list[int]], offline: OfflineConfig,
+                           server: ServerConfig, accelerator: Accelerator, work_dir: str | Path) -> OfflineThroughput:
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    spec_path, out_path, log_path = work_dir / "offline_spec.json", work_dir / "offline.json", work_dir / "offline.log"
+    spec = OfflineSpec(model=str(model_dir), dtype=server.resolved_dtype(accelerator),
+                       max_model_len=server.max_model_len, enforce_eager=server.eager(accelerator),
+                       trust_remote_code=server.trust_remote_code,
+                       gpu_memory_utilization=server.gpu_memory_utilization if accelerator != "cpu" else None,
+                       prompts=prompts, output_tokens=offline.output_tokens)
+    atomic_write_json(spec_path, spec.model_dump(mode="json"))
+    out_path.unlink(missing_ok=True)
+    log.info("offline throughput: %d prompts through vllm.LLM (log: %s)", len(prompts), log_path)
+    with open(log_path, "w") as log_file:
+        # Own session: on timeout or Ctrl-C the engine's workers go down with the script.
+        proc = subprocess.Popen([sys.executable, "-m", "tyr.serving.offline", str(spec_path), str(out_path)],
+                                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=vllm_env(server, accelerator), start_new_session=True)
+        try:
+            proc.wait(timeout=offline.timeout_s)
+        except subprocess.TimeoutExpired as err:
+            raise TyrError(f"offline throughput for {model_dir} did not finish within {offline.timeout_s:.0f} s; "
+                           f"last lines of {log_path}:\n{log_tail(log_path)}") from err
+        finally:
+            _kill_group(proc)
+    if proc.returncode != 0 or not out_path.is_file():
+        raise TyrError(f"offline throughput for {model_dir} failed (exit code {proc.returncode}); last lines of "
+                       f"{log_path}:\n{log_tail(log_path)}")
+    return OfflineThroughput.model_validate_json(out_path.read_text())
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the script and any engine process it left behind
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def _measure(spec: OfflineSpec) -> OfflineThroughput:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=spec.model, dtype=spec.dtype, max_model_len=spec.max_model_len, enforce_eager=spec.enforce_eager,
+              trust_remote_code=spec.trust_remote_code, seed=0,
+              **({"gpu_memory_utilization": spec.gpu_memory_utilization} if spec.gpu_memory_utilization else {}))
+    params = SamplingParams(max_tokens=spec.output_tokens, min_tokens=spec.output_tokens, ignore_eos=True,
+                            temperature=0.0)
+    batch = [{"prompt_token_ids": ids} for ids in spec.prompts]
+    llm.generate(batch[: min(4, len(batch))], params, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(batch, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return OfflineThroughput(num_prompts=len(batch), prompt_tokens=len(spec.prompts[0]), output_tokens=generated,
+                             elapsed_s=elapsed, output_tokens_per_s=generated / elapsed,
+                             requests_per_s=len(batch) / elapsed)
+
+
+if __name__ == "__main__":
+    spec_file, out_file = sys.argv[1], sys.argv[2]
+    result = _measure(OfflineSpec.model_validate_json(Path(spec_file).read_text()))
+    atomic_write_json(out_file, result.model_dump(mode="json"))
+    print(f"offline: {result.output_tokens} tokens in {result.elapsed_s:.2f} s = {result.output_tokens_per_s:.1f} tok/s")
