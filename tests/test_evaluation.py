@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tyr.evaluation.bigbench import MultipleChoiceExample, MultipleChoiceTask, load_task, resolve_task_names
-from tyr.evaluation.language_modeling import kl_to_reference, perplexity
+from tyr.evaluation.language_modeling import kl_and_reference_perplexity, kl_to_reference, perplexity
 from tyr.evaluation.multiple_choice import encode_pair, evaluate_task, score_choices
 from tyr.evaluation.report import EvalResult, ParameterCount
 from tyr.evaluation.run import count_parameters
@@ -61,6 +61,9 @@ def test_kl_is_zero_to_itself_and_positive_to_a_perturbed_copy(blocks):
     expected = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
     assert kl > 1e-4
     assert kl == pytest.approx(expected, rel=1e-4)
+    kl_again, reference_ppl = kl_and_reference_perplexity(perturbed, model, blocks, batch_size=3, progress=False)
+    assert kl_again == pytest.approx(kl, rel=1e-6)
+    assert reference_ppl == pytest.approx(perplexity(model, blocks, progress=False), rel=1e-6)
     # KL is not symmetric: swapping the roles measures a different quantity.
     assert kl_to_reference(model, perturbed, blocks, progress=False) != pytest.approx(kl, rel=1e-6)
 
@@ -181,6 +184,7 @@ def test_cli_rejects_bad_arguments_before_loading_a_model(tmp_path):
     assert main(["eval", "--bigbench-dir", str(tmp_path)]) == 2  # no task files there
     assert main(["eval", "--blocks", "0", "--tasks", "none"]) == 2
     assert main(["eval", "--seq-len", "1"]) == 2
+    assert main(["eval", "--text", str(tmp_path / "missing.txt"), "--tasks", "none"]) == 2
 
 
 @pytest.mark.slow
@@ -188,7 +192,7 @@ def test_cli_rejects_bad_arguments_before_loading_a_model(tmp_path):
 def test_tyr_eval_on_the_default_model(tmp_path, default_model_dir):
     out = tmp_path / "results.json"
     command = [sys.executable, "-m", "tyr.cli", "eval", "--reference", "default", "--blocks", "4", "--limit", "20",
-               "--tasks", "winowhy,physical_intuition", "--bigbench-dir", str(BIGBENCH_DIR), "--out", str(out),
+               "--tasks", "winowhy,goal_step_wikihow_goal_inference", "--bigbench-dir", str(BIGBENCH_DIR), "--out", str(out),
                "--no-progress"]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -200,10 +204,10 @@ def test_tyr_eval_on_the_default_model(tmp_path, default_model_dir):
     # The reference is the same model: KL vanishes and both perplexities agree.
     assert result.reference_perplexity == pytest.approx(result.perplexity, rel=1e-6)
     assert abs(result.kl_to_reference) < 1e-5
-    assert set(result.tasks) == {"winowhy", "physical_intuition"}
+    assert set(result.tasks) == {"winowhy", "goal_step_wikihow_goal_inference"}
     for name, task in result.tasks.items():
         assert task.num_examples == 20
         assert 0 <= task.accuracy <= 1 and 0 <= task.accuracy_norm <= 1
     assert result.tasks["winowhy"].chance == pytest.approx(0.5)
-    assert 0.2 < result.tasks["physical_intuition"].chance < 0.35
+    assert 0.2 < result.tasks["goal_step_wikihow_goal_inference"].chance <= 0.25
     assert "perplexity" in completed.stdout and "winowhy" in completed.stdout

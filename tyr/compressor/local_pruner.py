@@ -12,10 +12,13 @@ and the optimal update of the remaining weights, and the inverse Hessian of the 
     H⁻¹ -= H⁻¹_{:,S} (H⁻¹_SS)⁻¹ H⁻¹_{S,:}      (the Schur complement: the inverse of H restricted to the rest).
 
 Columns are removed progressively, a few at a time, cheapest first. After the path, the kept columns are refit
-by least squares against the dense output: W_keptᵀ = (H_kk + λI)⁻¹ (H Wᵀ)_k, which minimises
-||X Wᵀ − X_k W_keptᵀ||² + λ||W_kept||².
+by least squares against the dense output with the damped Hessian on both sides, G = (H + λI)Wᵀ and
+W_keptᵀ = (H + λI)_kk⁻¹ G_k: the minimiser of ||X Wᵀ − X_k W_keptᵀ||² + λ||W_kept − W_k||² (regularised towards the
+dense weights; a ridge towards zero would crush the columns of small-scale inputs). In exact arithmetic this is
+where the OBS updates end up; the refit removes the rounding the path accumulated.
 
-Everything here is a pure function of tensors; the solver runs in float64 (the matrices are at most ffn × ffn).
+Everything here is a pure function of tensors. The solver precision is a parameter (float32 by default: fast on
+every device; float64 for exactness checks).
 """
 
 from __future__ import annotations
@@ -50,27 +53,37 @@ def removal_errors(W: torch.Tensor, Hinv: torch.Tensor, sets: torch.Tensor) -> t
     """OBS error of removing each column set: ``sets`` [n_sets, set_size] (indices into W's columns) -> [n_sets]."""
     Hinv_SS = Hinv[sets[:, :, None], sets[:, None, :]]        # [n, s, s]
     W_S = W[:, sets].permute(1, 2, 0)                         # [n, s, out]
-    Z = torch.cholesky_solve(W_S, torch.linalg.cholesky(Hinv_SS))
-    return (W_S * Z).sum(dim=(1, 2))
+    return (W_S * (torch.linalg.inv(Hinv_SS) @ W_S)).sum(dim=(1, 2))
+
+
+def obs_update_(W: torch.Tensor, Hinv: torch.Tensor, S: torch.Tensor) -> float:
+    """Remove columns S optimally, in place: W's S columns and Hinv's S rows/columns become 0. Returns the error."""
+    inv_SS = torch.linalg.inv(Hinv[S][:, S])                  # (H⁻¹_SS)⁻¹, a small [s, s] block
+    W_S = W[:, S]
+    Z = inv_SS @ W_S.T                                        # (H⁻¹_SS)⁻¹ W_Sᵀ   [s, out]
+    error = (W_S.T * Z).sum().item()
+    W.addmm_(Z.T, Hinv[S], alpha=-1)
+    Hinv.addmm_(Hinv[:, S], inv_SS @ Hinv[S], alpha=-1)
+    W[:, S] = 0                                               # exactly, not up to rounding
+    Hinv[S, :] = 0
+    Hinv[:, S] = 0
+    return error
 
 
 def obs_remove(W: torch.Tensor, Hinv: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Remove columns S optimally: (W of the remaining columns, their inverse Hessian, the OBS error)."""
-    L = torch.linalg.cholesky(Hinv[S][:, S])
-    W_S = W[:, S]
-    Z = torch.cholesky_solve(W_S.T, L)                        # (H⁻¹_SS)⁻¹ W_Sᵀ   [s, out]
-    error = (W_S.T * Z).sum().item()
-    W = W - Z.T @ Hinv[S]
-    Hinv = Hinv - Hinv[:, S] @ torch.cholesky_solve(Hinv[S], L)
+    W, Hinv = W.clone(), Hinv.clone()
+    error = obs_update_(W, Hinv, S)
     rest = torch.ones(W.shape[1], dtype=torch.bool, device=W.device)
     rest[S] = False
     return W[:, rest], Hinv[rest][:, rest], error
 
 
-def least_squares_refit(WHt: torch.Tensor, H_damped: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """W_keptᵀ = (H_kk + λI)⁻¹ (H Wᵀ)_k given WHt = H Wᵀ [in, out]; returns W_kept [out, k]."""
-    L = torch.linalg.cholesky(H_damped[keep][:, keep])
-    return torch.cholesky_solve(WHt[keep], L).T
+def least_squares_refit(W: torch.Tensor, Hd: torch.Tensor, lam: float, WHt: torch.Tensor,
+                        keep: torch.Tensor) -> torch.Tensor:
+    """W_keptᵀ = (Hd)_kk⁻¹ G_k with Hd = H + λI and G = Hd Wᵀ = WHt + λWᵀ (WHt = H Wᵀ); returns W_kept [out, k]."""
+    G_k = WHt[keep] + lam * W.T[keep]
+    return torch.cholesky_solve(G_k, torch.linalg.cholesky(Hd[keep][:, keep])).T
 
 
 def reconstruction_error(W: torch.Tensor, H: torch.Tensor, WHt: torch.Tensor, keep: torch.Tensor,
@@ -83,50 +96,56 @@ def reconstruction_error(W: torch.Tensor, H: torch.Tensor, WHt: torch.Tensor, ke
     return ((W * WHt.T).sum() - 2 * cross + kept).item()
 
 
-def _finish(W0: torch.Tensor, H: torch.Tensor, Hd: torch.Tensor, WHt: torch.Tensor, keep_cols: torch.Tensor,
-            W_obs: torch.Tensor, refit: bool) -> tuple[torch.Tensor, float]:
+def _finish(W0: torch.Tensor, H: torch.Tensor, Hd: torch.Tensor, lam: float, WHt: torch.Tensor,
+            keep_cols: torch.Tensor, W_obs: torch.Tensor, refit: bool) -> tuple[torch.Tensor, float]:
     """The final weights of a kept column set (LS refit or OBS-updated) and their reconstruction error."""
     if keep_cols.numel() == W0.shape[1]:
         return W0, 0.0                                        # nothing removed: the dense weights, exactly
-    W_kept = least_squares_refit(WHt, Hd, keep_cols) if refit and keep_cols.numel() else W_obs
+    W_kept = least_squares_refit(W0, Hd, lam, WHt, keep_cols) if refit and keep_cols.numel() else W_obs
     return W_kept, reconstruction_error(W0, H, WHt, keep_cols, W_kept)
 
 
 def prune_columns_progressively(W: torch.Tensor, H: torch.Tensor, group_size: int, keep_counts: list[int],
-                                damp: float = 0.01, refit: bool = True) -> list[PrunedLinear]:
+                                damp: float = 0.01, refit: bool = True,
+                                dtype: torch.dtype = torch.float32) -> list[PrunedLinear]:
     """Remove input columns of W [out, in] from all to none, ``group_size`` at a time, cheapest OBS error first.
 
     One pass yields every requested keep count as a snapshot, so the kept sets are nested. Each step removes the
     ``group_size`` columns with the smallest single-column OBS error ||w_j||² / [H⁻¹]_jj jointly (steps shrink
     to land exactly on every requested count). Returns one PrunedLinear per entry of ``keep_counts``, same order.
+    ``dtype`` is the solver precision; H⁻¹ is recomputed from H at every snapshot, so downdate rounding does not
+    build up over the whole path.
     """
     n_in = W.shape[1]
     if any(not 0 <= k <= n_in for k in keep_counts):
         raise ValueError(f"keep counts {keep_counts} must lie in [0, {n_in}]")
     if group_size < 1:
         raise ValueError(f"group_size must be at least 1, got {group_size}")
-    W0, H64 = W.to(torch.float64), H.to(torch.float64)
-    Hd, _ = damped(H64, damp)
-    WHt = H64 @ W0.T
-    Hinv, W_cur = spd_inverse(Hd), W0
-    alive = torch.arange(n_in, device=W.device)
-    wanted = sorted(set(keep_counts), reverse=True)
+    W0, H = W.to(dtype), H.to(dtype)
+    Hd, lam = damped(H, damp)
+    WHt = H @ W0.T
+    Hinv, W_cur = spd_inverse(Hd), W0.clone()
+    alive = torch.arange(n_in, device=W.device)               # dense indices of W_cur's columns
+    removed = torch.zeros(n_in, dtype=torch.bool, device=W.device)
     snapshots: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
     path_error = 0.0
-    for target in wanted:
-        while alive.numel() > target:
-            step = min(group_size, alive.numel() - target)
-            scores = W_cur.pow(2).sum(0) / Hinv.diagonal()
+    for target in sorted(set(keep_counts), reverse=True):
+        # Between snapshots removed columns stay in place as zeros (cheaper than compacting every step).
+        while alive.numel() - int(removed.sum()) > target:
+            step = min(group_size, alive.numel() - int(removed.sum()) - target)
+            scores = (W_cur.pow(2).sum(0) / Hinv.diagonal()).masked_fill(removed, float("inf"))
             S = torch.sort(torch.topk(scores, step, largest=False).indices).values
-            W_cur, Hinv, err = obs_remove(W_cur, Hinv, S)
-            path_error += err
-            keep_mask = torch.ones(alive.numel(), dtype=torch.bool, device=W.device)
-            keep_mask[S] = False
-            alive = alive[keep_mask]
-        snapshots[target] = (alive.clone(), W_cur, path_error)
+            path_error += obs_update_(W_cur, Hinv, S)
+            removed[S] = True
+        W_cur, alive = W_cur[:, ~removed], alive[~removed]
+        snapshots[target] = (alive, W_cur, path_error)
+        removed = torch.zeros(alive.numel(), dtype=torch.bool, device=W.device)
+        if alive.numel():                                      # fresh H⁻¹ of the kept columns: no drift
+            Hinv = spd_inverse(Hd[alive][:, alive])
+        W_cur = W_cur.clone()
     results = {}
     for k, (cols, W_obs, obs_error) in snapshots.items():
-        W_kept, error = _finish(W0, H64, Hd, WHt, cols, W_obs, refit)
+        W_kept, error = _finish(W0, H, Hd, lam, WHt, cols, W_obs, refit)
         results[k] = PrunedLinear(keep=cols.tolist(), weight=W_kept.to(W.dtype), error=error, obs_error=obs_error)
     return [results[k] for k in keep_counts]
 
@@ -155,78 +174,103 @@ def _head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)
 
 
-def _greedy_head_path(W0: torch.Tensor, Hinv: torch.Tensor, head_dim: int, n_kv_heads: int,
-                      targets: list[tuple[int, int]]) -> tuple[list[int], torch.Tensor, float]:
-    """Constrained greedy OBS path from dense to one of ``targets``: (kept heads, their OBS weights, path error).
+class _HeadPaths:
+    """Greedy GQA paths from dense; states and move scores are cached, so paths to several targets share work."""
 
-    A move drops one query head from every kept group (each group's cheapest head, scored jointly) or one whole
-    KV group (its remaining heads); only moves that keep some target reachable are allowed; the cheapest wins.
-    """
-    per_group = W0.shape[1] // head_dim // n_kv_heads
-    heads = list(range(n_kv_heads * per_group))                # kept dense head indices, sorted
-    W, path_error = W0, 0.0
-    g, r = n_kv_heads, per_group
-    reachable = lambda g_, r_: any(tg <= g_ and tr <= r_ for tg, tr in targets)  # noqa: E731
-    while (g, r) not in targets:
+    def __init__(self, W: torch.Tensor, Hinv: torch.Tensor, head_dim: int, n_kv_heads: int):
+        self.head_dim, self.n_kv_heads = head_dim, n_kv_heads
+        self.per_group = W.shape[1] // head_dim // n_kv_heads
+        dense = tuple(range(n_kv_heads * self.per_group))
+        self.states = {dense: (W, Hinv, 0.0)}     # kept heads -> (their OBS weights, inverse Hessian, path error)
+        self.moves: dict[tuple, list] = {}
+
+    def _columns(self, heads: tuple[int, ...], subset) -> torch.Tensor:
         position = {h: i for i, h in enumerate(heads)}
-        groups = sorted({h // per_group for h in heads})
-        members = [[h for h in heads if h // per_group == grp] for grp in groups]
-        moves: list[tuple[float, list[int], tuple[int, int]]] = []
-        if r > 1 and reachable(g, r - 1):
-            local = torch.tensor([position[h] for m in members for h in m], device=W.device)
-            single = removal_errors(W, Hinv, _head_columns(local, head_dim)).view(g, r)
-            drop = [members[i][j] for i, j in enumerate(single.argmin(1).tolist())]
-            cols = _head_columns(torch.tensor([position[h] for h in drop], device=W.device), head_dim).flatten()
-            moves.append((removal_errors(W, Hinv, cols[None]).item(), drop, (g, r - 1)))
-        if g > 1 and reachable(g - 1, r):
-            sets = torch.stack([_head_columns(torch.tensor([position[h] for h in m], device=W.device), head_dim).flatten()
-                                for m in members])
-            errors = removal_errors(W, Hinv, sets)
+        local = torch.tensor(sorted(position[h] for h in subset), device=self.states[heads][0].device)
+        return _head_columns(local, self.head_dim).flatten()
+
+    def _scored_moves(self, heads: tuple[int, ...]) -> list[tuple[float, tuple[int, ...], str]]:
+        """(OBS error, heads dropped, kind) of both move kinds from ``heads``."""
+        if heads in self.moves:
+            return self.moves[heads]
+        W, Hinv, _ = self.states[heads]
+        members = {}
+        for h in heads:
+            members.setdefault(h // self.per_group, []).append(h)
+        members = list(members.values())
+        moves = []
+        if len(members[0]) > 1:  # drop each group's cheapest head, scored as one joint set
+            singles = torch.stack([self._columns(heads, [h]) for m in members for h in m])
+            single = removal_errors(W, Hinv, singles).view(len(members), -1)
+            drop = tuple(m[j] for m, j in zip(members, single.argmin(1).tolist()))
+            moves.append((removal_errors(W, Hinv, self._columns(heads, drop)[None]).item(), drop, "head"))
+        if len(members) > 1:     # drop the cheapest whole KV group
+            errors = removal_errors(W, Hinv, torch.stack([self._columns(heads, m) for m in members]))
             best = int(errors.argmin())
-            moves.append((errors[best].item(), members[best], (g - 1, r)))
-        if not moves:
-            raise ValueError(f"no GQA move from ({g}, {r}) reaches any of {targets}")
-        _, drop, (g, r) = min(moves, key=lambda m: m[0])
-        cols = _head_columns(torch.tensor(sorted(position[h] for h in drop), device=W.device), head_dim).flatten()
-        W, Hinv, err = obs_remove(W, Hinv, cols)
-        path_error += err
-        heads = [h for h in heads if h not in set(drop)]
-    return heads, W, path_error
+            moves.append((errors[best].item(), tuple(members[best]), "group"))
+        self.moves[heads] = moves
+        return moves
+
+    def path(self, targets: list[tuple[int, int]]) -> tuple[list[int], torch.Tensor, float]:
+        """Constrained greedy path to one of ``targets``: (kept heads, their OBS weights, path error).
+
+        A move drops one query head from every kept group (each group's cheapest head, scored jointly) or one
+        whole KV group (its remaining heads); only moves that keep some target reachable count; the cheapest wins.
+        """
+        heads = next(iter(self.states))
+        g, r = self.n_kv_heads, self.per_group
+        while (g, r) not in targets:
+            allowed = []
+            for error, drop, kind in self._scored_moves(heads):
+                after = (g, r - 1) if kind == "head" else (g - 1, r)
+                if any(tg <= after[0] and tr <= after[1] for tg, tr in targets):
+                    allowed.append((error, drop, after))
+            if not allowed:
+                raise ValueError(f"no GQA move from ({g}, {r}) reaches any of {targets}")
+            _, drop, (g, r) = min(allowed, key=lambda m: m[0])
+            following = tuple(h for h in heads if h not in drop)
+            if following not in self.states:
+                W, Hinv, path_error = self.states[heads]
+                W, Hinv, err = obs_remove(W, Hinv, self._columns(heads, drop))
+                self.states[following] = (W, Hinv, path_error + err)
+            heads = following
+        W, _, path_error = self.states[heads]
+        return list(heads), W, path_error
 
 
 def prune_heads_gqa(W: torch.Tensor, H: torch.Tensor, head_dim: int, n_kv_heads: int,
-                    targets: list[list[tuple[int, int]]], damp: float = 0.01,
-                    refit: bool = True) -> list[PrunedLinear]:
+                    targets: list[list[tuple[int, int]]], damp: float = 0.01, refit: bool = True,
+                    dtype: torch.dtype = torch.float32) -> list[PrunedLinear]:
     """Prune the query heads (input column blocks of o_proj, W [hidden, heads·head_dim]) GQA-consistently.
 
     ``targets``: per request, the acceptable (kv groups, heads per group) configurations (see ``gqa_targets``);
-    [(0, 0)] means remove the attention. Each request follows its own greedy path from dense (identical requests
-    are computed once). ``keep`` of each result lists the kept query heads: whole KV groups (heads h with
-    h // heads_per_group = group), the same number in each kept group.
+    [(0, 0)] means remove the attention. Each request follows the constrained greedy path from dense (paths share
+    their common prefix). ``keep`` of each result lists the kept query heads: whole KV groups (head h belongs to
+    group h // heads_per_group), the same number in each kept group.
     """
     n_heads = W.shape[1] // head_dim
     if W.shape[1] != n_heads * head_dim or n_heads % n_kv_heads:
         raise ValueError(f"o_proj input width {W.shape[1]} does not hold whole heads of {head_dim} in "
                          f"{n_kv_heads} KV groups")
     per_group = n_heads // n_kv_heads
-    W0, H64 = W.to(torch.float64), H.to(torch.float64)
-    Hd, _ = damped(H64, damp)
-    WHt = H64 @ W0.T
-    Hinv = spd_inverse(Hd)
+    W0, H = W.to(dtype), H.to(dtype)
+    Hd, lam = damped(H, damp)
+    WHt = H @ W0.T
+    paths = _HeadPaths(W0, spd_inverse(Hd), head_dim, n_kv_heads)
     done: dict[tuple, PrunedLinear] = {}
     for request in targets:
         key = tuple(sorted(request))
         if key in done:
             continue
-        if any(not (0 <= g <= n_kv_heads and 0 <= r <= per_group and (g == 0) == (r == 0)) for g, r in key):
+        if not key or any(not (0 <= g <= n_kv_heads and 0 <= r <= per_group and (g == 0) == (r == 0)) for g, r in key):
             raise ValueError(f"GQA targets {list(key)} are not configurations of {n_kv_heads} groups x {per_group}")
         if (0, 0) in key:
             empty = W0.new_zeros(W0.shape[0], 0)
             done[key] = PrunedLinear(keep=[], weight=empty.to(W.dtype), error=(W0 * WHt.T).sum().item(),
                                      obs_error=(W0 * (W0 @ Hd)).sum().item())
             continue
-        heads, W_obs, obs_error = _greedy_head_path(W0, Hinv, head_dim, n_kv_heads, list(key))
+        heads, W_obs, obs_error = paths.path(list(key))
         cols = _head_columns(torch.tensor(heads, device=W.device), head_dim).flatten()
-        W_kept, error = _finish(W0, H64, Hd, WHt, cols, W_obs, refit)
+        W_kept, error = _finish(W0, H, Hd, lam, WHt, cols, W_obs, refit)
         done[key] = PrunedLinear(keep=heads, weight=W_kept.to(W.dtype), error=error, obs_error=obs_error)
     return [done[tuple(sorted(request))] for request in targets]

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import BaseModel
+from tqdm.auto import tqdm
 
 # Bump when the cleaning rules change: cached extractions are keyed by it.
 EXTRACTOR_VERSION = 1
@@ -58,7 +59,8 @@ def iter_pages(xml_path: str | Path) -> Iterator[tuple[str, int, bool, str]]:
 def extract_articles(xml_path: str | Path, min_chars: int = MIN_ARTICLE_CHARS) -> list[Article]:
     """Clean prose of every real article (main namespace, no redirect/disambiguation/list page), in dump order."""
     articles = []
-    for title, namespace, is_redirect, wikitext in iter_pages(xml_path):
+    pages = tqdm(iter_pages(xml_path), desc="extracting wiki text", unit="page", leave=False)
+    for title, namespace, is_redirect, wikitext in pages:
         if namespace != 0 or is_redirect or wikitext.lstrip().lower().startswith("#redirect"):
             continue
         if "(disambiguation)" in title or title.startswith("List of") or _DISAMBIGUATION_TEMPLATES.search(wikitext):

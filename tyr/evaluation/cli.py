@@ -29,7 +29,8 @@ def add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for block and example sampling")
     parser.add_argument("--batch-size", type=int, default=4, help="blocks per forward pass for perplexity")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the weights and activations (log-probs are always float32)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub folder")
     parser.add_argument("--out", default=None,
                         help="write the result as JSON here (and a Markdown table beside it, .md)")
@@ -40,6 +41,7 @@ def run_eval(args: argparse.Namespace) -> int:
     """Evaluate a model: perplexity (and KL to a dense reference) on held-out text, BIG-bench multiple choice."""
     import torch
 
+    from tyr.data import TextSource
     from tyr.evaluation.run import evaluate_model
     from tyr.models.io import load_model
 
@@ -57,7 +59,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if out is not None and out.is_dir():
         raise TyrError(f"--out {out} is a directory; give a file name such as {out / 'results.json'}")
 
-    if args.tasks.strip().lower() != "none":  # fail on a bad task name or folder before loading any model
+    # Fail on a bad text source, task name or task folder before loading any model.
+    source = TextSource.parse(args.text, text_field=args.text_field)
+    if args.tasks.strip().lower() != "none":
         from tyr.evaluation.bigbench import default_bigbench_dir, resolve_task_names
 
         args.bigbench_dir = args.bigbench_dir or str(default_bigbench_dir())
@@ -71,7 +75,7 @@ def run_eval(args: argparse.Namespace) -> int:
     try:
         result = evaluate_model(model, tokenizer, model_name=_describe(args.model), reference_model=reference,
                                 reference_name=_describe(args.reference) if args.reference else None,
-                                text=args.text, seq_len=args.seq_len, num_blocks=args.blocks, tasks=args.tasks,
+                                text=source, seq_len=args.seq_len, num_blocks=args.blocks, tasks=args.tasks,
                                 bigbench_dir=args.bigbench_dir, limit=args.limit or None, seed=args.seed,
                                 batch_size=args.batch_size, progress=not args.no_progress)
     except ValueError as err:  # e.g. too little text for the requested blocks

@@ -37,7 +37,6 @@ def perplexity(model: torch.nn.Module, blocks: torch.LongTensor, batch_size: int
     return math.exp(total_nll / total_tokens)
 
 
-@torch.no_grad()
 def kl_to_reference(model: torch.nn.Module, reference_model: torch.nn.Module, blocks: torch.LongTensor,
                     batch_size: int = 1, progress: bool = True) -> float:
     """Mean KL(P_reference || Q_model) of the next-token distributions, in nats per token position.
@@ -45,12 +44,22 @@ def kl_to_reference(model: torch.nn.Module, reference_model: torch.nn.Module, bl
     Averaged over every position of every block (seq_len distributions per block). The models may sit on
     different devices; logits are compared on the model's device in float32, a chunk of positions at a time.
     """
+    return kl_and_reference_perplexity(model, reference_model, blocks, batch_size, progress)[0]
+
+
+@torch.no_grad()
+def kl_and_reference_perplexity(model: torch.nn.Module, reference_model: torch.nn.Module,
+                                blocks: torch.LongTensor, batch_size: int = 1,
+                                progress: bool = True) -> tuple[float, float]:
+    """(kl_to_reference, perplexity of the reference model) from one forward pass of each model per batch."""
     _check_blocks(blocks)
     device, reference_device = model_device(model), model_device(reference_model)
     total_kl, total_positions = 0.0, 0
+    reference_nll, predicted_tokens = 0.0, 0
     for batch in tqdm(blocks.split(batch_size), desc="KL to reference", unit="batch", disable=not progress,
                       leave=False):
-        logits = model(input_ids=batch.to(device)).logits
+        batch = batch.to(device)
+        logits = model(input_ids=batch).logits
         reference_logits = reference_model(input_ids=batch.to(reference_device)).logits.to(device)
         if reference_logits.shape != logits.shape:
             raise ValueError(f"the models disagree on output shape: {tuple(reference_logits.shape)} (reference) "
@@ -60,7 +69,10 @@ def kl_to_reference(model: torch.nn.Module, reference_model: torch.nn.Module, bl
             log_p = F.log_softmax(p_chunk.float(), dim=-1)
             total_kl += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
             total_positions += q_chunk.shape[0]
-    return total_kl / total_positions
+        for logit_chunk, target_chunk in _position_chunks(reference_logits[:, :-1], batch[:, 1:]):
+            reference_nll += F.cross_entropy(logit_chunk.float(), target_chunk, reduction="sum").item()
+            predicted_tokens += target_chunk.numel()
+    return total_kl / total_positions, math.exp(reference_nll / predicted_tokens)
 
 
 def _position_chunks(first: torch.Tensor, second: torch.Tensor):

@@ -1,17 +1,18 @@
 """Drive a server with a bounded locust load and summarize latencies and throughput.
 
-`run_load` starts this module as a subprocess (`python -m tyr.serving.load SPEC RECORDS`): locust runs there as a
-library (Environment + LocalRunner), so its gevent monkey-patching never touches the calling process. The child
-stops the users after `duration_s`, writes one JSON record per request, and the parent computes the statistics.
+`run_load` runs tyr/serving/locust_user.py as a subprocess: locust runs there as a library (Environment +
+LocalRunner), so its gevent monkey-patching never touches the calling process. The child stops the users after
+`duration_s` and writes one JSON record per request; this side computes the statistics.
+
+Throughput counts what arrived inside the load window (ramp-up included): output tokens/s = tokens received /
+window, requests/s = requests completed / window.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -26,6 +27,8 @@ from tyr.serving.stats import summarize
 
 log = logging.getLogger(__name__)
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+# Run by path, never imported here: importing locust would monkey-patch this process with gevent.
+LOCUST_USER_FILE = Path(__file__).with_name("locust_user.py")
 
 
 class LoadSpec(BaseModel):
@@ -40,6 +43,7 @@ class LoadSpec(BaseModel):
 class LoadRecords(BaseModel):
     started: float
     stopped: float
+    tokens_received: int
     chunks_received: int
     requests: list[dict]
 
@@ -55,7 +59,8 @@ def run_load(base_url: str, model_name: str, prompts: list[list[int]], load: Loa
     """Run the load against `base_url` and return (latency percentiles, throughput). Files go to work_dir."""
     check_target(base_url, allow_remote)
     work_dir = Path(work_dir)
-    spec_path, records_path, log_path = work_dir / "load_spec.json", work_dir / "load_records.json", work_dir / "locust.log"
+    spec_path, records_path = work_dir / "load_spec.json", work_dir / "load_records.json"
+    log_path = work_dir / "locust.log"
     atomic_write_json(spec_path, LoadSpec(base_url=base_url, model_name=model_name, prompts=prompts,
                                           load=load).model_dump(mode="json"))
     records_path.unlink(missing_ok=True)
@@ -64,7 +69,8 @@ def run_load(base_url: str, model_name: str, prompts: list[list[int]], load: Loa
     log.info("locust: %d users for %.0f s against %s", load.users, load.duration_s, base_url)
     with open(log_path, "w") as log_file:
         try:
-            proc = subprocess.run([sys.executable, "-m", "tyr.serving.load", str(spec_path), str(records_path)],
+            # -I: isolated, so the script's folder (tyr/serving) is not on sys.path and cannot shadow modules.
+            proc = subprocess.run([sys.executable, "-I", str(LOCUST_USER_FILE), str(spec_path), str(records_path)],
                                   stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=timeout)
         except subprocess.TimeoutExpired as err:
             raise TyrError(f"the locust load did not finish within {timeout:.0f} s; see {log_path}:\n"
@@ -88,7 +94,7 @@ def summarize_load(records: LoadRecords, users: int | None = None) -> tuple[Late
         e2e_ms=summarize([r["e2e_s"] * ms for r in done]))
     throughput = Throughput(duration_s=duration, completed_requests=len(done), failed_requests=len(failed),
                             requests_per_s=len(done) / duration,
-                            output_tokens_per_s=records.chunks_received / duration, concurrency=users)
+                            output_tokens_per_s=records.tokens_received / duration, concurrency=users)
     return latency, throughput
 
 
@@ -98,36 +104,3 @@ def first_errors(records_path: str | Path, limit: int = 3) -> list[str]:
     except (OSError, ValueError):
         return []
     return [r["error"] for r in requests if r.get("error")][:limit]
-
-
-def _run_locust(spec: LoadSpec) -> LoadRecords:
-    """Child process: run the users for duration_s with locust as a library, then stop them."""
-    import gevent
-    from locust.env import Environment
-
-    from tyr.serving.locust_user import CompletionStreamUser
-
-    CompletionStreamUser.host = spec.base_url
-    CompletionStreamUser.model_name = spec.model_name
-    CompletionStreamUser.prompts = spec.prompts
-    CompletionStreamUser.output_tokens = spec.load.output_tokens
-    CompletionStreamUser.request_timeout_s = spec.load.request_timeout_s
-    env = Environment(user_classes=[CompletionStreamUser])
-    runner = env.create_local_runner()
-    started = time.time()
-    runner.start(spec.load.users, spawn_rate=spec.load.spawn_rate)
-    gevent.sleep(spec.load.duration_s)
-    stopped = time.time()
-    # gevent switches only at I/O, so nothing can land between these reads: both describe the same window.
-    chunks = CompletionStreamUser.tally["chunks"]
-    requests = list(CompletionStreamUser.records)
-    runner.quit()  # kills users mid-request; those partial requests are not recorded
-    return LoadRecords(started=started, stopped=stopped, chunks_received=chunks, requests=requests)
-
-
-if __name__ == "__main__":
-    spec_file, records_file = sys.argv[1], sys.argv[2]
-    records = _run_locust(LoadSpec.model_validate_json(Path(spec_file).read_text()))
-    atomic_write_json(records_file, records.model_dump(mode="json"))
-    print(f"locust: {len(records.requests)} requests, {records.chunks_received} chunks in "
-          f"{records.stopped - records.started:.1f} s")

@@ -39,7 +39,7 @@ def _fmt(value, digits: int = 3) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:,.0f}"
+        return f"{value:.{digits}g}" if abs(value) < 100 else f"{value:,.0f}"
     if isinstance(value, int):
         return f"{value:,}"
     return html.escape(str(value))
@@ -76,7 +76,6 @@ def latency_figure(results: Sequence[BenchResult]) -> Figure | None:
         ax.set_ylabel("ms")
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Latency percentiles per model", fontsize=11)
     return fig
 
 
@@ -196,7 +195,7 @@ def render_html(results: Sequence[BenchResult] = (), failures: Sequence = (), ba
         parts.append(_selection_section(selection))
     if results:
         parts.append(_results_section(results, baseline))
-        parts.append("<h2>Latency</h2>" + _plot(latency_figure(results), "no latency measurements"))
+        parts.append("<h2>Latency percentiles per model</h2>" + _plot(latency_figure(results), "no latency measurements"))
         parts.append("<h2>Throughput vs sparsity</h2>"
                      + _plot(throughput_figure(results, baseline), "no parameter counts to compute sparsity"))
     if failures:

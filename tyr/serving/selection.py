@@ -19,6 +19,8 @@ from pydantic import BaseModel, Field, model_validator
 from tyr.errors import TyrError
 
 SelectRuntime = Literal["vllm", "onnx"]
+# Ratios of recorded numbers: 22 / 20 - 1 is 0.10000000000000009, and a user asking for "10%" means to include it.
+TOLERANCE = 1e-9
 
 
 class Measurement(BaseModel):
@@ -134,10 +136,10 @@ def select(measurements: list[Measurement], targets: Targets) -> Selection:
             skipped[m.label] = f"no {metric}" if quality is None else f"no {runtime} tokens/s"
             continue
         change = quality / base_quality - 1 if metric == "perplexity" else quality / base_quality
-        meets_quality = (change <= targets.max_ppl_increase if metric == "perplexity"
-                         else change >= targets.min_accuracy_retention)
+        meets_quality = (change <= targets.max_ppl_increase + TOLERANCE if metric == "perplexity"
+                         else change >= targets.min_accuracy_retention - TOLERANCE)
         speedup = speed / base_speed
-        meets_speed = speedup >= targets.min_speedup
+        meets_speed = speedup >= targets.min_speedup - TOLERANCE
         shortfall = _quality_gap(targets, change) + max(0.0, (targets.min_speedup - speedup) / targets.min_speedup)
         scored.append(Scored(label=m.label, model=m.model, sparsity=m.sparsity, quality=quality,
                              quality_change=change, speedup=speedup, tokens_per_s=speed, meets_quality=meets_quality,

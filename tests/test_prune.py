@@ -1,0 +1,194 @@
+"""`prune(...)` and `tyr prune` end to end on tiny models: Týr, its resume, the baselines, reports, bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tyr.cli import main as tyr_main
+from tyr.compressor.baselines import flap_prune, magnitude_keeps
+from tyr.compressor.prune import prune
+from tyr.compressor.recipes import Recipe, load_recipe
+from tyr.errors import TyrError
+from tyr.models.io import load_model, save_model
+from tyr.models.slicing import mask_model, to_tyr
+from tyr.testing import tiny_llama
+
+TINY_RECIPE = {
+    "name": "tiny", "description": "unit tests", "iterations": 2, "initial_spacing": 0.25, "ladder_size": 5,
+    "eea": "expectation",
+    "calibration": {"num_sequences": 16, "seq_len": 64, "batch_sequences": 8},
+    "local_pruner": {"damp": 0.01, "head_step": 1, "channel_step": 8, "refit": True},
+    "search": {"generations": [4, 3], "offspring": 6, "max_shifts": 2, "seq_len": 32, "batch_sequences": 2,
+               "kl_top_k": 64, "stages": [{"tokens": 64, "survivors": 3}, {"tokens": 256, "survivors": 1}],
+               "reuse_activations": True, "activation_cache_mb": 64},
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama (8 layers, GQA 4/2, FFN 96) with the real SmolLM2 tokenizer, as a model folder."""
+    model = to_tyr(tiny_llama(vocab_size=len(tokenizer), layers=8, heads=4, kv_heads=2, ffn=96, seed=3))
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return Recipe.model_validate(TINY_RECIPE)
+
+
+def decoder_params(model) -> int:
+    return sum(p.numel() for p in model.model.layers.parameters())
+
+
+@pytest.fixture(scope="module")
+def tyr_run(tmp_path_factory, tiny_dir, recipe):
+    out = tmp_path_factory.mktemp("tyr") / "out"
+    return prune(tiny_dir, sparsity=0.5, recipe=recipe, out_dir=out, progress=False, keep_model=True)
+
+
+def test_tyr_end_to_end(tyr_run, tiny_dir, recipe):
+    report = tyr_run.report
+    assert report.nominal_sparsity == pytest.approx(0.5, abs=1e-12)          # the searched budget is exact
+    final_spacing = recipe.spacing(recipe.iterations - 1)
+    assert abs(report.achieved_sparsity - 0.5) <= final_spacing              # rounding to whole heads / channels
+    assert len(report.iterations) == recipe.iterations
+    first = report.iterations[0]
+    assert first.fitness < first.start_fitness                               # the search beats the uniform start
+    for iteration in report.iterations:
+        fitness = [iteration.start_fitness] + [h.fitness for h in iteration.history]
+        assert all(b <= a for a, b in zip(fitness, fitness[1:]))             # elitism
+        assert 0 < iteration.activation_reuse_saving < 1
+    levels = [lvl for layer in report.layers for lvl in (layer.attn_level, layer.mlp_level)]
+    assert len(set(levels)) > 1                                              # not uniform any more
+    model, _ = load_model(tyr_run.out_dir)
+    dense, _ = load_model(tiny_dir)
+    assert 1 - decoder_params(model) / decoder_params(dense) == pytest.approx(report.achieved_sparsity)
+    assert [(r.heads, r.kv_heads, r.ffn) for r in report.layers] == list(model.config.layer_widths())
+    ids = torch.randint(0, 1000, (2, 16))
+    assert torch.equal(model(input_ids=ids).logits, tyr_run.model(input_ids=ids).logits)
+    saved = json.loads((tyr_run.out_dir / "prune_report.json").read_text())
+    assert saved["method"] == "tyr" and len(saved["iterations"]) == recipe.iterations
+    assert "| iteration |" in (tyr_run.out_dir / "prune_report.md").read_text()
+    # Another run may not reuse this output or its work directory with other settings.
+    with pytest.raises(TyrError, match="already exists"):
+        prune(tiny_dir, sparsity=0.5, recipe=recipe, out_dir=tyr_run.out_dir, progress=False)
+    with pytest.raises(TyrError, match="different run"):
+        prune(tiny_dir, sparsity=0.4, recipe=recipe, out_dir=tyr_run.out_dir.with_name("other"),
+              work_dir=tyr_run.out_dir.with_name("out.work"), progress=False)
+
+
+def test_tyr_resume_after_interrupt_gives_the_same_model(tmp_path, tyr_run, tiny_dir, recipe):
+    class Killed(Exception):
+        pass
+
+    def kill_in_second_iteration(iteration, record):
+        if iteration == 1 and record.generation == 2:
+            raise Killed
+
+    out = tmp_path / "out"
+    with pytest.raises(Killed):
+        prune(tiny_dir, sparsity=0.5, recipe=recipe, out_dir=out, progress=False, on_generation=kill_in_second_iteration)
+    assert not out.exists()
+    resumed = prune(tiny_dir, sparsity=0.5, recipe=recipe, out_dir=out, progress=False)
+    assert resumed.report.iterations[1].resumed_from_generation == 2
+    assert [h.fitness for it in resumed.report.iterations for h in it.history] == \
+           [h.fitness for it in tyr_run.report.iterations for h in it.history]
+    first, _ = load_model(out)
+    second, _ = load_model(tyr_run.out_dir)
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_uniform_baseline_is_the_local_pruner_at_one_level(tmp_path, tiny_dir, recipe):
+    result = prune(tiny_dir, sparsity=0.5, recipe=recipe, out_dir=tmp_path / "u", method="uniform", progress=False)
+    model, _ = load_model(result.out_dir)
+    assert len(set(model.config.layer_widths())) == 1
+    assert abs(result.report.achieved_sparsity - 0.5) <= 0.0625
+    assert all(layer.attn_level == 0.5 and layer.mlp_level == 0.5 for layer in result.report.layers)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "flap"])
+def test_baselines_give_loadable_models_at_the_requested_sparsity(tmp_path, tiny_dir, recipe, method):
+    result = prune(tiny_dir, sparsity=0.5, recipe=recipe, out_dir=tmp_path / "out", method=method, progress=False)
+    model, _ = load_model(result.out_dir)
+    dense, _ = load_model(tiny_dir)
+    achieved = 1 - decoder_params(model) / decoder_params(dense)
+    assert achieved == pytest.approx(result.report.achieved_sparsity, abs=0.01)   # FLAP's zero biases count too
+    assert abs(achieved - 0.5) <= 0.0625
+    widths = model.config.layer_widths()
+    assert len(set(widths)) == 1                                                   # uniform across layers
+    for name in ("prune_report.json", "prune_report.md", "prune_sparsity.png"):
+        assert (result.out_dir / name).is_file()
+    ids = torch.randint(0, 1000, (1, 12))
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_magnitude_keeps_the_largest_heads_and_channels():
+    model = tiny_llama(layers=1, heads=4, kv_heads=2, ffn=32, seed=0)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[:, 5] *= 100      # one dominant channel
+        model.model.layers[0].self_attn.o_proj.weight[:, 3 * 16:4 * 16] *= 100   # head 3 (group 1) dominant
+    keep = magnitude_keeps(model, 0.5)[0]
+    assert 5 in keep.keep_ffn and len(keep.keep_ffn) == 16
+    assert 3 in keep.keep_heads and set(keep.keep_heads) <= {2, 3}
+
+
+def test_flap_bias_compensation_reduces_the_output_error():
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, ffn=64, seed=4)
+    with torch.no_grad():   # give the MLP inputs a large mean, which only a bias can restore
+        model.model.layers[0].mlp.up_proj.weight.add_(0.3)
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    pruned = flap_prune(model, ids, 0.5, progress=False)
+    no_bias = pruned.__class__(pruned.config)
+    state = {k: (torch.zeros_like(v) if k.endswith(".bias") else v) for k, v in pruned.state_dict().items()}
+    no_bias.load_state_dict(state)
+    reference = model.model(input_ids=ids).last_hidden_state
+    error = lambda m: (m.model(input_ids=ids).last_hidden_state - reference).pow(2).mean().item()  # noqa: E731
+    assert error(pruned) < error(no_bias.eval())
+    assert pruned.model.layers[0].mlp.down_proj.bias.abs().sum() > 0
+    assert pruned.model.layers[0].mlp.up_proj.bias.abs().sum() == 0
+
+
+def test_bad_input_is_rejected_clearly(tmp_path, tiny_dir, recipe):
+    for sparsity in (0, 1, 1.5, -0.1):
+        with pytest.raises(TyrError, match="strictly between 0 and 1"):
+            prune(tiny_dir, sparsity=sparsity, recipe=recipe, out_dir=tmp_path / "x")
+    with pytest.raises(TyrError, match="unknown method"):
+        prune(tiny_dir, sparsity=0.5, recipe=recipe, out_dir=tmp_path / "x", method="random")
+    greedy = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update={"num_sequences": 100_000})})
+    with pytest.raises(TyrError, match="too little text"):
+        prune(tiny_dir, sparsity=0.5, recipe=greedy, out_dir=tmp_path / "x", method="flap", progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_errors_exit_2(tmp_path, tiny_dir, capsys):
+    assert tyr_main(["prune", "--model", str(tiny_dir), "--sparsity", "1.2", "--out", str(tmp_path / "o")]) == 2
+    assert "strictly between 0 and 1" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(json.dumps({**TINY_RECIPE, "iterations": 99}))
+    assert tyr_main(["prune", "--model", str(tiny_dir), "--sparsity", "0.5", "--recipe", str(bad),
+                     "--out", str(tmp_path / "o")]) == 2
+    assert "iterations" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_disk_full_becomes_a_clear_error(tmp_path, tiny_dir, recipe, monkeypatch):
+    import tyr.compressor.prune as prune_module
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prune_module, "atomic_write_json", full)
+    with pytest.raises(TyrError, match="disk is full"):
+        prune(tiny_dir, sparsity=0.5, recipe=recipe, out_dir=tmp_path / "o", method="magnitude", progress=False)
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,349 @@
+"""The evolutionary search: exact budgets, staged selection, improvement, resume, activation reuse, recipes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tyr.compressor.fitness import SupernetKL, dense_targets, sparse_kl
+from tyr.compressor.layerwise import DenseParts, module_weights
+from tyr.compressor.recipes import Recipe, load_recipe
+from tyr.compressor.search import (ModuleLadder, SearchSettings, SearchSpace, SharedFitness, Stage, grid_ticks,
+                                   make_offspring, mutate, run_search, staged_selection)
+from tyr.errors import TyrError
+from tyr.testing import tiny_llama
+
+
+def paper_like_space(layers: int = 6, target: float = 0.5, unit: float = 1 / 64, step: int = 8) -> SearchSpace:
+    """Attention and MLP modules of different sizes on the first iteration's 12.5% ladder."""
+    modules = []
+    for layer in range(layers):
+        for kind, params in (("attn", 1000), ("mlp", 3000)):
+            ticks = grid_ticks(target, unit, step, 0, None)
+            modules.append(ModuleLadder(f"layers.{layer}.{kind}", layer, kind, params, ticks))
+    return SearchSpace(target=target, unit=unit, step=step, modules=modules)
+
+
+class QuadraticFitness:
+    """A synthetic fitness with a known optimum: Σ weight_m · level_m² (early layers 'sensitive')."""
+
+    def __init__(self, space: SearchSpace):
+        self.space = space
+        self.weights = [1.0 / (1 + m.layer) for m in space.modules]
+        self.calls: list[tuple[int, int]] = []
+
+    def set_parent(self, choice):
+        pass
+
+    def evaluate(self, choices, num_sequences):
+        self.calls.append((len(choices), num_sequences))
+        return [sum(w * lvl ** 2 for w, lvl in zip(self.weights, self.space.levels(c))) for c in choices]
+
+
+def test_grid_ladders():
+    assert grid_ticks(0.5, 1 / 64, 8, 0, None) == tuple(range(-32, 33, 8))          # 0 .. 1 in 12.5% steps
+    assert grid_ticks(0.5, 1 / 64, 4, -8, 4) == tuple(range(-24, 9, 4))             # 9 levels at 6.25% around 37.5%
+    assert grid_ticks(0.5, 1 / 64, 4, 28, 4) == (12, 16, 20, 24, 28, 32)            # clipped at 100%
+    space = SearchSpace(target=0.3, unit=1 / 16, step=2,
+                        modules=[ModuleLadder("m", 0, "mlp", 10, grid_ticks(0.3, 1 / 16, 2, 0, None))])
+    levels = [space.level(0, c) for c in range(len(space.modules[0].ticks))]
+    assert min(levels) >= 0 and max(levels) <= 1 and any(abs(x - 0.3) < 1e-12 for x in levels)
+
+
+def test_mutations_keep_the_budget_exact_and_pair_same_kind_modules():
+    space = paper_like_space()
+    rng = np.random.Generator(np.random.PCG64(0))
+    parent = space.choice_at([0] * len(space))
+    dense = space.dense_params()
+    for _ in range(300):
+        child = mutate(parent, space, rng, max_shifts=4)
+        assert space.budget_offset(child) == 0
+        removed = sum(m.dense_params * lvl for m, lvl in zip(space.modules, space.levels(child)))
+        assert removed == pytest.approx(0.5 * dense, rel=1e-12)
+        for kind in ("attn", "mlp"):   # each kind keeps its own budget: shifts pair modules of equal size
+            ticks = [t for m, t in zip(space.modules, space.ticks_of(child)) if m.kind == kind]
+            assert sum(ticks) == 0
+        parent = child if rng.random() < 0.5 else parent    # wander, reaching the ladder ends
+    assert max(space.ticks_of(parent)) <= 32 and min(space.ticks_of(parent)) >= -32
+
+
+def test_offspring_are_distinct_and_differ_from_the_parent():
+    space = paper_like_space()
+    rng = np.random.Generator(np.random.PCG64(1))
+    parent = space.choice_at([0] * len(space))
+    children = make_offspring(parent, space, rng, 40, max_shifts=4)
+    assert len(children) == 40 and len(set(children)) == 40 and parent not in children
+    # A two-module space has exactly one neighbour per direction: the search cannot invent more.
+    tiny = SearchSpace(0.5, 1 / 8, 1, [ModuleLadder("a", 0, "mlp", 5, (-1, 0, 1)), ModuleLadder("b", 1, "mlp", 5, (-1, 0, 1))])
+    assert sorted(make_offspring(tiny.choice_at([0, 0]), tiny, rng, 10, 1)) == [(0, 2), (2, 0)]
+
+
+def test_staged_selection_keeps_the_right_survivors():
+    calls = []
+
+    def evaluate(choices, n):
+        calls.append((list(choices), n))
+        # Stage 1 (2 sequences) ranks by the first element, later stages by the second.
+        return [float(c[0]) if n == 2 else float(c[1]) for c in choices]
+
+    offspring = [(5, 9), (1, 7), (3, 2), (2, 8), (4, 1), (0, 6)]
+    parent = (9, 3)
+    stages = [Stage(2, 4, 64), Stage(8, 2, 256), Stage(16, 1, 512)]
+    survivors, fitness, records = staged_selection(offspring, parent, stages, evaluate)
+    assert calls[0] == (offspring, 2)
+    assert sorted(calls[1][0]) == [(0, 6), (1, 7), (2, 8), (3, 2)]          # best 4 by the first element
+    assert calls[1][1] == 8
+    assert sorted(calls[2][0]) == [(0, 6), (3, 2), (9, 3)]                  # best 2 by the second + the parent
+    assert survivors == [(3, 2)] and fitness == [2.0]
+    assert [r.candidates for r in records] == [6, 4, 3] and [r.survivors for r in records] == [4, 2, 1]
+    # Elitism: when no offspring beats the parent on the last stage, the parent survives.
+    survivors, _, _ = staged_selection([(0, 9), (1, 9)], (9, 0), [Stage(2, 2, 64), Stage(8, 1, 256)], evaluate)
+    assert survivors == [(9, 0)]
+
+
+def test_search_improves_a_synthetic_fitness_within_budget(tmp_path):
+    space = paper_like_space()
+    fitness = QuadraticFitness(space)
+    start = space.choice_at([0] * len(space))
+    settings = SearchSettings(generations=30, offspring=12, max_shifts=4, stages=[Stage(1, 4, 1), Stage(2, 1, 2)], seed=0)
+    result = run_search(space, fitness, settings, start, checkpoint=tmp_path / "search.json", progress=False)
+    # The continuous optimum (levels ∝ 1 + layer) is 0.70 x the uniform start; the 12.5% grid gets close to it.
+    assert result.fitness < 0.75 * result.start_fitness
+    assert space.budget_offset(result.choice) == 0
+    fitnesses = [h.fitness for h in result.history]
+    assert all(b <= a for a, b in zip(fitnesses, fitnesses[1:]))              # elitism: never worse
+    # The optimum moves sparsity to late (insensitive) layers.
+    levels = result.levels
+    assert np.mean(levels[-4:]) > np.mean(levels[:4])
+    # Stage sizes as configured: offspring on stage 1, survivors + parent on stage 2.
+    assert fitness.calls[1:3] == [(12, 1), (5, 2)]
+    saved = json.loads((tmp_path / "search.json").read_text())
+    assert saved["complete"] and saved["generations_done"] == 30
+
+
+def test_search_resume_is_bit_identical_synthetic(tmp_path):
+    space = paper_like_space()
+    start = space.choice_at([0] * len(space))
+    settings = SearchSettings(generations=8, offspring=6, max_shifts=4, stages=[Stage(1, 2, 1), Stage(2, 1, 2)], seed=3)
+    straight = run_search(space, QuadraticFitness(space), settings, start, progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_3(record):
+        if record.generation == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_search(space, QuadraticFitness(space), settings, start, checkpoint=tmp_path / "c.json",
+                   on_generation=stop_after_3, progress=False)
+    resumed = run_search(space, QuadraticFitness(space), settings, start, checkpoint=tmp_path / "c.json", progress=False)
+    assert resumed.resumed_from == 3
+    assert resumed.choice == straight.choice and resumed.fitness == straight.fitness
+    assert [h.model_dump(exclude={"seconds"}) for h in resumed.history] == \
+           [h.model_dump(exclude={"seconds"}) for h in straight.history]
+    other = SearchSettings(generations=8, offspring=6, max_shifts=4, stages=settings.stages, seed=4)
+    with pytest.raises(TyrError, match="different search"):
+        run_search(space, QuadraticFitness(space), other, start, checkpoint=tmp_path / "c.json", progress=False)
+
+
+# ----- the KL fitness on a tiny model, with candidates cut from its own weights -----
+
+class SlicedCandidates:
+    """Candidates at 0 / 25 / 50 / 75 / 100% per module of a tiny dense model (first heads / channels kept)."""
+
+    levels = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+    def __init__(self, model):
+        self.model = model
+        self.head_dim = model.config.head_dim
+        self.kinds = [k for _ in range(model.config.num_hidden_layers) for k in ("attn", "mlp")]
+        self.dense = [module_weights(model, i // 2, k) for i, k in enumerate(self.kinds)]
+
+    def __call__(self, m: int, c: int) -> dict[str, torch.Tensor]:
+        w, level, hd = self.dense[m], self.levels[c], self.head_dim
+        if level == 1.0:
+            return {}
+        if self.kinds[m] == "attn":
+            kv = self.model.config.num_key_value_heads
+            per = self.model.config.num_attention_heads // kv
+            groups = max(1, round(kv * (1 - level)))
+            rows = lambda t, hs: torch.cat([t[h * hd:(h + 1) * hd] for h in hs])  # noqa: E731
+            q_heads = [g * per + j for g in range(groups) for j in range(per)]
+            return {"q_proj": rows(w["q_proj"], q_heads), "k_proj": rows(w["k_proj"], range(groups)),
+                    "v_proj": rows(w["v_proj"], range(groups)), "o_proj": rows(w["o_proj"].T, q_heads).T.contiguous(),
+                    "input_layernorm": w["input_layernorm"]}
+        keep = torch.arange(round(w["gate_proj"].shape[0] * (1 - level)))
+        return {"gate_proj": w["gate_proj"][keep], "up_proj": w["up_proj"][keep], "down_proj": w["down_proj"][:, keep],
+                "post_attention_layernorm": w["post_attention_layernorm"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_kl_setup():
+    model = tiny_llama(layers=6, heads=4, kv_heads=2, ffn=96, seed=1)
+    candidates = SlicedCandidates(model)
+    ids = torch.randint(0, 256, (8, 24), generator=torch.Generator().manual_seed(0))
+    targets = dense_targets(model, ids, top_k=64, batch_sequences=2, progress=False)
+    modules = [ModuleLadder(f"layers.{i // 2}.{k}", i // 2, k, 100 if k == "attn" else 300, (-2, -1, 0, 1, 2))
+               for i, k in enumerate(candidates.kinds)]
+    space = SearchSpace(target=0.5, unit=0.25, step=1, modules=modules)
+    return model, candidates, targets, space
+
+
+def make_kl(setup, reuse: bool, cache_mb: float = 64):
+    model, candidates, targets, _ = setup
+    return SupernetKL(DenseParts.from_model(model), candidates, candidates.kinds, targets, batch_sequences=2,
+                      reuse_activations=reuse, activation_cache_mb=cache_mb)
+
+
+def test_sparse_kl_matches_full_kl_when_top_k_is_the_vocabulary():
+    logits_p, logits_q = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    logp = torch.log_softmax(logits_p, -1)
+    top = logp.topk(11, -1)
+    full = torch.nn.functional.kl_div(torch.log_softmax(logits_q, -1), logp, log_target=True, reduction="none").sum((1, 2))
+    assert torch.allclose(sparse_kl(logits_q, top.values, top.indices), full.double(), atol=1e-5)
+    partial = sparse_kl(logits_q, *logp.topk(3, -1))
+    assert partial.shape == (2,) and torch.isfinite(partial).all()
+
+
+def test_kl_fitness_is_zero_for_the_dense_choice_and_grows_with_sparsity(tiny_kl_setup):
+    _, _, _, space = tiny_kl_setup
+    fitness = make_kl(tiny_kl_setup, reuse=False)
+    dense, half, most = (space.choice_at([t] * len(space)) for t in (-2, 0, 1))
+    kl = fitness.evaluate([dense, half, most], 8)
+    assert abs(kl[0]) < 1e-4 and kl[0] < kl[1] < kl[2]
+
+
+def test_activation_reuse_gives_identical_fitness_and_saves_work(tiny_kl_setup):
+    _, _, _, space = tiny_kl_setup
+    start = space.choice_at([0] * len(space))
+    settings = SearchSettings(generations=5, offspring=8, max_shifts=2, stages=[Stage(2, 3, 48), Stage(8, 1, 192)], seed=2)
+    runs = {}
+    for reuse, cache_mb in ((False, 64), (True, 64), (True, 0.2)):   # 0.2 MiB: every 3rd boundary cached
+        fitness = make_kl(tiny_kl_setup, reuse, cache_mb)
+        result = run_search(space, fitness, settings, start, progress=False)
+        runs[reuse, cache_mb] = (result, fitness)
+    baseline = runs[False, 64][0]
+    for key in ((True, 64), (True, 0.2)):
+        result, fitness = runs[key]
+        assert result.choice == baseline.choice
+        assert [h.fitness for h in result.history] == [h.fitness for h in baseline.history]    # bit-identical
+        assert fitness.stats.module_evaluations < runs[False, 64][1].stats.module_evaluations
+    assert runs[True, 0.2][1].stride == 3 and runs[True, 64][1].stride == 1
+    assert runs[True, 64][1].stats.saving > 0.1
+    assert baseline.fitness < baseline.start_fitness
+
+
+def test_kl_search_resume_is_bit_identical(tiny_kl_setup, tmp_path):
+    _, _, _, space = tiny_kl_setup
+    start = space.choice_at([0] * len(space))
+    settings = SearchSettings(generations=4, offspring=6, max_shifts=2, stages=[Stage(2, 2, 48), Stage(4, 1, 96)], seed=5)
+    straight = run_search(space, make_kl(tiny_kl_setup, True), settings, start, progress=False)
+
+    def stop_after_2(record):
+        if record.generation == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_search(space, make_kl(tiny_kl_setup, True), settings, start, checkpoint=tmp_path / "c.json",
+                   on_generation=stop_after_2, progress=False)
+    resumed = run_search(space, make_kl(tiny_kl_setup, True), settings, start, checkpoint=tmp_path / "c.json",
+                         progress=False)
+    assert resumed.resumed_from == 2
+    assert resumed.choice == straight.choice
+    assert [h.fitness for h in resumed.history] == [h.fitness for h in straight.history]
+
+
+DISTRIBUTED_SCRIPT = r"""
+import json, os, sys
+import torch.distributed as dist
+sys.path.insert(0, os.environ["TESTS_DIR"])
+from test_search import QuadraticFitness, paper_like_space
+from tyr.compressor.search import SearchSettings, SharedFitness, Stage, run_search
+
+dist.init_process_group("gloo")
+space = paper_like_space()
+inner = QuadraticFitness(space)
+fitness = SharedFitness(inner)
+settings = SearchSettings(generations=6, offspring=8, max_shifts=4, stages=[Stage(1, 3, 1), Stage(2, 1, 2)], seed=0)
+result = run_search(space, fitness, settings, space.choice_at([0] * len(space)), progress=False)
+evaluated = sum(n for n, _ in inner.calls)
+print(json.dumps({"rank": dist.get_rank(), "choice": result.choice, "fitness": result.fitness, "evaluated": evaluated}))
+dist.destroy_process_group()
+"""
+
+
+def test_shared_fitness_over_two_gloo_processes(tmp_path):
+    script = tmp_path / "dist_search.py"
+    script.write_text(DISTRIBUTED_SCRIPT)
+    env = dict(os.environ, TESTS_DIR=str(Path(__file__).parent), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                          str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in rows) == [0, 1]
+    assert rows[0]["choice"] == rows[1]["choice"] and rows[0]["fitness"] == rows[1]["fitness"]
+    space = paper_like_space()
+    inner = QuadraticFitness(space)
+    settings = SearchSettings(generations=6, offspring=8, max_shifts=4, stages=[Stage(1, 3, 1), Stage(2, 1, 2)], seed=0)
+    single = run_search(space, SharedFitness(inner), settings, space.choice_at([0] * len(space)), progress=False)
+    assert single.choice == rows[0]["choice"]
+    single_evaluated = sum(n for n, _ in inner.calls)
+    assert rows[0]["evaluated"] + rows[1]["evaluated"] == single_evaluated   # the work was split, not repeated
+
+
+# ----- recipes -----
+
+def test_shipped_recipes_validate():
+    paper, fast = load_recipe("paper"), load_recipe("fast")
+    assert paper.iterations == 4 and paper.search.offspring == 128 and paper.search.generations == [50]
+    assert [(s.tokens, s.survivors) for s in paper.search.stages] == [(2048, 16), (16384, 4), (131072, 2)]
+    assert paper.calibration.tokens == 4 * 2 ** 20
+    assert [paper.spacing(i) for i in range(4)] == [0.125, 0.0625, 0.03125, 0.015625]
+    assert fast.iterations >= 1 and fast.search.selection_sequences >= 1
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"iterations": 0}, "iterations"),
+    ({"initial_spacing": 0.7}, "initial_spacing"),
+    ({"bogus_field": 1}, "bogus_field"),
+    ({"eea": "sometimes"}, "eea"),
+    ({"ladder_size": 8}, "odd"),
+    ({"search": {"offspring": 0}}, "offspring"),
+    ({"search": {"stages": [{"tokens": 1024, "survivors": 4}, {"tokens": 512, "survivors": 1}]}}, "more tokens"),
+    ({"search": {"stages": [{"tokens": 500, "survivors": 4}]}}, "whole number"),
+    ({"search": {"kl_top_k": -1}}, "kl_top_k"),
+    ({"calibration": {"seq_len": 4}}, "seq_len"),
+    ({"search": {"typo": True}}, "typo"),
+])
+def test_bad_recipes_are_rejected(tmp_path, change, message):
+    data = load_recipe("fast").model_dump()
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    path = tmp_path / "bad.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(TyrError, match=message):
+        load_recipe(path)
+
+
+def test_recipe_by_path_and_json(tmp_path):
+    data = load_recipe("fast").model_dump()
+    data["name"] = "mine"
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(data))
+    assert load_recipe(str(path)).name == "mine"
+    assert isinstance(load_recipe(Recipe.model_validate(data)), Recipe)
+    with pytest.raises(TyrError, match="neither a file nor"):
+        load_recipe("no-such-recipe")

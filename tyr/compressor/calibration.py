@@ -1,0 +1,93 @@
+"""Calibration data for the supernet: token blocks, the device, chunking, and input Hessians (fp32).
+
+The builder keeps the calibration hidden states [N, T, hidden] of the current module on the compute device and
+walks them in chunks of whole sequences, so a module's activations (up to [N, T, ffn]) need not fit at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+from tyr.errors import TyrError
+
+# Activations of one chunk stay below this; whole-module activations are kept between the Hessian pass and the
+# propagation pass when they fit in CACHE_BYTES, else they are recomputed.
+CHUNK_BYTES = 256 * 2**20
+CACHE_BYTES = 1 * 2**30
+
+
+def calibration_ids(tokenizer, source=None, num_sequences: int = 32, seq_len: int = 256,
+                    seed: int = 0) -> torch.LongTensor:
+    """``num_sequences`` blocks of ``seq_len`` tokens from the calibration split of a text source (tyr.data)."""
+    from tyr.data import load_text, token_blocks
+
+    try:
+        return token_blocks(tokenizer, load_text(source, split="calibration"), seq_len, num_sequences, seed=seed)
+    except ValueError as err:
+        raise TyrError(f"calibration text: {err}") from err
+
+
+def ids_digest(ids: torch.Tensor) -> str:
+    """SHA-256 of the token ids (shape included), to recognise the same calibration data on resume."""
+    ids = ids.detach().to("cpu", torch.int64).contiguous()
+    digest = hashlib.sha256(str(tuple(ids.shape)).encode())
+    digest.update(ids.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tensors_digest(tensors: Iterator[torch.Tensor]) -> str:
+    """SHA-256 of tensors' raw bytes (dtype-agnostic), e.g. to recognise the same dense weights on resume."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None -> the accelerator when there is one (CUDA or ROCm both show as cuda), else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TyrError(f"device {device} was requested but torch sees no GPU")
+    return device
+
+
+def sequence_chunks(num_sequences: int, seq_len: int, width: int, chunk_bytes: int = CHUNK_BYTES) -> list[slice]:
+    """Slices of whole sequences whose fp32 activations of ``width`` features stay within ``chunk_bytes``."""
+    per_sequence = seq_len * width * 4
+    size = max(1, min(num_sequences, chunk_bytes // max(per_sequence, 1)))
+    return [slice(start, min(start + size, num_sequences)) for start in range(0, num_sequences, size)]
+
+
+class ModuleInputs:
+    """One module's input activations (the input of o_proj or down_proj) over all calibration chunks.
+
+    ``hessian()`` makes one pass (H = XᵀX / tokens, fp32); ``chunks()`` yields the activations again, from memory
+    when the whole set fit in ``cache_bytes``, else recomputed from the hidden states.
+    """
+
+    def __init__(self, hidden: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor], width: int,
+                 cache_bytes: int = CACHE_BYTES, chunk_bytes: int = CHUNK_BYTES):
+        self.hidden, self.activation, self.width = hidden, activation, width
+        self.slices = sequence_chunks(hidden.shape[0], hidden.shape[1], width, chunk_bytes)
+        self.cache: list[torch.Tensor] | None = [] if hidden.shape[0] * hidden.shape[1] * width * 4 <= cache_bytes else None
+
+    def hessian(self) -> torch.Tensor:
+        H = torch.zeros(self.width, self.width, dtype=torch.float32, device=self.hidden.device)
+        for sl in self.slices:
+            a = self.activation(self.hidden[sl]).to(torch.float32)
+            flat = a.reshape(-1, self.width)
+            H.addmm_(flat.T, flat)
+            if self.cache is not None:
+                self.cache.append(a)
+        return H / (self.hidden.shape[0] * self.hidden.shape[1])
+
+    def chunks(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        for i, sl in enumerate(self.slices):
+            yield sl, self.cache[i] if self.cache is not None else self.activation(self.hidden[sl]).to(torch.float32)

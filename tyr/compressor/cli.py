@@ -1,0 +1,52 @@
+"""`tyr prune`: Týr-the-Pruner (or a baseline) from a dense model to a pruned tyr_llama folder."""
+
+from __future__ import annotations
+
+import argparse
+
+METHOD_HELP = ("tyr (supernet + coarse-to-fine search), uniform (the same local pruner at the target everywhere), "
+               "magnitude (uniform L2-norm heads/channels, no weight update), flap (fluctuation metric + bias "
+               "compensation, uniform per layer)")
+
+
+def add_prune(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default",
+                        help="dense model folder, hub id, or 'default' (the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--sparsity", type=float, required=True,
+                        help="fraction of decoder-layer parameters to remove, in (0, 1) (embeddings and LM head "
+                             "excluded)")
+    parser.add_argument("--recipe", default="fast",
+                        help="budget: 'fast' (two CPU cores), 'paper' (the published settings) or a YAML/JSON file")
+    parser.add_argument("--out", required=True, help="output folder for the pruned model and its report")
+    parser.add_argument("--work-dir", default=None,
+                        help="supernets and search checkpoints (default: <out>.work); rerunning the same command "
+                             "resumes from here")
+    parser.add_argument("--text", default=None,
+                        help="calibration text: 'wiki' (default, embedded Wikipedia sample), a .txt or .jsonl file, "
+                             "or a dataset id (name or name:config)")
+    parser.add_argument("--method", default="tyr", choices=["tyr", "uniform", "magnitude", "flap"], help=METHOD_HELP)
+    parser.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and the search")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    """Prune a model with Týr-the-Pruner (supernet + evolutionary search) or a baseline; write it with a report."""
+    import torch
+
+    from tyr.compressor.prune import prune
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = prune(args.model, sparsity=args.sparsity, recipe=args.recipe, out_dir=args.out, work_dir=args.work_dir,
+                   text=args.text, method=args.method, seed=args.seed, device=device, overwrite=args.overwrite,
+                   progress=not args.no_progress)
+    r = result.report
+    print(f"{r.method}: removed {100 * r.achieved_sparsity:.2f}% of decoder parameters (target "
+          f"{100 * r.target_sparsity:.2f}%): {r.dense_decoder_params:,} -> {r.pruned_decoder_params:,}")
+    for it in r.iterations:
+        print(f"  iteration {it.iteration}: KL {it.start_fitness:.4f} -> {it.fitness:.4f} in {it.generations} "
+              f"generations, activation reuse saved {100 * it.activation_reuse_saving:.1f}% of module evaluations")
+    print(f"  {r.wall_seconds:.0f} s, peak RSS {r.peak_rss_mb:.0f} MiB")
+    print(f"model: {result.out_dir}\nreport: {result.report_paths.get('markdown')}")
+    return 0

@@ -1,0 +1,254 @@
+"""The search's fitness: sparse KL divergence of a candidate network's next-token distribution from the dense one's.
+
+The dense model's top-k log-probs on the selection sequences are computed once. A candidate network (one supernet
+candidate per module) is then run functionally, module by module, and scored with
+
+    KL ≈ Σ_{i ∈ top-k} p_i (log p_i − log q_i)
+
+per token position (p the dense distribution, q the candidate's full log-softmax), summed per sequence. Stage k's
+sequences are the first ones of stage k+1, and per-sequence sums are cached per choice, so re-scoring a survivor
+on more tokens only runs the new sequences.
+
+Activation reuse: an offspring equals its parent up to its first mutated module. The parent ("anchor") keeps its
+hidden states at module boundaries (every ``stride``-th boundary, within a memory cap), per batch of sequences,
+so an offspring's forward starts at the last stored boundary before its first change. Sequences are always run
+in the same fixed batches, so a restarted forward is bit-identical to a full one. When the parent changes, its
+stored states stay valid up to the first module where old and new parent differ; the rest is refreshed lazily,
+and only when the offspring that need that batch save more module evaluations than the refresh costs.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel
+from tqdm.auto import tqdm
+
+from tyr.compressor.layerwise import DenseParts, attention_delta, heads_of, mlp_delta
+from tyr.compressor.search import Choice
+
+# Positions per log-softmax chunk: bounds the temporaries to about chunk x vocab floats.
+POSITIONS_PER_CHUNK = 1024
+
+
+@dataclass
+class SelectionTargets:
+    """Selection sequences and the dense model's top-k next-token log-probs on them (computed once)."""
+
+    ids: torch.LongTensor          # [N, L]
+    top_logp: torch.Tensor         # [N, L, k] float32
+    top_index: torch.Tensor        # [N, L, k] int64
+
+    @property
+    def num_sequences(self) -> int:
+        return self.ids.shape[0]
+
+
+@torch.no_grad()
+def dense_targets(model, ids: torch.LongTensor, top_k: int, batch_sequences: int = 1,
+                  progress: bool = True) -> SelectionTargets:
+    """Run the dense model once over ``ids`` and keep its top-k log-probs per position."""
+    device = next(model.parameters()).device
+    top_k = min(top_k, model.config.vocab_size)
+    values, indices = [], []
+    for batch in tqdm(ids.split(batch_sequences), desc="dense targets", unit="batch", disable=not progress,
+                      leave=False):
+        logits = model(input_ids=batch.to(device)).logits
+        logp = F.log_softmax(logits.float(), dim=-1)
+        top = logp.topk(top_k, dim=-1)
+        values.append(top.values.cpu())
+        indices.append(top.indices.cpu())
+    return SelectionTargets(ids=ids.cpu(), top_logp=torch.cat(values), top_index=torch.cat(indices))
+
+
+def sparse_kl(logits: torch.Tensor, top_logp: torch.Tensor, top_index: torch.Tensor) -> torch.Tensor:
+    """Σ over positions of Σ_{i∈top-k} p_i (log p_i − log q_i): logits [B, L, V] -> per-sequence sums [B] (float64)."""
+    batch, length, _ = logits.shape
+    out = torch.zeros(batch, dtype=torch.float64, device=logits.device)
+    step = max(1, POSITIONS_PER_CHUNK // batch)
+    for start in range(0, length, step):
+        chunk = slice(start, start + step)
+        log_q = F.log_softmax(logits[:, chunk].float(), dim=-1)
+        log_p = top_logp[:, chunk].to(logits.device)
+        log_q_top = log_q.gather(-1, top_index[:, chunk].to(logits.device))
+        out += (log_p.exp() * (log_p - log_q_top)).sum(dim=(1, 2), dtype=torch.float64)
+    return out
+
+
+class ReuseStats(BaseModel):
+    """Work done by the fitness, in decoder-module evaluations (one attention or MLP block on one batch)."""
+
+    module_evaluations: int = 0
+    module_evaluations_without_reuse: int = 0
+    forwards: int = 0                      # candidate-batch forwards (each ends in the LM head)
+    cached_results: int = 0                # choice-batch results taken from the per-choice cache
+    anchor_refresh_modules: int = 0        # module evaluations spent refreshing the parent's states (included above)
+    seconds: float = 0.0
+
+    @property
+    def saving(self) -> float:
+        """Fraction of decoder-module evaluations avoided by restarting from cached states."""
+        full = self.module_evaluations_without_reuse
+        return 1 - self.module_evaluations / full if full else 0.0
+
+
+class SupernetKL:
+    """Fitness = mean sparse KL per token over the first ``num_sequences`` selection sequences (lower is better)."""
+
+    def __init__(self, parts: DenseParts, weights: Callable[[int, int], dict[str, torch.Tensor]], kinds: list[str],
+                 targets: SelectionTargets, batch_sequences: int, reuse_activations: bool = True,
+                 activation_cache_mb: float = 1024, weight_cache_mb: float = 1024,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        if targets.num_sequences % batch_sequences:
+            raise ValueError(f"{targets.num_sequences} selection sequences do not split into batches of "
+                             f"{batch_sequences}")
+        self.parts, self.kinds, self.targets = parts, kinds, targets
+        self._weights = weights
+        self.device, self.dtype = torch.device(device), dtype
+        self.batch = batch_sequences
+        self.num_modules = len(kinds)
+        self.seq_len = targets.ids.shape[1]
+        self.cos, self.sin = parts.rope(self.seq_len, device=self.device, dtype=dtype)
+        self.reuse = reuse_activations
+        hidden = parts.embed_tokens.shape[1]
+        batches = targets.num_sequences // batch_sequences
+        state_bytes = batch_sequences * self.seq_len * hidden * torch.finfo(dtype).bits // 8
+        full = self.num_modules * batches * state_bytes
+        cap = activation_cache_mb * 2 ** 20
+        self.stride = max(1, -(-full // int(cap))) if cap > 0 else self.num_modules + 1
+        if self.stride > self.num_modules:
+            self.reuse = False
+        self.weight_cache: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()
+        self.weight_cache_bytes, self.weight_cache_cap = 0, weight_cache_mb * 2 ** 20
+        self.results: dict[Choice, dict[int, torch.Tensor]] = {}    # choice -> batch -> per-sequence KL sums
+        self.anchor: Choice | None = None
+        self.anchor_states: dict[int, dict[int, torch.Tensor]] = {}  # batch -> boundary -> hidden states
+        self.anchor_valid: dict[int, int] = {}                       # batch -> boundaries <= this are the anchor's
+        self.stats = ReuseStats()
+
+    # -- the Fitness protocol --
+
+    def set_parent(self, choice: Choice) -> None:
+        if self.anchor is not None and choice != self.anchor:
+            first = _first_difference(choice, self.anchor)
+            for b in self.anchor_valid:
+                self.anchor_valid[b] = min(self.anchor_valid[b], first)
+        self.anchor = choice
+
+    @torch.no_grad()
+    def evaluate(self, choices: list[Choice], num_sequences: int) -> list[float]:
+        import time
+
+        started = time.perf_counter()
+        if num_sequences % self.batch or not 0 < num_sequences <= self.targets.num_sequences:
+            raise ValueError(f"num_sequences={num_sequences} must be a positive multiple of {self.batch} up to "
+                             f"{self.targets.num_sequences}")
+        for b in range(num_sequences // self.batch):
+            todo = [c for c in dict.fromkeys(choices) if b not in self.results.get(c, {})]
+            self.stats.cached_results += len(choices) - len(todo)
+            if self.reuse and self.anchor is not None and todo:
+                self._maybe_refresh(b, todo)
+                todo = [c for c in todo if b not in self.results.get(c, {})]
+            for choice in todo:
+                self.results.setdefault(choice, {})[b] = self._run(choice, b)
+        tokens = num_sequences * self.seq_len
+        scores = [float(sum(self.results[c][b].sum().item() for b in range(num_sequences // self.batch)) / tokens)
+                  for c in choices]
+        self.stats.seconds += time.perf_counter() - started
+        return scores
+
+    # -- internals --
+
+    def weights(self, module: int, candidate: int) -> dict[str, torch.Tensor]:
+        key = (module, candidate)
+        if key in self.weight_cache:
+            self.weight_cache.move_to_end(key)
+            return self.weight_cache[key]
+        w = {k: v.to(device=self.device, dtype=self.dtype) for k, v in self._weights(module, candidate).items()}
+        size = sum(v.numel() * v.element_size() for v in w.values())
+        self.weight_cache[key] = w
+        self.weight_cache_bytes += size
+        while self.weight_cache_bytes > self.weight_cache_cap and len(self.weight_cache) > 1:
+            _, old = self.weight_cache.popitem(last=False)
+            self.weight_cache_bytes -= sum(v.numel() * v.element_size() for v in old.values())
+        return w
+
+    def _module(self, m: int, candidate: int, x: torch.Tensor) -> torch.Tensor:
+        w = self.weights(m, candidate)
+        self.stats.module_evaluations += 1
+        if self.kinds[m] == "attn":
+            heads, kv_heads = heads_of(w, self.parts.head_dim)
+            return x + attention_delta(x, w, heads, kv_heads, self.cos, self.sin, self.parts.head_dim, self.parts.eps)
+        return x + mlp_delta(x, w, self.parts.eps)
+
+    def _batch_ids(self, b: int) -> torch.Tensor:
+        return self.targets.ids[b * self.batch:(b + 1) * self.batch].to(self.device)
+
+    def _restart_point(self, choice: Choice, b: int) -> int:
+        """The last stored boundary of the anchor's batch ``b`` that ``choice`` shares (0 = from the embedding)."""
+        if not self.reuse or self.anchor is None or b not in self.anchor_valid:
+            return 0
+        return self._floor(min(_first_difference(choice, self.anchor), self.anchor_valid[b]))
+
+    def _run(self, choice: Choice, b: int, start: int | None = None) -> torch.Tensor:
+        start = self._restart_point(choice, b) if start is None else start
+        x = self.anchor_states[b][start] if start else self.parts.embed(self._batch_ids(b)).to(self.dtype)
+        for m in range(start, self.num_modules):
+            x = self._module(m, choice[m], x)
+        self.stats.module_evaluations_without_reuse += self.num_modules
+        self.stats.forwards += 1
+        return self._kl(x, b)
+
+    def _kl(self, x: torch.Tensor, b: int) -> torch.Tensor:
+        rows = slice(b * self.batch, (b + 1) * self.batch)
+        return sparse_kl(self.parts.logits(x), self.targets.top_logp[rows], self.targets.top_index[rows]).cpu()
+
+    def _maybe_refresh(self, b: int, todo: list[Choice]) -> None:
+        """Recompute the anchor's states of batch ``b`` from its last valid boundary, if that saves work."""
+        others = [c for c in todo if c != self.anchor]
+        if b not in self.anchor_valid:
+            # First use of this batch: store the anchor's states if the offspring then skip more than they cost.
+            gain = sum(self._floor(_first_difference(c, self.anchor)) for c in others)
+            if self.anchor in todo or gain > self.num_modules:
+                self._store_anchor(b, 0, needed=self.anchor in todo)
+            return
+        if self.anchor_valid[b] >= self.num_modules:
+            return
+        valid = self._floor(self.anchor_valid[b])
+        now = sum(self._restart_point(c, b) for c in others)
+        after = sum(self._floor(_first_difference(c, self.anchor)) for c in others)
+        if self.anchor in todo or after - now > self.num_modules - valid:
+            self._store_anchor(b, valid, needed=self.anchor in todo)
+
+    def _floor(self, boundary: int) -> int:
+        """The last stored boundary at or before ``boundary``."""
+        return (min(boundary, self.num_modules - 1) // self.stride) * self.stride
+
+    def _store_anchor(self, b: int, start: int, needed: bool) -> None:
+        """Run the anchor on batch ``b`` from boundary ``start``, storing states at every stride-th boundary."""
+        states = self.anchor_states.setdefault(b, {})
+        for k in [k for k in states if k > start]:
+            del states[k]
+        x = states[start] if start else self.parts.embed(self._batch_ids(b)).to(self.dtype)
+        before = self.stats.module_evaluations
+        for m in range(start, self.num_modules):
+            if m % self.stride == 0 and m:
+                states[m] = x
+            x = self._module(m, self.anchor[m], x)
+        self.stats.anchor_refresh_modules += self.stats.module_evaluations - before
+        # Without reuse the anchor runs only when its own result is wanted.
+        self.stats.module_evaluations_without_reuse += self.num_modules if needed else 0
+        self.stats.forwards += 1
+        self.anchor_valid[b] = self.num_modules
+        self.results.setdefault(self.anchor, {})[b] = self._kl(x, b)
+
+
+def _first_difference(a: Choice, b: Choice) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return len(a)

@@ -1,0 +1,166 @@
+"""Budgets of a Týr-the-Pruner run as validated recipes (YAML or JSON files; `paper` and `fast` ship with tyr).
+
+A recipe fixes everything about *how much work* the compressor does: calibration tokens for the supernet,
+iterations of the coarse-to-fine loop, generations and offspring of the evolutionary search, and the staged
+selection (tokens scored per stage, survivors kept). The target sparsity, the model and the seed are not part of
+a recipe: they come from the command line. Unknown fields are rejected so a typo never silently falls back to a
+default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tyr.errors import TyrError
+
+RECIPES_DIR = Path(__file__).with_name("recipes")
+EEA_MODES = ("expectation", "current", "none")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CalibrationRecipe(_Strict):
+    """Token blocks the supernet's local pruner sees (Hessians, expectation error accumulation)."""
+
+    num_sequences: int = Field(ge=1, le=1_000_000, description="calibration blocks drawn from the calibration text")
+    seq_len: int = Field(ge=16, le=131_072, description="tokens per calibration block")
+    batch_sequences: int = Field(4, ge=1, le=4096,
+                                 description="blocks per forward batch while building the supernet (memory bound)")
+
+    @property
+    def tokens(self) -> int:
+        return self.num_sequences * self.seq_len
+
+
+class LocalPrunerRecipe(_Strict):
+    """Settings of the local (layer-wise OBS) pruner that builds every candidate of the supernet."""
+
+    damp: float = Field(0.01, gt=0, le=1, description="Hessian dampening, as a fraction of its mean diagonal")
+    head_step: int = Field(1, ge=1, le=1, description="query heads per GQA group dropped per OBS step (the local "
+                           "pruner implements 1)")
+    channel_step: int = Field(16, ge=1, le=4096, description="FFN channels removed per OBS step (a coarser path is "
+                              "faster; widths are still exact)")
+    refit: bool = Field(True, description="least-squares refit of the kept weights after the OBS path")
+    solver_dtype: Literal["float32", "float64"] = Field("float32", description="precision of the OBS solver")
+
+
+class SelectionStage(_Strict):
+    """One stage of the staged selection: score every remaining candidate on `tokens`, keep the best `survivors`."""
+
+    tokens: int = Field(ge=16, le=100_000_000, description="selection tokens scored in this stage")
+    survivors: int = Field(ge=1, le=100_000, description="candidates that go on to the next stage")
+
+
+class SearchRecipe(_Strict):
+    """The evolutionary search over per-module sparsity levels."""
+
+    generations: list[int] = Field(min_length=1, description="generations of evolution in each coarse-to-fine "
+                                   "iteration (one entry per iteration, or one entry used for all)")
+    offspring: int = Field(ge=1, le=100_000, description="offspring mutated from the parent each generation")
+    max_shifts: int = Field(4, ge=1, le=64, description="a mutation applies min(U[1,n], U[1,n]) sparsity shifts "
+                            "(each: one module one level down, another of the same kind one level up)")
+    stages: list[SelectionStage] = Field(min_length=1, description="staged selection; tokens must grow and "
+                                         "survivors shrink; the parent joins the last stage (elitism)")
+    seq_len: int = Field(ge=16, le=131_072, description="tokens per selection sequence; every stage's tokens "
+                         "are a whole number of sequences, and stage k's sequences are the first ones of stage k+1")
+    batch_sequences: int = Field(1, ge=1, le=4096, description="selection sequences per forward batch; must divide "
+                                 "every stage's sequence count (results do not depend on the stage)")
+    kl_top_k: int = Field(ge=1, le=1_000_000, description="the dense model's top-k next-token log-probs kept for "
+                          "the sparse KL fitness: sum over top-k of p_i (log p_i - log q_i)")
+    reuse_activations: bool = Field(True, description="restart an offspring's forward at its first mutated module "
+                                    "from the parent's cached hidden states (same results, less compute)")
+    activation_cache_mb: int = Field(1024, ge=0, le=10_000_000, description="memory cap of the parent's cached "
+                                     "hidden states; above it only every k-th module boundary is kept")
+
+    @model_validator(mode="after")
+    def _stages_are_staged(self) -> "SearchRecipe":
+        for i, stage in enumerate(self.stages):
+            if stage.tokens % self.seq_len:
+                raise ValueError(f"stages[{i}].tokens={stage.tokens} is not a whole number of selection sequences "
+                                 f"of seq_len={self.seq_len}")
+            if (stage.tokens // self.seq_len) % self.batch_sequences:
+                raise ValueError(f"stages[{i}] has {stage.tokens // self.seq_len} sequences, not a multiple of "
+                                 f"batch_sequences={self.batch_sequences}")
+        for i, (a, b) in enumerate(zip(self.stages, self.stages[1:])):
+            if b.tokens < a.tokens:
+                raise ValueError(f"stages[{i + 1}].tokens={b.tokens} < stages[{i}].tokens={a.tokens}: "
+                                 "later stages score the survivors on more tokens")
+            if b.survivors > a.survivors:
+                raise ValueError(f"stages[{i + 1}].survivors={b.survivors} > stages[{i}].survivors={a.survivors}")
+        if self.stages[0].survivors > self.offspring:
+            raise ValueError(f"stages[0].survivors={self.stages[0].survivors} exceeds offspring={self.offspring}")
+        return self
+
+    @property
+    def selection_sequences(self) -> int:
+        return self.stages[-1].tokens // self.seq_len
+
+    def generations_of(self, iteration: int) -> int:
+        return self.generations[min(iteration, len(self.generations) - 1)]
+
+
+class Recipe(_Strict):
+    """A complete compressor budget. See recipes/paper.yaml and recipes/fast.yaml."""
+
+    name: str = Field(min_length=1, max_length=64, description="recipe name, recorded in reports")
+    description: str = Field("", max_length=2000, description="what the recipe is for")
+    iterations: int = Field(ge=1, le=8, description="coarse-to-fine iterations: supernet, then search; the level "
+                            "spacing halves every iteration")
+    initial_spacing: float = Field(0.125, gt=0, le=0.5, description="sparsity spacing of the first iteration's "
+                                   "ladder (every module: target + k * spacing within [0, 1])")
+    ladder_size: int = Field(9, ge=3, le=65, description="candidates per module in later iterations: this many "
+                             "levels at the new spacing centred on the module's current level, clipped to [0, 1]")
+    eea: Literal["expectation", "current", "none"] = Field(
+        "expectation", description="error accumulation while building the supernet: the next module's input is the "
+        "(1 - level)-weighted mean of the candidates' outputs (expectation, the paper's EEA), the output of the "
+        "module's current level (current), or the dense output (none)")
+    calibration: CalibrationRecipe
+    local_pruner: LocalPrunerRecipe = LocalPrunerRecipe()
+    search: SearchRecipe
+    keep_supernets: bool = Field(False, description="keep every iteration's supernet on disk (otherwise an "
+                                 "iteration's supernet is deleted once the next iteration no longer needs it)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        if len(self.search.generations) not in (1, self.iterations):
+            raise ValueError(f"search.generations has {len(self.search.generations)} entries; give one, or one per "
+                             f"iteration ({self.iterations})")
+        if self.ladder_size % 2 == 0:
+            raise ValueError(f"ladder_size={self.ladder_size} must be odd (centred on the current level)")
+        return self
+
+    def spacing(self, iteration: int) -> float:
+        return self.initial_spacing / 2 ** iteration
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(spec: str | Path | Recipe) -> Recipe:
+    """A recipe by name ("paper", "fast") or from a YAML/JSON file; raise TyrError naming every bad field."""
+    if isinstance(spec, Recipe):
+        return spec
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        named = RECIPES_DIR / f"{spec}.yaml"
+        if not named.is_file():
+            raise TyrError(f"recipe {str(spec)!r} is neither a file nor one of {', '.join(available_recipes())}")
+        path = named
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+    except (OSError, yaml.YAMLError) as err:
+        raise TyrError(f"cannot read recipe {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise TyrError(f"recipe {path} must be a mapping of fields, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'recipe'}: {e['msg']}" for e in err.errors())
+        raise TyrError(f"recipe {path} is invalid: {problems}") from err

@@ -1,0 +1,215 @@
+"""The record of one pruning run: per-layer widths and sparsity, budget check, search history, time and memory.
+
+Written next to the pruned model as prune_report.json (the data), prune_report.md (readable) and
+prune_sparsity.png (per-layer attention and MLP sparsity).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from tyr.atomic import atomic_write_json, atomic_write_text
+from tyr.compressor.search import GenerationRecord
+
+REPORT_JSON, REPORT_MD, REPORT_PNG = "prune_report.json", "prune_report.md", "prune_sparsity.png"
+
+
+class StageTiming(BaseModel):
+    name: str
+    seconds: float
+    peak_rss_mb: float = Field(description="highest resident set size of this process during the stage")
+    peak_gpu_mb: float | None = Field(None, description="torch.cuda.max_memory_allocated during the stage")
+
+
+class LayerReport(BaseModel):
+    layer: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    attn_params: int
+    mlp_params: int
+    attn_sparsity: float = Field(description="1 - attention parameters / the input model's")
+    mlp_sparsity: float = Field(description="1 - MLP parameters / the input model's")
+    attn_level: float | None = Field(None, description="the searched (nominal) level, when a search ran")
+    mlp_level: float | None = None
+
+
+class IterationReport(BaseModel):
+    iteration: int
+    spacing: float
+    generations: int
+    start_fitness: float = Field(description="KL of the iteration's start distribution on the last stage's tokens")
+    fitness: float = Field(description="KL of the iteration's result on the last stage's tokens")
+    history: list[GenerationRecord]
+    supernet_seconds: float
+    search_seconds: float
+    resumed_from_generation: int = 0
+    module_evaluations: int = 0
+    module_evaluations_without_reuse: int = 0
+    activation_reuse_saving: float = Field(0.0, description="share of decoder-module evaluations avoided by "
+                                           "restarting offspring from the parent's cached hidden states")
+    fitness_seconds: float = 0.0
+
+
+class PruneReport(BaseModel):
+    method: str
+    model: str
+    out_dir: str
+    target_sparsity: float
+    achieved_sparsity: float = Field(description="1 - decoder parameters (attention + MLP, norms included) / dense")
+    nominal_sparsity: float | None = Field(None, description="Σ dense_params · searched level / Σ dense_params")
+    dense_decoder_params: int
+    pruned_decoder_params: int
+    dense_total_params: int
+    pruned_total_params: int
+    recipe: dict | None = None
+    seed: int
+    device: str
+    text_source: str
+    calibration_tokens: int = 0
+    selection_tokens: int = 0
+    layers: list[LayerReport]
+    iterations: list[IterationReport] = []
+    stages: list[StageTiming] = []
+    wall_seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    peak_gpu_mb: float | None = None
+    notes: list[str] = []
+
+
+# ----- time and memory per stage -----
+
+def _rss_mb() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2 ** 20
+    except ImportError:  # pragma: no cover - psutil ships with the environment
+        return max_rss_mb()
+
+
+def max_rss_mb() -> float:
+    """The process's peak resident set size so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
+
+
+class StageMeter:
+    """Collects one StageTiming per ``with meter.stage(name):`` block (RSS sampled every 0.2 s in a thread)."""
+
+    def __init__(self, device: str = "cpu"):
+        self.stages: list[StageTiming] = []
+        self.cuda = str(device).startswith("cuda")
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        import torch
+
+        peak = [_rss_mb()]
+        done = threading.Event()
+
+        def sample():
+            while not done.wait(0.2):
+                peak[0] = max(peak[0], _rss_mb())
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+            peak[0] = max(peak[0], _rss_mb())
+            gpu = torch.cuda.max_memory_allocated() / 2 ** 20 if self.cuda else None
+            self.stages.append(StageTiming(name=name, seconds=time.perf_counter() - started, peak_rss_mb=peak[0],
+                                           peak_gpu_mb=gpu))
+
+
+# ----- writing -----
+
+def write_report(report: PruneReport, directory: str | Path) -> dict[str, Path]:
+    """Write JSON, Markdown and the sparsity plot into ``directory``; return their paths."""
+    directory = Path(directory)
+    paths = {"json": directory / REPORT_JSON, "markdown": directory / REPORT_MD, "plot": directory / REPORT_PNG}
+    atomic_write_json(paths["json"], report.model_dump(mode="json"))
+    atomic_write_text(paths["markdown"], render_markdown(report))
+    plot_sparsity(report, paths["plot"])
+    return paths
+
+
+def plot_sparsity(report: PruneReport, path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [r.layer for r in report.layers]
+    width = 0.4
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(layers) + 2), 3.6))
+    ax.bar([x - width / 2 for x in layers], [100 * r.attn_sparsity for r in report.layers], width, label="attention")
+    ax.bar([x + width / 2 for x in layers], [100 * r.mlp_sparsity for r in report.layers], width, label="MLP")
+    ax.axhline(100 * report.target_sparsity, color="black", linestyle="--", linewidth=1, label="target")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("sparsity (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"{report.method}: {100 * report.achieved_sparsity:.1f}% of decoder parameters removed")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def render_markdown(report: PruneReport) -> str:
+    lines = [f"# Pruning report: {report.method}", "",
+             f"- model: `{report.model}` -> `{report.out_dir}`",
+             f"- target sparsity {100 * report.target_sparsity:.2f}%, achieved {100 * report.achieved_sparsity:.2f}%"
+             + (f" (nominal {100 * report.nominal_sparsity:.2f}%)" if report.nominal_sparsity is not None else ""),
+             f"- decoder parameters {report.dense_decoder_params:,} -> {report.pruned_decoder_params:,}; all "
+             f"parameters {report.dense_total_params:,} -> {report.pruned_total_params:,}",
+             f"- recipe `{(report.recipe or {}).get('name', '-')}`, seed {report.seed}, device {report.device}, "
+             f"text {report.text_source}",
+             f"- calibration tokens {report.calibration_tokens:,}, selection tokens {report.selection_tokens:,}",
+             f"- wall time {report.wall_seconds:.1f} s, peak RSS {report.peak_rss_mb:.0f} MiB"
+             + (f", peak GPU {report.peak_gpu_mb:.0f} MiB" if report.peak_gpu_mb is not None else ""), ""]
+    for note in report.notes:
+        lines.append(f"> {note}")
+    if report.notes:
+        lines.append("")
+    if report.iterations:
+        lines += ["## Search", "", "| iteration | spacing | generations | KL start | KL end | reuse saving | "
+                  "supernet s | search s |", "|---|---|---|---|---|---|---|---|"]
+        for it in report.iterations:
+            lines.append(f"| {it.iteration} | {100 * it.spacing:.4g}% | {it.generations} | {it.start_fitness:.4f} | "
+                         f"{it.fitness:.4f} | {100 * it.activation_reuse_saving:.1f}% | {it.supernet_seconds:.1f} | "
+                         f"{it.search_seconds:.1f} |")
+        lines += ["", "Fitness (sparse KL to the dense model, last selection stage) per generation:", ""]
+        for it in report.iterations:
+            values = ", ".join(f"{h.fitness:.4f}" for h in it.history)
+            lines.append(f"- iteration {it.iteration}: {it.start_fitness:.4f} (start) -> {values}")
+        lines.append("")
+    lines += ["## Stages", "", "| stage | seconds | peak RSS MiB | peak GPU MiB |", "|---|---|---|---|"]
+    for s in report.stages:
+        gpu = f"{s.peak_gpu_mb:.0f}" if s.peak_gpu_mb is not None else "-"
+        lines.append(f"| {s.name} | {s.seconds:.1f} | {s.peak_rss_mb:.0f} | {gpu} |")
+    lines += ["", "## Layers", "", f"![per-layer sparsity]({REPORT_PNG})", "",
+              "| layer | heads | kv heads | ffn | attn params | mlp params | attn sparsity | mlp sparsity |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in report.layers:
+        lines.append(f"| {r.layer} | {r.heads} | {r.kv_heads} | {r.ffn} | {r.attn_params:,} | {r.mlp_params:,} | "
+                     f"{100 * r.attn_sparsity:.1f}% | {100 * r.mlp_sparsity:.1f}% |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,411 @@
+"""Evolutionary search over the sparsity level of every module, under an exact global parameter budget.
+
+An individual ("choice") picks one candidate per prunable module (layer0.attn, layer0.mlp, layer1.attn, ...).
+Candidate levels are sparsities on an integer grid: level = target + tick · unit, where ``unit`` is the finest
+spacing of the whole coarse-to-fine run. The nominal budget of a choice is Σ_m dense_params(m) · level(m); it
+equals target · Σ_m dense_params(m) exactly when Σ_m dense_params(m) · tick(m) == 0, which integer arithmetic
+checks without rounding.
+
+Mutation is the paper's sparsity shift: one module moves one level down (less sparse) and another module with the
+same dense size (same kind, in practice) moves one level up, so the nominal budget never changes. Each generation
+mutates ``offspring`` distinct children from the parent; staged selection scores all of them on a few tokens,
+keeps the best, re-scores those on more tokens, and so on; the parent joins the last stage (elitism) and the
+winner becomes the next parent. Everything random comes from one ``numpy.random.Generator`` whose state is
+checkpointed after every generation, so an interrupted search rerun with the same inputs ends bit-identically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
+
+from tyr.atomic import atomic_write_json
+from tyr.errors import TyrError
+
+log = logging.getLogger(__name__)
+
+Choice = tuple[int, ...]
+# Ticks are compared after rounding (level - target) / unit; anything further off than this is not on the grid.
+GRID_TOLERANCE = 1e-6
+
+
+# ----- the search space -----
+
+@dataclass(frozen=True)
+class ModuleLadder:
+    """The candidate levels of one prunable module in the current supernet."""
+
+    name: str                 # "layers.3.attn"
+    layer: int
+    kind: str                 # "attn" | "mlp"
+    dense_params: int         # parameters at sparsity 0: the module's weight in the nominal budget
+    ticks: tuple[int, ...]    # candidate levels, as integer offsets from the target in units of the grid
+
+    def __post_init__(self):
+        if list(self.ticks) != sorted(set(self.ticks)):
+            raise ValueError(f"{self.name}: candidate levels must be distinct and ascending, got {self.ticks}")
+
+
+@dataclass
+class SearchSpace:
+    """Modules, their ladders, the target and the grid; answers budget and neighbour questions in integers."""
+
+    target: float
+    unit: float
+    step: int                        # ticks between neighbouring levels in this iteration
+    modules: list[ModuleLadder]
+    _down: list[dict[int, int]] = field(init=False, repr=False)
+    _up: list[dict[int, int]] = field(init=False, repr=False)
+    groups: list[list[int]] = field(init=False, repr=False)
+    group_of: list[int] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.step < 1:
+            raise ValueError(f"step must be a positive number of grid ticks, got {self.step}")
+        self._down, self._up = [], []
+        for ladder in self.modules:
+            index = {t: i for i, t in enumerate(ladder.ticks)}
+            self._down.append({i: index[t - self.step] for i, t in enumerate(ladder.ticks) if t - self.step in index})
+            self._up.append({i: index[t + self.step] for i, t in enumerate(ladder.ticks) if t + self.step in index})
+        # Shifts pair modules of equal dense size, so moving one level each way keeps the budget exact.
+        keys: dict[tuple[str, int], int] = {}
+        self.group_of = [keys.setdefault((m.kind, m.dense_params), len(keys)) for m in self.modules]
+        self.groups = [[i for i, g in enumerate(self.group_of) if g == k] for k in range(len(keys))]
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def level(self, module: int, candidate: int) -> float:
+        return level_of(self.target, self.unit, self.modules[module].ticks[candidate])
+
+    def levels(self, choice: Sequence[int]) -> list[float]:
+        return [self.level(m, c) for m, c in enumerate(choice)]
+
+    def budget_offset(self, choice: Sequence[int]) -> int:
+        """Σ dense_params · tick: 0 means the nominal removed parameters are exactly target · dense total."""
+        return sum(m.dense_params * m.ticks[c] for m, c in zip(self.modules, choice))
+
+    def dense_params(self) -> int:
+        return sum(m.dense_params for m in self.modules)
+
+    def nominal_sparsity(self, choice: Sequence[int]) -> float:
+        return self.target + self.unit * self.budget_offset(choice) / self.dense_params()
+
+    def down(self, module: int, candidate: int) -> int | None:
+        """The candidate one level less sparse, if the ladder has it."""
+        return self._down[module].get(candidate)
+
+    def up(self, module: int, candidate: int) -> int | None:
+        return self._up[module].get(candidate)
+
+    def choice_at(self, ticks: Sequence[int]) -> Choice:
+        """The candidate indices of per-module tick values (each must be on that module's ladder)."""
+        out = []
+        for ladder, tick in zip(self.modules, ticks, strict=True):
+            if tick not in ladder.ticks:
+                raise TyrError(f"{ladder.name}: level {level_of(self.target, self.unit, tick):.6f} is not among its "
+                               f"candidates {[round(level_of(self.target, self.unit, t), 6) for t in ladder.ticks]}")
+            out.append(ladder.ticks.index(tick))
+        return tuple(out)
+
+    def ticks_of(self, choice: Sequence[int]) -> list[int]:
+        return [m.ticks[c] for m, c in zip(self.modules, choice)]
+
+    def fingerprint(self) -> str:
+        data = [self.target, self.unit, self.step, [(m.name, m.dense_params, m.ticks) for m in self.modules]]
+        return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
+
+
+def level_of(target: float, unit: float, tick: int) -> float:
+    """target + tick · unit, snapped to exactly 0 or 1 at the ends of the range."""
+    level = target + tick * unit
+    if abs(level) < GRID_TOLERANCE:
+        return 0.0
+    if abs(level - 1) < GRID_TOLERANCE:
+        return 1.0
+    return level
+
+
+def tick_of(target: float, unit: float, level: float) -> int:
+    """The grid offset of a level; raise if the level is not on the grid."""
+    tick = round((level - target) / unit)
+    if abs(target + tick * unit - level) > GRID_TOLERANCE:
+        raise TyrError(f"sparsity level {level} is not on the grid target {target} + k x {unit}")
+    return tick
+
+
+def grid_ticks(target: float, unit: float, step: int, centre: int, half_width: int | None) -> tuple[int, ...]:
+    """Ticks centre + k·step (|k| <= half_width, any k when None) whose levels lie in [0, 1]."""
+    slack = GRID_TOLERANCE / unit
+    lowest = -math.floor(target / unit + slack)          # the smallest tick whose level is >= 0
+    highest = math.floor((1 - target) / unit + slack)    # the largest tick whose level is <= 1
+    if half_width is None:
+        first = centre - ((centre - lowest) // step) * step
+        return tuple(range(first, highest + 1, step))
+    return tuple(t for t in (centre + k * step for k in range(-half_width, half_width + 1)) if lowest <= t <= highest)
+
+
+# ----- mutation -----
+
+def mutate(parent: Choice, space: SearchSpace, rng: np.random.Generator, max_shifts: int) -> Choice:
+    """Apply min(U[1,n], U[1,n]) sparsity shifts (n = max_shifts; biased towards few) to ``parent``.
+
+    A shift moves one module one level down and another module of the same group one level up. The child may
+    equal the parent (two shifts can cancel); callers drop such children.
+    """
+    child = list(parent)
+    shifts = min(int(rng.integers(1, max_shifts + 1)), int(rng.integers(1, max_shifts + 1)))
+    for _ in range(shifts):
+        can_rise = [space.up(m, c) is not None for m, c in enumerate(child)]
+        rising_per_group = [sum(can_rise[m] for m in g) for g in space.groups]
+        # A module may move down only if another module of its group can move up.
+        fallers = [m for m, c in enumerate(child) if space.down(m, c) is not None
+                   and rising_per_group[space.group_of[m]] - can_rise[m] > 0]
+        if not fallers:
+            break
+        down = fallers[int(rng.integers(len(fallers)))]
+        risers = [m for m in space.groups[space.group_of[down]] if m != down and can_rise[m]]
+        up = risers[int(rng.integers(len(risers)))]
+        child[down] = space.down(down, child[down])
+        child[up] = space.up(up, child[up])
+    return tuple(child)
+
+
+def make_offspring(parent: Choice, space: SearchSpace, rng: np.random.Generator, count: int,
+                   max_shifts: int) -> list[Choice]:
+    """``count`` distinct children of ``parent`` (fewer if the neighbourhood is smaller than that)."""
+    children: list[Choice] = []
+    seen = {parent}
+    for _ in range(50 * count + 100):
+        if len(children) == count:
+            break
+        child = mutate(parent, space, rng, max_shifts)
+        if child not in seen:
+            seen.add(child)
+            children.append(child)
+    return children
+
+
+# ----- fitness and staged selection -----
+
+class Fitness(Protocol):
+    """Scores choices on the first ``num_sequences`` selection sequences: lower is better (KL to the dense model)."""
+
+    def evaluate(self, choices: list[Choice], num_sequences: int) -> list[float]: ...
+
+    def set_parent(self, choice: Choice) -> None: ...
+
+
+class StageRecord(BaseModel):
+    tokens: int
+    candidates: int
+    survivors: int
+    best_fitness: float
+
+
+class GenerationRecord(BaseModel):
+    """What one generation did; ``fitness`` is the parent's fitness on the last stage's tokens afterwards."""
+
+    generation: int
+    fitness: float
+    improved: bool
+    offspring: int
+    stages: list[StageRecord]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Stage:
+    num_sequences: int
+    survivors: int
+    tokens: int
+
+
+def staged_selection(offspring: list[Choice], parent: Choice, stages: list[Stage],
+                     evaluate: Callable[[list[Choice], int], list[float]]) -> tuple[list[Choice], list[float], list[StageRecord]]:
+    """Score, keep the best, re-score on more tokens, ...; the parent joins the last stage (elitism).
+
+    Returns the last stage's survivors best first, their fitnesses and one record per stage. Ties keep the
+    earlier candidate (a stable sort), so the parent wins a tie only if no offspring matches it.
+    """
+    pool, records, fitness = list(offspring), [], []
+    for i, stage in enumerate(stages):
+        if i == len(stages) - 1 and parent not in pool:
+            pool.append(parent)
+        fitness = evaluate(pool, stage.num_sequences)
+        order = sorted(range(len(pool)), key=lambda j: fitness[j])[:stage.survivors]
+        records.append(StageRecord(tokens=stage.tokens, candidates=len(pool), survivors=len(order),
+                                   best_fitness=fitness[order[0]]))
+        pool, fitness = [pool[j] for j in order], [fitness[j] for j in order]
+    return pool, fitness, records
+
+
+# ----- the search loop, checkpointed -----
+
+class SearchCheckpoint(BaseModel):
+    """Everything needed to continue a search exactly where it stopped (written after every generation)."""
+
+    fingerprint: str = Field(description="hash of the search space, settings, start and seed")
+    generations_done: int
+    parent: list[int]
+    parent_fitness: float
+    start_fitness: float
+    history: list[GenerationRecord]
+    rng_state: dict
+    seconds: float = 0.0
+    complete: bool = False
+
+
+class SearchResult(BaseModel):
+    choice: list[int]
+    levels: list[float]
+    fitness: float
+    start_fitness: float
+    history: list[GenerationRecord]
+    seconds: float
+    resumed_from: int = Field(0, description="generations restored from a checkpoint")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    generations: int
+    offspring: int
+    max_shifts: int
+    stages: list[Stage]
+    seed: int
+
+
+def run_search(space: SearchSpace, fitness: Fitness, settings: SearchSettings, start: Choice,
+               checkpoint: str | Path | None = None,
+               on_generation: Callable[[GenerationRecord], None] | None = None,
+               progress: bool = True, description: str = "search") -> SearchResult:
+    """Evolve from ``start`` for ``settings.generations`` generations; resume from ``checkpoint`` if it exists.
+
+    ``on_generation`` runs after each generation's checkpoint is written (tests interrupt the search there).
+    """
+    if space.budget_offset(start) != 0:
+        raise TyrError(f"the start distribution's nominal sparsity {space.nominal_sparsity(start):.6f} is not the "
+                       f"target {space.target}")
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    fingerprint = _fingerprint(space, settings, start)
+    rng = np.random.Generator(np.random.PCG64(settings.seed))
+    final = settings.stages[-1].num_sequences
+    state = _load_checkpoint(checkpoint, fingerprint)
+    resumed = state.generations_done if state else 0
+    if state is None:
+        started = time.perf_counter()
+        fitness.set_parent(start)
+        start_fitness = fitness.evaluate([start], final)[0]
+        state = SearchCheckpoint(fingerprint=fingerprint, generations_done=0, parent=list(start),
+                                 parent_fitness=start_fitness, start_fitness=start_fitness, history=[],
+                                 rng_state=rng.bit_generator.state, seconds=time.perf_counter() - started)
+        _save_checkpoint(checkpoint, state)
+    else:
+        rng.bit_generator.state = state.rng_state
+        log.info("%s: resuming after generation %d of %d", description, state.generations_done, settings.generations)
+    parent, parent_fitness = tuple(state.parent), state.parent_fitness
+    bar = tqdm(total=settings.generations, initial=state.generations_done, desc=description, unit="gen",
+               disable=not progress, leave=False)
+    for generation in range(state.generations_done, settings.generations):
+        started = time.perf_counter()
+        fitness.set_parent(parent)
+        children = make_offspring(parent, space, rng, settings.offspring, settings.max_shifts)
+        if not children:
+            log.warning("%s: the parent has no neighbours left to mutate into; stopping early", description)
+            break
+        stages = [Stage(s.num_sequences, min(s.survivors, len(children)), s.tokens) for s in settings.stages]
+        survivors, scores, records = staged_selection(children, parent, stages, fitness.evaluate)
+        improved = survivors[0] != parent
+        parent, parent_fitness = survivors[0], scores[0]
+        record = GenerationRecord(generation=generation + 1, fitness=parent_fitness, improved=improved,
+                                  offspring=len(children), stages=records, seconds=time.perf_counter() - started)
+        state = state.model_copy(update=dict(
+            generations_done=generation + 1, parent=list(parent), parent_fitness=parent_fitness,
+            history=state.history + [record], rng_state=rng.bit_generator.state,
+            seconds=state.seconds + record.seconds))
+        _save_checkpoint(checkpoint, state)
+        bar.update(1)
+        bar.set_postfix(kl=f"{parent_fitness:.4f}")
+        if on_generation is not None:
+            on_generation(record)
+    bar.close()
+    state = state.model_copy(update=dict(complete=True))
+    _save_checkpoint(checkpoint, state)
+    return SearchResult(choice=list(parent), levels=space.levels(parent), fitness=parent_fitness,
+                        start_fitness=state.start_fitness, history=state.history, seconds=state.seconds,
+                        resumed_from=resumed)
+
+
+def _fingerprint(space: SearchSpace, settings: SearchSettings, start: Choice) -> str:
+    data = [space.fingerprint(), settings.generations, settings.offspring, settings.max_shifts,
+            [(s.num_sequences, s.survivors) for s in settings.stages], settings.seed, list(start)]
+    return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
+
+
+def _load_checkpoint(path: Path | None, fingerprint: str) -> SearchCheckpoint | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        state = SearchCheckpoint.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise TyrError(f"search checkpoint {path} is unreadable ({err}); delete it to restart this search") from err
+    if state.fingerprint != fingerprint:
+        raise TyrError(f"search checkpoint {path} belongs to a different search (other model, recipe, sparsity or "
+                       "seed); use another work directory or delete it")
+    return state
+
+
+def _save_checkpoint(path: Path | None, state: SearchCheckpoint) -> None:
+    if path is not None and _is_main_process():
+        atomic_write_json(path, state.model_dump(mode="json"))
+
+
+# ----- several processes share candidate evaluation -----
+
+def _is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class SharedFitness:
+    """Split each evaluation across torch.distributed ranks: rank r scores choices r::world, results all-gathered.
+
+    On a single process (no process group) it is the wrapped fitness itself. Every rank runs the same seeded
+    search, so all ranks propose the same offspring and, after the gather, make the same selections.
+    """
+
+    def __init__(self, inner: Fitness):
+        import torch.distributed as dist
+
+        self.inner = inner
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+
+    def set_parent(self, choice: Choice) -> None:
+        self.inner.set_parent(choice)
+
+    def evaluate(self, choices: list[Choice], num_sequences: int) -> list[float]:
+        if not self.distributed:
+            return self.inner.evaluate(choices, num_sequences)
+        import torch.distributed as dist
+
+        mine = self.inner.evaluate(choices[self.rank::self.world], num_sequences) if choices[self.rank::self.world] else []
+        gathered: list[list[float] | None] = [None] * self.world
+        dist.all_gather_object(gathered, mine)
+        out = [0.0] * len(choices)
+        for rank, scores in enumerate(gathered):
+            out[rank::self.world] = scores
+        return out

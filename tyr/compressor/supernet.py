@@ -1,0 +1,449 @@
+"""The supernet: for every decoder module (layer i attention, layer i MLP), pruned candidates at a ladder of sparsities.
+
+Building walks the modules in order (layer 0 attn, layer 0 mlp, layer 1 attn, ...), one at a time on the compute
+device: the module's input activations on the calibration hidden states give its Hessian, the local pruner
+(local_pruner.py) gives every candidate, the candidates go to disk at once (one safetensors file per module), and
+the hidden states move on to the next module's input:
+
+- "expectation" (EEA, the paper): the (1 − S)-weighted mean of the candidates' outputs, weights (1 − S_e) / Σ(1 − S_e)
+  with S_e the candidate's ladder level;
+- "current": the output of the candidate at the module's current level (given by the caller; level 0 = dense);
+- "none": the dense module's output (every module is pruned on the dense model's inputs).
+
+Candidates share the module's input activations (q/k/v and gate/up rows are not updated), and their outputs are
+linear in the updated o_proj / down_proj weights, so any mixture of candidate outputs is one matmul with the mixed
+weights: propagating costs one dense forward whatever the ladder.
+
+Resuming: after each module the manifest (the commit point) records it, together with a checkpoint of the hidden
+states; rerunning with the same inputs continues after the last finished module and gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from tyr.atomic import atomic_write_json
+from tyr.compressor import calibration
+from tyr.compressor.layerwise import DenseParts, attention_heads, mlp_hidden, module_weights
+from tyr.compressor.local_pruner import PrunedLinear, gqa_targets, prune_columns_progressively, prune_heads_gqa
+from tyr.errors import TyrError
+from tyr.models.slicing import LayerKeep, LayerWidth, layer_params, layer_widths, slice_model
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DEFAULT_LADDER = [i / 8 for i in range(9)]
+EEA = Literal["expectation", "current", "none"]
+
+
+class LocalPruneSettings(BaseModel):
+    damp: float = Field(0.01, gt=0, description="Hessian damping, as a fraction of its mean diagonal")
+    head_step: int = Field(1, ge=1, description="query heads per GQA group dropped per step (only 1 is implemented)")
+    channel_step: int = Field(16, ge=1, description="FFN channels removed per OBS step")
+    refit: bool = Field(True, description="least-squares refit of the kept columns after the OBS path")
+    solver_dtype: Literal["float32", "float64"] = Field("float32", description="precision of the OBS solver")
+
+
+class ModuleCandidates(BaseModel):
+    layer: int
+    kind: Literal["attn", "mlp"]
+    levels: list[float] = Field(description="nominal sparsity of each candidate (its ladder level)")
+    widths: list[list[int]] = Field(description="attn: [heads, kv_heads]; mlp: [ffn] per candidate")
+    params: list[int] = Field(description="weight parameters of each candidate (norm included; 0 = removed)")
+    keep: list[list[int]] = Field(description="kept query heads or FFN channels (dense indices) per candidate")
+    errors: list[float] = Field([], description="relative output reconstruction error ||XWᵀ−X'W'ᵀ||²/||XWᵀ||²")
+    file: str = Field(description="safetensors file of this module, relative to the supernet folder")
+
+
+class SupernetManifest(BaseModel):
+    version: int = FORMAT_VERSION
+    model: str
+    hidden_size: int
+    head_dim: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    dtype: str
+    eea: EEA
+    current_levels: list[float] | None = None
+    settings: LocalPruneSettings
+    calibration: dict
+    fingerprint: str = Field(description="SHA-256 of everything that determines the result (inputs and weights)")
+    modules: list[ModuleCandidates] = Field(description="finished modules: layer0.attn, layer0.mlp, layer1.attn, ...")
+    checkpoint: str | None = Field(None, description="hidden states after the last finished module (partial builds)")
+    complete: bool = False
+
+    def dense_params(self) -> int:
+        """Decoder-layer weight parameters of the dense model (embeddings and LM head excluded)."""
+        attn, mlp = layer_params(self, LayerWidth(num_attention_heads=self.num_attention_heads,
+                                                  num_key_value_heads=self.num_key_value_heads,
+                                                  intermediate_size=self.intermediate_size))
+        return self.num_layers * (attn + mlp)
+
+
+def module_file(index: int, layer: int, kind: str) -> str:
+    return f"modules/{index:03d}-layer{layer:03d}-{kind}.safetensors"
+
+
+# ----- building -----
+
+def _check_dense(model) -> None:
+    config = model.config
+    dense = (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size)
+    for i, w in enumerate(layer_widths(config)):
+        if (w.num_attention_heads, w.num_key_value_heads, w.intermediate_size) != dense:
+            raise TyrError(f"layer {i} is already pruned ({w.model_dump()}); build the supernet from the dense model")
+
+
+def _ffn_keep(level: float, ffn: int) -> int:
+    return int(math.floor((1 - level) * ffn + 0.5))
+
+
+def _mixture(eea: str, levels: list[float], current: float | None) -> list[float]:
+    """Weights of the candidates' outputs in the input of the next module ("none" is handled by the caller)."""
+    if eea == "current":
+        return [1.0 if i == levels.index(current) else 0.0 for i in range(len(levels))]
+    keep = [1 - s for s in levels]
+    total = sum(keep)
+    return [k / total if total > 0 else 0.0 for k in keep]
+
+
+def _fingerprint(parts: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, done: int, out_dir: Path) -> None:
+    """Write safetensors atomically (temp file + fsync + rename); a full disk becomes a clear TyrError."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        _raise_if_disk_full(err, path, done, out_dir)
+        raise
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _raise_if_disk_full(err: OSError, path: Path, done: int, out_dir: Path) -> None:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise TyrError(f"disk full while writing {path}: the {done} finished modules in {out_dir} stay valid; "
+                       "free some space and rerun the same command to resume") from err
+
+
+def _write_manifest(manifest: SupernetManifest, out_dir: Path) -> None:
+    try:
+        atomic_write_json(out_dir / MANIFEST, manifest.model_dump(mode="json"))
+    except OSError as err:
+        _raise_if_disk_full(err, out_dir / MANIFEST, len(manifest.modules), out_dir)
+        raise
+
+
+def _prune_module(kind: str, W: torch.Tensor, H: torch.Tensor, levels: list[float], model_config,
+                  settings: LocalPruneSettings) -> list[PrunedLinear]:
+    dtype = getattr(torch, settings.solver_dtype)
+    if kind == "attn":
+        targets = [gqa_targets(model_config.num_attention_heads, model_config.num_key_value_heads, s) for s in levels]
+        return prune_heads_gqa(W, H, model_config.head_dim, model_config.num_key_value_heads, targets,
+                               damp=settings.damp, refit=settings.refit, dtype=dtype)
+    counts = [_ffn_keep(s, W.shape[1]) for s in levels]
+    return prune_columns_progressively(W, H, settings.channel_step, counts, damp=settings.damp,
+                                       refit=settings.refit, dtype=dtype)
+
+
+def _candidates_record(index: int, kind: str, levels: list[float], pruned: list[PrunedLinear], config,
+                       dense_energy: float) -> ModuleCandidates:
+    per_group = config.num_attention_heads // config.num_key_value_heads
+    widths, params = [], []
+    for p in pruned:
+        if kind == "attn":
+            width = LayerWidth(num_attention_heads=len(p.keep), num_key_value_heads=len({h // per_group for h in p.keep}),
+                               intermediate_size=0)
+            widths.append([width.num_attention_heads, width.num_key_value_heads])
+            params.append(layer_params(config, width)[0])
+        else:
+            width = LayerWidth(num_attention_heads=0, num_key_value_heads=0, intermediate_size=len(p.keep))
+            widths.append([len(p.keep)])
+            params.append(layer_params(config, width)[1])
+    return ModuleCandidates(layer=index // 2, kind=kind, levels=list(levels), widths=widths, params=params,
+                            keep=[p.keep for p in pruned],
+                            errors=[p.error / dense_energy if dense_energy > 0 else 0.0 for p in pruned],
+                            file=module_file(index, index // 2, kind))
+
+
+def _columns(kind: str, keep: list[int], head_dim: int, device) -> torch.Tensor:
+    keep_t = torch.tensor(keep, dtype=torch.long, device=device)
+    if kind == "mlp":
+        return keep_t
+    return (keep_t[:, None] * head_dim + torch.arange(head_dim, device=device)).flatten()
+
+
+@torch.no_grad()
+def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, ladders: list[list[float]],
+                   eea: EEA = "expectation", current_levels: list[float] | None = None,
+                   settings: LocalPruneSettings = LocalPruneSettings(), device: str | torch.device | None = None,
+                   progress: bool = True, *, model_name: str | None = None, calibration_meta: dict | None = None,
+                   on_module_done: Callable[[int, torch.Tensor], None] | None = None) -> SupernetManifest:
+    """Build (or finish building) the supernet of a dense Llama-style ``model`` in ``out_dir``.
+
+    ``calibration_ids``: [N, T] token ids. ``ladders``: the sparsity levels of every module, in module order
+    (layer 0 attn, layer 0 mlp, layer 1 attn, ...); a candidate's index is its position in its ladder. With
+    eea="current", ``current_levels`` gives each module's current level (it must be on its ladder; None = all 0).
+    ``on_module_done(index, hidden)`` is called after each module is committed, with the hidden states that go on
+    to the next module. Returns the manifest (also in out_dir/manifest.json).
+    """
+    config = model.config
+    _check_dense(model)
+    num_modules = 2 * config.num_hidden_layers
+    if len(ladders) != num_modules:
+        raise TyrError(f"got {len(ladders)} ladders; the model has {num_modules} modules (2 per layer)")
+    for m, ladder in enumerate(ladders):
+        if not ladder or any(not 0 <= s <= 1 for s in ladder):
+            raise TyrError(f"ladder of module {m} must be a non-empty list of levels in [0, 1], got {ladder}")
+    if eea not in ("expectation", "current", "none"):
+        raise TyrError(f"eea must be expectation, current or none, got {eea!r}")
+    if eea == "current":
+        current_levels = list(current_levels) if current_levels is not None else [0.0] * num_modules
+        if len(current_levels) != num_modules:
+            raise TyrError(f"got {len(current_levels)} current levels for {num_modules} modules")
+        for m, (level, ladder) in enumerate(zip(current_levels, ladders)):
+            if level not in ladder:
+                raise TyrError(f"current level {level} of module {m} is not on its ladder {ladder}")
+    else:
+        current_levels = None
+    if calibration_ids.ndim != 2 or calibration_ids.numel() == 0:
+        raise TyrError(f"calibration ids must be a non-empty [sequences, tokens] tensor, got {tuple(calibration_ids.shape)}")
+    device = calibration.resolve_device(device)
+    out_dir = Path(out_dir)
+    parts = DenseParts.from_model(model)
+    head_dim = parts.head_dim
+    dtype = next(model.parameters()).dtype
+
+    num_sequences, seq_len = calibration_ids.shape
+    calib = {"sequences": num_sequences, "seq_len": seq_len, "tokens": num_sequences * seq_len,
+             "sha256": calibration.ids_digest(calibration_ids)} | dict(calibration_meta or {})
+    fingerprint = _fingerprint({
+        "version": FORMAT_VERSION, "config": {k: v for k, v in config.to_dict().items()
+                                              if k not in ("_name_or_path", "transformers_version", "architectures",
+                                                           "auto_map")},
+        "dtype": str(dtype), "ids": calib["sha256"], "ladders": ladders, "eea": eea, "current": current_levels,
+        "settings": settings.model_dump(), "weights": calibration.tensors_digest(
+            t for name, t in model.state_dict().items() if name.startswith("model.layers."))})
+    manifest = SupernetManifest(
+        model=model_name or getattr(config, "_name_or_path", "") or "model", hidden_size=config.hidden_size,
+        head_dim=head_dim, num_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, intermediate_size=config.intermediate_size,
+        dtype=str(dtype).removeprefix("torch."), eea=eea, current_levels=current_levels, settings=settings,
+        calibration=calib, fingerprint=fingerprint, modules=[])
+
+    hidden = None
+    if (out_dir / MANIFEST).is_file():
+        try:
+            found = SupernetManifest.model_validate_json((out_dir / MANIFEST).read_text())
+        except ValueError as err:
+            raise TyrError(f"{out_dir / MANIFEST} is not a readable supernet manifest ({err}); "
+                           "remove the folder or choose another") from err
+        if found.fingerprint != fingerprint:
+            raise TyrError(f"{out_dir} holds a supernet built from different inputs (model weights, calibration "
+                           "data, ladders, EEA mode or settings); remove it or choose another folder")
+        if found.complete:
+            return found
+        manifest.modules = found.modules
+        if found.modules:
+            if found.checkpoint is None or not (out_dir / found.checkpoint).is_file():
+                raise TyrError(f"{out_dir}: the hidden-state checkpoint of the partial build is missing; "
+                               "remove the folder and rebuild")
+            hidden = load_file(out_dir / found.checkpoint)["hidden"].to(device)
+            manifest.checkpoint = found.checkpoint
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise TyrError(f"{out_dir} exists and is not a supernet folder (no {MANIFEST}); choose an empty folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if hidden is None:
+        hidden = parts.embed(calibration_ids.to(parts.embed_tokens.device)).to(device, torch.float32)
+    cos, sin = parts.rope(seq_len, device=device)
+    cos, sin = cos.to(torch.float32), sin.to(torch.float32)
+
+    start = len(manifest.modules)
+    bar = tqdm(range(start, num_modules), desc="supernet", unit="module", disable=not progress,
+               initial=start, total=num_modules)
+    for index in bar:
+        layer, kind = index // 2, ("attn", "mlp")[index % 2]
+        bar.set_postfix_str(f"layer {layer} {kind}")
+        dense = {k: v.to(device, torch.float32) for k, v in module_weights(model, layer, kind).items()}
+        out_name = "o_proj" if kind == "attn" else "down_proj"
+        if kind == "attn":
+            activation = lambda x, w=dense: attention_heads(x, w, config.num_attention_heads,  # noqa: E731
+                                                             config.num_key_value_heads, cos, sin, head_dim, parts.eps)
+        else:
+            activation = lambda x, w=dense: mlp_hidden(x, w, parts.eps)  # noqa: E731
+        W = dense[out_name]
+        inputs = calibration.ModuleInputs(hidden, activation, W.shape[1])
+        H = inputs.hessian()
+        levels = ladders[index]
+        pruned = _prune_module(kind, W, H, levels, config, settings)
+        dense_energy = (W * (W @ H)).sum().item()
+        record = _candidates_record(index, kind, levels, pruned, config, dense_energy)
+
+        # Candidates to disk: the shared dense parts once, each candidate's updated output projection.
+        cpu_dense = module_weights(model, layer, kind)
+        tensors = {f"dense.{k}": v for k, v in cpu_dense.items() if not k.startswith(out_name)}
+        for c, p in enumerate(pruned):
+            if p.keep:
+                tensors[f"cand{c}.{out_name}"] = p.weight.to(dtype).clone()  # duplicates share storage
+        _save_tensors(tensors, out_dir / record.file, len(manifest.modules), out_dir)
+
+        # The next module's input: a mixture of candidate outputs is one matmul with the mixed weights.
+        if eea == "none":
+            mixed, bias_weight = W, 1.0
+        else:
+            weights = _mixture(eea, levels, current_levels[index] if current_levels else None)
+            mixed, bias_weight = torch.zeros_like(W), 0.0
+            for p, weight in zip(pruned, weights):
+                if weight and p.keep:
+                    mixed[:, _columns(kind, p.keep, head_dim, device)] += weight * p.weight.to(device, torch.float32)
+                    bias_weight += weight
+        bias = dense.get(f"{out_name}.bias")
+        for sl, act in inputs.chunks():
+            update = F.linear(act, mixed)
+            if bias is not None:
+                update += bias_weight * bias
+            hidden[sl] += update
+        del inputs
+
+        checkpoint = f"checkpoint-{index:03d}.safetensors"
+        _save_tensors({"hidden": hidden}, out_dir / checkpoint, len(manifest.modules), out_dir)
+        previous = manifest.checkpoint
+        manifest.modules.append(record)
+        manifest.checkpoint = checkpoint
+        _write_manifest(manifest, out_dir)
+        if previous and previous != checkpoint:
+            (out_dir / previous).unlink(missing_ok=True)
+        if on_module_done is not None:
+            on_module_done(index, hidden)
+
+    if manifest.checkpoint:
+        last = manifest.checkpoint
+        manifest.checkpoint, manifest.complete = None, True
+        _write_manifest(manifest, out_dir)
+        (out_dir / last).unlink(missing_ok=True)
+    return manifest
+
+
+# ----- reading -----
+
+class Supernet:
+    """A built supernet on disk; candidates load lazily (memory-mapped safetensors, small LRU cache)."""
+
+    def __init__(self, directory: Path, manifest: SupernetManifest, cache_size: int = 16):
+        self.directory, self.manifest, self.cache_size = directory, manifest, cache_size
+        self._cache: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()
+
+    @classmethod
+    def open(cls, directory: str | Path, cache_size: int = 16) -> "Supernet":
+        directory = Path(directory)
+        path = directory / MANIFEST
+        if not path.is_file():
+            raise TyrError(f"{directory} is not a supernet folder (no {MANIFEST})")
+        try:
+            manifest = SupernetManifest.model_validate_json(path.read_text())
+        except ValueError as err:
+            raise TyrError(f"{path} is not a readable supernet manifest: {err}") from err
+        if not manifest.complete:
+            raise TyrError(f"{directory} holds a partial supernet ({len(manifest.modules)} of "
+                           f"{2 * manifest.num_layers} modules); rerun the build to finish it")
+        return cls(directory, manifest, cache_size)
+
+    @property
+    def num_modules(self) -> int:
+        return len(self.manifest.modules)
+
+    def weights(self, module: int, candidate: int) -> dict[str, torch.Tensor]:
+        """The weight dict of one candidate (layerwise names; {} when the candidate removes the module)."""
+        key = (module, candidate)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        record = self.manifest.modules[module]
+        if not 0 <= candidate < len(record.levels):
+            raise TyrError(f"module {module} has {len(record.levels)} candidates, not {candidate + 1}")
+        keep = record.keep[candidate]
+        w: dict[str, torch.Tensor] = {}
+        if keep:
+            head_dim = self.manifest.head_dim
+            per_group = self.manifest.num_attention_heads // self.manifest.num_key_value_heads
+            out_name = "o_proj" if record.kind == "attn" else "down_proj"
+            with safe_open(self.directory / record.file, framework="pt") as f:
+                for name in f.keys():
+                    if name.startswith("dense."):
+                        w[name.removeprefix("dense.")] = f.get_tensor(name)
+                w[out_name] = f.get_tensor(f"cand{candidate}.{out_name}")
+            if record.kind == "attn":
+                groups = sorted({h // per_group for h in keep})
+                for name, blocks in (("q_proj", keep), ("k_proj", groups), ("v_proj", groups)):
+                    rows = _columns("attn", blocks, head_dim, "cpu")
+                    for key_name in (name, f"{name}.bias"):
+                        if key_name in w:
+                            w[key_name] = w[key_name].index_select(0, rows)
+            else:
+                rows = torch.tensor(keep, dtype=torch.long)
+                for key_name in ("gate_proj", "up_proj", "gate_proj.bias", "up_proj.bias"):
+                    if key_name in w:
+                        w[key_name] = w[key_name].index_select(0, rows)
+        self._cache[key] = w
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return w
+
+    def params(self, choice: list[int]) -> int:
+        """Decoder-layer weight parameters of the model that ``choice`` (a candidate per module) assembles."""
+        self._check_choice(choice)
+        return sum(m.params[c] for m, c in zip(self.manifest.modules, choice))
+
+    def _check_choice(self, choice: list[int]) -> None:
+        if len(choice) != self.num_modules:
+            raise TyrError(f"a choice needs one candidate per module ({self.num_modules}), got {len(choice)}")
+        for m, (record, c) in enumerate(zip(self.manifest.modules, choice)):
+            if not 0 <= c < len(record.levels):
+                raise TyrError(f"choice[{m}]={c}: module {m} has {len(record.levels)} candidates")
+
+    @torch.no_grad()
+    def assemble(self, model, choice: list[int]):
+        """The physically smaller TyrLlamaForCausalLM made of the chosen candidates (embeddings etc. from ``model``)."""
+        self._check_choice(choice)
+        config, m = model.config, self.manifest
+        if (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.intermediate_size) != \
+                (m.num_layers, m.hidden_size, m.num_attention_heads, m.intermediate_size):
+            raise TyrError("the model does not match the supernet's dense architecture")
+        _check_dense(model)
+        records = m.modules
+        keeps = [LayerKeep(keep_heads=records[2 * i].keep[choice[2 * i]],
+                           keep_ffn=records[2 * i + 1].keep[choice[2 * i + 1]]) for i in range(m.num_layers)]
+        pruned = slice_model(model, keeps)
+        for i, layer in enumerate(pruned.model.layers):
+            if layer.self_attn is not None:
+                layer.self_attn.o_proj.weight.copy_(self.weights(2 * i, choice[2 * i])["o_proj"])
+            if layer.mlp is not None:
+                layer.mlp.down_proj.weight.copy_(self.weights(2 * i + 1, choice[2 * i + 1])["down_proj"])
+        return pruned
