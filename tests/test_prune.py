@@ -23,7 +23,7 @@ TINY_RECIPE = {
     "eea": "expectation",
     "calibration": {"num_sequences": 16, "seq_len": 64, "batch_sequences": 8},
     "local_pruner": {"damp": 0.01, "head_step": 1, "channel_step": 8, "refit": True},
-    "search": {"generations": [4, 3], "offspring": 6, "max_shifts": 2, "seq_len": 32, "batch_sequences": 2,
+    "search": {"generations": [3, 3], "offspring": 6, "max_shifts": 2, "seq_len": 32, "batch_sequences": 2,
                "kl_top_k": 64, "stages": [{"tokens": 64, "survivors": 3}, {"tokens": 256, "survivors": 1}],
                "reuse_activations": True, "activation_cache_mb": 64},
 }
@@ -36,8 +36,8 @@ def tokenizer(default_model_dir):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer):
-    """A tiny random Llama (8 layers, GQA 4/2, FFN 96) with the real SmolLM2 tokenizer, as a model folder."""
-    model = to_tyr(tiny_llama(vocab_size=len(tokenizer), layers=8, heads=4, kv_heads=2, ffn=96, seed=3))
+    """A tiny random Llama (6 layers, GQA 4/2, FFN 96) with the real SmolLM2 tokenizer, as a model folder."""
+    model = to_tyr(tiny_llama(vocab_size=len(tokenizer), layers=6, heads=4, kv_heads=2, ffn=96, seed=3))
     return save_model(model, tokenizer, tmp_path_factory.mktemp("models") / "tiny")
 
 
@@ -87,6 +87,7 @@ def test_tyr_end_to_end(tyr_run, tiny_dir, recipe):
               work_dir=tyr_run.out_dir.with_name("out.work"), progress=False)
 
 
+@pytest.mark.slow
 def test_tyr_resume_after_interrupt_gives_the_same_model(tmp_path, tyr_run, tiny_dir, recipe):
     class Killed(Exception):
         pass

@@ -58,8 +58,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def sequence_chunks(num_sequences: int, seq_len: int, width: int, chunk_bytes: int = CHUNK_BYTES) -> list[slice]:
+def sequence_chunks(num_sequences: int, seq_len: int, width: int, chunk_bytes: int | None = None) -> list[slice]:
     """Slices of whole sequences whose fp32 activations of ``width`` features stay within ``chunk_bytes``."""
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     per_sequence = seq_len * width * 4
     size = max(1, min(num_sequences, chunk_bytes // max(per_sequence, 1)))
     return [slice(start, min(start + size, num_sequences)) for start in range(0, num_sequences, size)]
@@ -73,10 +74,11 @@ class ModuleInputs:
     """
 
     def __init__(self, hidden: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor], width: int,
-                 cache_bytes: int = CACHE_BYTES, chunk_bytes: int = CHUNK_BYTES):
+                 cache_bytes: int | None = None, chunk_bytes: int | None = None):
         self.hidden, self.activation, self.width = hidden, activation, width
         self.slices = sequence_chunks(hidden.shape[0], hidden.shape[1], width, chunk_bytes)
-        self.cache: list[torch.Tensor] | None = [] if hidden.shape[0] * hidden.shape[1] * width * 4 <= cache_bytes else None
+        fits = hidden.shape[0] * hidden.shape[1] * width * 4 <= (CACHE_BYTES if cache_bytes is None else cache_bytes)
+        self.cache: list[torch.Tensor] | None = [] if fits else None
 
     def hessian(self) -> torch.Tensor:
         H = torch.zeros(self.width, self.width, dtype=torch.float32, device=self.hidden.device)

@@ -84,7 +84,10 @@ def mlp_delta(x: torch.Tensor, w: dict[str, torch.Tensor], eps: float) -> torch.
 def module_weights(model, layer: int, kind: ModuleKind) -> dict[str, torch.Tensor]:
     """The weights of one module of a (dense or pruned) HF Llama / TyrLlama model, as a weight dict ({} if absent)."""
     decoder = model.model.layers[layer]
-    block, norm = (decoder.self_attn, decoder.input_layernorm) if kind == "attn" else (decoder.mlp, decoder.post_attention_layernorm)
+    if kind == "attn":
+        block, norm = decoder.self_attn, decoder.input_layernorm
+    else:
+        block, norm = decoder.mlp, decoder.post_attention_layernorm
     if block is None:
         return {}
     names = ATTENTION_KEYS[:4] if kind == "attn" else MLP_KEYS[:3]

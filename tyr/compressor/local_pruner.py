@@ -17,7 +17,9 @@ W_keptᵀ = (H + λI)_kk⁻¹ G_k: the minimiser of ||X Wᵀ − X_k W_keptᵀ||
 dense weights; a ridge towards zero would crush the columns of small-scale inputs). In exact arithmetic this is
 where the OBS updates end up; the refit removes the rounding the path accumulated.
 
-Everything here is a pure function of tensors. The solver precision is a parameter (float32 by default: fast on
+Two entry points: ``prune_columns_progressively`` (FFN channels = input columns of down_proj; one nested
+pass gives every ladder level) and ``prune_heads_gqa`` (query heads = input column blocks of o_proj, removed
+in GQA-consistent moves). Everything here is a pure function of tensors. The solver precision is a parameter (float32 by default: fast on
 every device; float64 for exactness checks).
 """
 
@@ -36,6 +38,7 @@ class PrunedLinear:
     weight: torch.Tensor    # [out, kept columns], the updated weights of the kept columns (input dtype)
     error: float            # ||X Wᵀ − X_k weightᵀ||², the output reconstruction error on the calibration rows
     obs_error: float        # the OBS objective summed along the removal path (damped metric; 0 when nothing removed)
+    energy: float           # ||X Wᵀ||², the dense output's energy (error / energy: the relative error)
 
 
 def damped(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -96,6 +99,14 @@ def reconstruction_error(W: torch.Tensor, H: torch.Tensor, WHt: torch.Tensor, ke
     return ((W * WHt.T).sum() - 2 * cross + kept).item()
 
 
+def refit_error(W: torch.Tensor, WHt: torch.Tensor, lam: float, keep: torch.Tensor, W_kept: torch.Tensor) -> float:
+    """reconstruction_error for a refit W_kept, in O(out · k): from Hd_kk W_keptᵀ = G_k it follows that
+    tr(W_kept H_kk W_keptᵀ) = tr(W_kept G_k) − λ||W_kept||², so the error is
+    tr(W H Wᵀ) − tr(W_kept (H Wᵀ)_k) + λ⟨W_kept, W_k − W_kept⟩ (summed in float64: a difference of large terms)."""
+    W, WHt, V = W.to(torch.float64), WHt.to(torch.float64), W_kept.to(torch.float64)
+    return ((W * WHt.T).sum() - (V * WHt[keep].T).sum() + lam * (V * (W[:, keep] - V)).sum()).item()
+
+
 def _finish(W0: torch.Tensor, H: torch.Tensor, Hd: torch.Tensor, lam: float, WHt: torch.Tensor,
             keep_cols: torch.Tensor, W_obs: torch.Tensor, refit: bool) -> tuple[torch.Tensor, float]:
     """The final weights of a kept column set (LS refit or OBS-updated) and their reconstruction error."""
@@ -113,8 +124,9 @@ def prune_columns_progressively(W: torch.Tensor, H: torch.Tensor, group_size: in
     One pass yields every requested keep count as a snapshot, so the kept sets are nested. Each step removes the
     ``group_size`` columns with the smallest single-column OBS error ||w_j||² / [H⁻¹]_jj jointly (steps shrink
     to land exactly on every requested count). Returns one PrunedLinear per entry of ``keep_counts``, same order.
-    ``dtype`` is the solver precision; H⁻¹ is recomputed from H at every snapshot, so downdate rounding does not
-    build up over the whole path.
+    ``dtype`` is the solver precision. At every snapshot H⁻¹ of the kept columns is recomputed from H, and with
+    ``refit`` the weights are refit with it (W_keptᵀ = H⁻¹_kk G_k); the path goes on from there, so rounding in
+    the downdates never builds up beyond one ladder step.
     """
     n_in = W.shape[1]
     if any(not 0 <= k <= n_in for k in keep_counts):
@@ -124,29 +136,35 @@ def prune_columns_progressively(W: torch.Tensor, H: torch.Tensor, group_size: in
     W0, H = W.to(dtype), H.to(dtype)
     Hd, lam = damped(H, damp)
     WHt = H @ W0.T
+    energy = (W0.to(torch.float64) * WHt.T.to(torch.float64)).sum().item()
     Hinv, W_cur = spd_inverse(Hd), W0.clone()
     alive = torch.arange(n_in, device=W.device)               # dense indices of W_cur's columns
-    removed = torch.zeros(n_in, dtype=torch.bool, device=W.device)
-    snapshots: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    results: dict[int, PrunedLinear] = {}
     path_error = 0.0
     for target in sorted(set(keep_counts), reverse=True):
         # Between snapshots removed columns stay in place as zeros (cheaper than compacting every step).
+        removed = torch.zeros(alive.numel(), dtype=torch.bool, device=W.device)
         while alive.numel() - int(removed.sum()) > target:
             step = min(group_size, alive.numel() - int(removed.sum()) - target)
             scores = (W_cur.pow(2).sum(0) / Hinv.diagonal()).masked_fill(removed, float("inf"))
             S = torch.sort(torch.topk(scores, step, largest=False).indices).values
             path_error += obs_update_(W_cur, Hinv, S)
             removed[S] = True
-        W_cur, alive = W_cur[:, ~removed], alive[~removed]
-        snapshots[target] = (alive, W_cur, path_error)
-        removed = torch.zeros(alive.numel(), dtype=torch.bool, device=W.device)
-        if alive.numel():                                      # fresh H⁻¹ of the kept columns: no drift
-            Hinv = spd_inverse(Hd[alive][:, alive])
+        W_cur, alive = W_cur[:, ~removed].contiguous(), alive[~removed]
+        if alive.numel() == n_in:                              # nothing removed: the dense weights, exactly
+            results[target] = PrunedLinear(alive.tolist(), W.clone(), 0.0, 0.0, energy)
+            continue
+        if alive.numel() == 0:
+            results[target] = PrunedLinear([], W.new_zeros(W.shape[0], 0), energy, path_error, energy)
+            continue
+        Hinv = spd_inverse(Hd[alive][:, alive])                 # fresh H⁻¹ of the kept columns: no drift
+        if refit:
+            W_cur = ((WHt[alive] + lam * W0.T[alive]).T @ Hinv).contiguous()
+            error = refit_error(W0, WHt, lam, alive, W_cur)
+        else:
+            error = reconstruction_error(W0, H, WHt, alive, W_cur)
+        results[target] = PrunedLinear(alive.tolist(), W_cur.to(W.dtype), error, path_error, energy)
         W_cur = W_cur.clone()
-    results = {}
-    for k, (cols, W_obs, obs_error) in snapshots.items():
-        W_kept, error = _finish(W0, H, Hd, lam, WHt, cols, W_obs, refit)
-        results[k] = PrunedLinear(keep=cols.tolist(), weight=W_kept.to(W.dtype), error=error, obs_error=obs_error)
     return [results[k] for k in keep_counts]
 
 
@@ -256,6 +274,7 @@ def prune_heads_gqa(W: torch.Tensor, H: torch.Tensor, head_dim: int, n_kv_heads:
     W0, H = W.to(dtype), H.to(dtype)
     Hd, lam = damped(H, damp)
     WHt = H @ W0.T
+    energy = (W0.to(torch.float64) * WHt.T.to(torch.float64)).sum().item()
     paths = _HeadPaths(W0, spd_inverse(Hd), head_dim, n_kv_heads)
     done: dict[tuple, PrunedLinear] = {}
     for request in targets:
@@ -266,11 +285,12 @@ def prune_heads_gqa(W: torch.Tensor, H: torch.Tensor, head_dim: int, n_kv_heads:
             raise ValueError(f"GQA targets {list(key)} are not configurations of {n_kv_heads} groups x {per_group}")
         if (0, 0) in key:
             empty = W0.new_zeros(W0.shape[0], 0)
-            done[key] = PrunedLinear(keep=[], weight=empty.to(W.dtype), error=(W0 * WHt.T).sum().item(),
-                                     obs_error=(W0 * (W0 @ Hd)).sum().item())
+            done[key] = PrunedLinear(keep=[], weight=empty.to(W.dtype), error=energy,
+                                     obs_error=(W0 * (W0 @ Hd)).sum().item(), energy=energy)
             continue
         heads, W_obs, obs_error = paths.path(list(key))
         cols = _head_columns(torch.tensor(heads, device=W.device), head_dim).flatten()
         W_kept, error = _finish(W0, H, Hd, lam, WHt, cols, W_obs, refit)
-        done[key] = PrunedLinear(keep=heads, weight=W_kept.to(W.dtype), error=error, obs_error=obs_error)
+        done[key] = PrunedLinear(keep=heads, weight=W_kept.to(W.dtype), error=error, obs_error=obs_error,
+                                 energy=energy)
     return [done[tuple(sorted(request))] for request in targets]

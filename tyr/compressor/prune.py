@@ -202,7 +202,8 @@ def _prune_tyr(model, calibration, selection, target, recipe: Recipe, work_dir: 
             fitness = SupernetKL(DenseParts.from_model(model), lambda m, c: supernet.weights(m, c),
                                  [kind for _, kind, _ in modules], targets, recipe.search.batch_sequences,
                                  reuse_activations=recipe.search.reuse_activations,
-                                 activation_cache_mb=recipe.search.activation_cache_mb, device=device,
+                                 activation_cache_mb=recipe.search.activation_cache_mb,
+                                 weight_cache_mb=recipe.search.weight_cache_mb, device=device,
                                  dtype=next(model.parameters()).dtype)
             settings = SearchSettings(generations=recipe.search.generations_of(iteration),
                                       offspring=recipe.search.offspring, max_shifts=recipe.search.max_shifts,

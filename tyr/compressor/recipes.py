@@ -77,6 +77,8 @@ class SearchRecipe(_Strict):
                                     "from the parent's cached hidden states (same results, less compute)")
     activation_cache_mb: int = Field(1024, ge=0, le=10_000_000, description="memory cap of the parent's cached "
                                      "hidden states; above it only every k-th module boundary is kept")
+    weight_cache_mb: int = Field(1024, ge=0, le=10_000_000, description="memory for supernet candidates kept "
+                                 "loaded between evaluations (least recently used ones are dropped)")
 
     @model_validator(mode="after")
     def _stages_are_staged(self) -> "SearchRecipe":

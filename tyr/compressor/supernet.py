@@ -52,7 +52,7 @@ EEA = Literal["expectation", "current", "none"]
 
 class LocalPruneSettings(BaseModel):
     damp: float = Field(0.01, gt=0, description="Hessian damping, as a fraction of its mean diagonal")
-    head_step: int = Field(1, ge=1, description="query heads per GQA group dropped per step (only 1 is implemented)")
+    head_step: int = Field(1, ge=1, description="query heads per KV group dropped per step (only 1 is implemented)")
     channel_step: int = Field(16, ge=1, description="FFN channels removed per OBS step")
     refit: bool = Field(True, description="least-squares refit of the kept columns after the OBS path")
     solver_dtype: Literal["float32", "float64"] = Field("float32", description="precision of the OBS solver")
@@ -114,10 +114,16 @@ def _ffn_keep(level: float, ffn: int) -> int:
     return int(math.floor((1 - level) * ffn + 0.5))
 
 
+def level_index(ladder: list[float], level: float) -> int | None:
+    """Position of ``level`` on ``ladder`` (first match, up to float rounding), or None."""
+    return next((i for i, s in enumerate(ladder) if abs(s - level) <= 1e-9), None)
+
+
 def _mixture(eea: str, levels: list[float], current: float | None) -> list[float]:
     """Weights of the candidates' outputs in the input of the next module ("none" is handled by the caller)."""
     if eea == "current":
-        return [1.0 if i == levels.index(current) else 0.0 for i in range(len(levels))]
+        chosen = level_index(levels, current)
+        return [1.0 if i == chosen else 0.0 for i in range(len(levels))]
     keep = [1 - s for s in levels]
     total = sum(keep)
     return [k / total if total > 0 else 0.0 for k in keep]
@@ -173,14 +179,14 @@ def _prune_module(kind: str, W: torch.Tensor, H: torch.Tensor, levels: list[floa
                                        refit=settings.refit, dtype=dtype)
 
 
-def _candidates_record(index: int, kind: str, levels: list[float], pruned: list[PrunedLinear], config,
-                       dense_energy: float) -> ModuleCandidates:
+def _candidates_record(index: int, kind: str, levels: list[float], pruned: list[PrunedLinear],
+                       config) -> ModuleCandidates:
     per_group = config.num_attention_heads // config.num_key_value_heads
     widths, params = [], []
     for p in pruned:
         if kind == "attn":
-            width = LayerWidth(num_attention_heads=len(p.keep), num_key_value_heads=len({h // per_group for h in p.keep}),
-                               intermediate_size=0)
+            groups = len({h // per_group for h in p.keep})
+            width = LayerWidth(num_attention_heads=len(p.keep), num_key_value_heads=groups, intermediate_size=0)
             widths.append([width.num_attention_heads, width.num_key_value_heads])
             params.append(layer_params(config, width)[0])
         else:
@@ -189,7 +195,7 @@ def _candidates_record(index: int, kind: str, levels: list[float], pruned: list[
             params.append(layer_params(config, width)[1])
     return ModuleCandidates(layer=index // 2, kind=kind, levels=list(levels), widths=widths, params=params,
                             keep=[p.keep for p in pruned],
-                            errors=[p.error / dense_energy if dense_energy > 0 else 0.0 for p in pruned],
+                            errors=[p.error / p.energy if p.energy > 0 else 0.0 for p in pruned],
                             file=module_file(index, index // 2, kind))
 
 
@@ -222,6 +228,8 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
     for m, ladder in enumerate(ladders):
         if not ladder or any(not 0 <= s <= 1 for s in ladder):
             raise TyrError(f"ladder of module {m} must be a non-empty list of levels in [0, 1], got {ladder}")
+    if settings.head_step != 1:
+        raise TyrError(f"head_step={settings.head_step}: only one query head per group per step is implemented")
     if eea not in ("expectation", "current", "none"):
         raise TyrError(f"eea must be expectation, current or none, got {eea!r}")
     if eea == "current":
@@ -229,12 +237,13 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
         if len(current_levels) != num_modules:
             raise TyrError(f"got {len(current_levels)} current levels for {num_modules} modules")
         for m, (level, ladder) in enumerate(zip(current_levels, ladders)):
-            if level not in ladder:
+            if level_index(ladder, level) is None:
                 raise TyrError(f"current level {level} of module {m} is not on its ladder {ladder}")
     else:
         current_levels = None
     if calibration_ids.ndim != 2 or calibration_ids.numel() == 0:
-        raise TyrError(f"calibration ids must be a non-empty [sequences, tokens] tensor, got {tuple(calibration_ids.shape)}")
+        raise TyrError("calibration ids must be a non-empty [sequences, tokens] tensor, "
+                       f"got {tuple(calibration_ids.shape)}")
     device = calibration.resolve_device(device)
     out_dir = Path(out_dir)
     parts = DenseParts.from_model(model)
@@ -280,6 +289,11 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
     elif out_dir.exists() and any(out_dir.iterdir()):
         raise TyrError(f"{out_dir} exists and is not a supernet folder (no {MANIFEST}); choose an empty folder")
     out_dir.mkdir(parents=True, exist_ok=True)
+    # What a killed run may leave: unfinished temp files, a checkpoint the manifest does not point to.
+    stale = [*out_dir.glob(".*.tmp-*"), *out_dir.glob("modules/.*.tmp-*"), *out_dir.glob("checkpoint-*")]
+    for path in stale:
+        if path.name != manifest.checkpoint:
+            path.unlink(missing_ok=True)
     if hidden is None:
         hidden = parts.embed(calibration_ids.to(parts.embed_tokens.device)).to(device, torch.float32)
     cos, sin = parts.rope(seq_len, device=device)
@@ -303,12 +317,11 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
         H = inputs.hessian()
         levels = ladders[index]
         pruned = _prune_module(kind, W, H, levels, config, settings)
-        dense_energy = (W * (W @ H)).sum().item()
-        record = _candidates_record(index, kind, levels, pruned, config, dense_energy)
+        record = _candidates_record(index, kind, levels, pruned, config)
 
         # Candidates to disk: the shared dense parts once, each candidate's updated output projection.
         cpu_dense = module_weights(model, layer, kind)
-        tensors = {f"dense.{k}": v for k, v in cpu_dense.items() if not k.startswith(out_name)}
+        tensors = {f"dense.{k}": v for k, v in cpu_dense.items() if k != out_name}
         for c, p in enumerate(pruned):
             if p.keep:
                 tensors[f"cand{c}.{out_name}"] = p.weight.to(dtype).clone()  # duplicates share storage

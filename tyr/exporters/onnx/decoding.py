@@ -65,7 +65,8 @@ class TorchStepper:
                          position_ids=torch.from_numpy(position_ids).to(device),
                          past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
-        return out.logits.float().cpu().numpy()
+        logits = out.logits if out.logits.dtype == torch.float64 else out.logits.float()
+        return logits.cpu().numpy()
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,7 @@ cost does not shrink when a layer is pruned, so it eats the pruned model's speed
 model's own weights and submodules (embedding, rotary embedding, norms, projections, MLPs) and rewrites only
 what bloats the graph:
 
-- reshapes use constant target shapes with ONNX's 0 (copy this dimension) and -1 (infer one);
+- reshapes use constant target shapes with ONNX's 0 (copy this dimension) and one -1 (infer it);
 - the attention mask bias is built once per forward, not once per layer;
 - GQA broadcasts query groups over their KV head ([batch, kv_heads, group, seq, head_dim]) instead of copying
   the keys and values (repeat_kv);
@@ -60,32 +60,40 @@ def mask_bias(attention_mask: torch.Tensor, query_length: int, dtype: torch.dtyp
     return bias[:, None, None]
 
 
+class Rope:
+    """Rotary position embedding of this forward's positions: x * cos + rotate_half(x) * sin."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, rotation: torch.Tensor):
+        self.cos, self.sin, self.rotation = cos, sin, rotation
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.cos + torch.matmul(x, self.rotation) * self.sin
+
+
 class ExportAttention(nn.Module):
-    def __init__(self, attention: nn.Module, heads: int, kv_heads: int, head_dim: int, rotation: torch.Tensor):
+    def __init__(self, attention: nn.Module, heads: int, kv_heads: int, head_dim: int):
         super().__init__()
         self.q_proj, self.k_proj = attention.q_proj, attention.k_proj
         self.v_proj, self.o_proj = attention.v_proj, attention.o_proj
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.scaling = attention.scaling
-        self.register_buffer("rotation", rotation, persistent=False)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return x * cos + torch.matmul(x, self.rotation) * sin
-
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
-                past_key: torch.Tensor, past_value: torch.Tensor):
+    def forward(self, hidden: torch.Tensor, rope: Rope, bias: torch.Tensor, past_key: torch.Tensor,
+                past_value: torch.Tensor):
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
-        query = reshape(self.q_proj(hidden), 0, 0, heads, head_dim).transpose(1, 2)  # [b, h, s, d]
-        key = reshape(self.k_proj(hidden), 0, 0, kv_heads, head_dim).transpose(1, 2)  # [b, kv, s, d]
-        value = reshape(self.v_proj(hidden), 0, 0, kv_heads, head_dim).transpose(1, 2)
-        query, key = self._rope(query, cos, sin), self._rope(key, cos, sin)
+        query = reshape(self.q_proj(hidden), 0, -1, heads, head_dim).transpose(1, 2)  # [b, h, s, d]
+        key = reshape(self.k_proj(hidden), 0, -1, kv_heads, head_dim).transpose(1, 2)  # [b, kv, s, d]
+        value = reshape(self.v_proj(hidden), 0, -1, kv_heads, head_dim).transpose(1, 2)
+        query, key = rope(query), rope(key)
         key = torch.cat([past_key, key], dim=2)  # [b, kv, total, d]: the present cache
         value = torch.cat([past_value, value], dim=2)
         grouped = reshape(query, 0, kv_heads, heads // kv_heads, -1, head_dim)  # [b, kv, group, s, d]
-        scores = torch.matmul(grouped, key.unsqueeze(2).transpose(3, 4)) * self.scaling + bias
-        probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+        # float32 from here to the softmax (a no-op in fp32 exports): fp16 scores plus the mask's dtype min
+        # could overflow to -inf and turn a fully padded row into NaN.
+        scores = torch.matmul(grouped, key.unsqueeze(2).transpose(3, 4)).float() * self.scaling + bias
+        probs = torch.softmax(scores, dim=-1).to(query.dtype)
         out = torch.matmul(probs, value.unsqueeze(2))  # [b, kv, group, s, d]
-        out = reshape(reshape(out, 0, heads, -1, head_dim).transpose(1, 2), 0, 0, heads * head_dim)
+        out = reshape(reshape(out, 0, heads, -1, head_dim).transpose(1, 2), 0, -1, heads * head_dim)
         return self.o_proj(out), key, value
 
 
@@ -97,10 +105,10 @@ class ExportDecoderLayer(nn.Module):
         self.mlp = getattr(layer, "mlp", None)
         self.post_attention_layernorm = layer.post_attention_layernorm if self.mlp is not None else None
 
-    def forward(self, hidden, cos, sin, bias, past_key=None, past_value=None):
+    def forward(self, hidden, rope, bias, past_key=None, past_value=None):
         key = value = None
         if self.attention is not None:
-            out, key, value = self.attention(self.input_layernorm(hidden), cos, sin, bias, past_key, past_value)
+            out, key, value = self.attention(self.input_layernorm(hidden), rope, bias, past_key, past_value)
             hidden = hidden + out
         if self.mlp is not None:
             hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
@@ -117,6 +125,9 @@ class ExportCausalLM(nn.Module):
         self.embed_tokens, self.rotary_emb, self.norm, self.lm_head = (body.embed_tokens, body.rotary_emb,
                                                                        body.norm, model.lm_head)
         dtype = self.embed_tokens.weight.dtype
+        # One shared initializer (named "rotation" in the graph): int8 quantization leaves it out.
+        self.register_buffer("rotation", rotate_half_matrix(layout.kv_layers[0].head_dim if layout.kv_layers else 2,
+                                                            dtype), persistent=False)
         kv_by_layer = {kv.layer: kv for kv in layout.kv_layers}
         layers = []
         for i, layer in enumerate(body.layers):
@@ -124,8 +135,7 @@ class ExportCausalLM(nn.Module):
             if i in kv_by_layer:
                 kv = kv_by_layer[i]
                 heads = layer.self_attn.q_proj.out_features // kv.head_dim
-                attention = ExportAttention(layer.self_attn, heads, kv.kv_heads, kv.head_dim,
-                                            rotate_half_matrix(kv.head_dim, dtype))
+                attention = ExportAttention(layer.self_attn, heads, kv.kv_heads, kv.head_dim)
             layers.append(ExportDecoderLayer(layer, attention))
         self.layers = nn.ModuleList(layers)
 
@@ -133,14 +143,29 @@ class ExportCausalLM(nn.Module):
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(hidden, position_ids)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [b, 1, s, d]: broadcast over heads
-        bias = mask_bias(attention_mask, input_ids.shape[1], hidden.dtype)
+        rope = Rope(cos.unsqueeze(1), sin.unsqueeze(1), self.rotation)  # [b, 1, s, d]: broadcast over heads
+        bias = mask_bias(attention_mask, input_ids.shape[1], torch.float32)
         present, slot = [], 0
         for layer in self.layers:
             if layer.attention is None:
-                hidden, _, _ = layer(hidden, cos, sin, bias)
+                hidden, _, _ = layer(hidden, rope, bias)
             else:
-                hidden, key, value = layer(hidden, cos, sin, bias, past[2 * slot], past[2 * slot + 1])
+                hidden, key, value = layer(hidden, rope, bias, past[2 * slot], past[2 * slot + 1])
                 present += [key, value]
                 slot += 1
         return (self.lm_head(self.norm(hidden)), *present)
+
+
+def example_inputs(layout: GraphLayout, dtype: torch.dtype, batch: int = 2, sequence: int = 5,
+                   past: int = 3) -> tuple[torch.Tensor, ...]:
+    """Tracing inputs: a non-empty past (the traced graph must concatenate) and a left-padded row."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, layout.vocab_size, (batch, sequence), generator=generator)
+    attention_mask = torch.ones(batch, past + sequence, dtype=torch.long)
+    attention_mask[0, :2] = 0
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+    tensors = []
+    for kv in layout.kv_layers:
+        tensors += [torch.randn(batch, kv.kv_heads, past, kv.head_dim, generator=generator).to(dtype)
+                    for _ in range(2)]
+    return (input_ids, attention_mask, position_ids, *tensors)

@@ -2,14 +2,15 @@
 
 vLLM runs ``vllm_greedy.py`` in its own process, so the caller never holds vLLM engine state. Both sides get the
 same prompt token ids and generate a fixed number of tokens (EOS ignored). A prompt agrees when the token lists are
-equal; where they part at a step whose two best transformers logits are closer than fp32 noise between two
-correct implementations (``TIE_TOLERANCE`` of the largest logit), the prompt counts as agreeing up to that step and
-the divergence is reported as a near tie. Any other difference fails the check.
+equal. Where they part at a step where transformers scores vLLM's token within fp32 noise of its best token
+(``TIE_TOLERANCE`` times the largest logit), two correct implementations may differ: the prompt counts as agreeing
+up to that step and the divergence is reported as a near tie. Any other difference fails the check.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,8 @@ class PromptCheck(BaseModel):
     reference_tokens: list[int]
     agree: bool
     first_difference: int | None = Field(None, description="step where the two token lists part, if they do")
-    near_tie: bool = Field(False, description="they part where transformers' two best logits are within tolerance")
+    near_tie: bool = Field(False, description="they part where transformers scores vLLM's token within tolerance "
+                                             "of its best")
 
 
 class CheckResult(BaseModel):
@@ -106,10 +108,18 @@ def run_vllm_greedy(request: GreedyRequest, env: dict[str, str] | None = None, t
             except subprocess.TimeoutExpired:
                 code = None
         if code != 0 or not result_path.is_file():
-            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
             why = f"timed out after {timeout:.0f} s" if code is None else f"exited with {code}"
-            raise TyrError(f"vLLM could not run {request.model} ({why}). Last lines of its log:\n{tail}")
+            raise TyrError(f"vLLM could not run {request.model} ({why}). {summarize_log(log_path.read_text(errors='replace'))}")
         return GreedyResult.model_validate_json(result_path.read_text())
+
+
+def summarize_log(text: str, tail: int = 12) -> str:
+    """The errors a vLLM log names (its root cause is often far above the last line) and its last lines."""
+    lines = text.splitlines()
+    errors = dict.fromkeys(line.split("] ", 1)[-1].strip() for line in lines
+                           if re.search(r"\b[A-Z]\w*(Error|Exception): ", line))
+    shown = "\n".join(list(errors)[:5]) or "(no error line)"
+    return f"Errors in its log:\n{shown}\nLast lines:\n" + "\n".join(lines[-tail:])
 
 
 def check_folder(folder: Path, reference_model, prompts: list[list[int]], max_new_tokens: int,

@@ -29,6 +29,12 @@ def block_configs(config) -> list[dict]:
         raise TyrError(f"the DeciLM (nemotron-nas) format keeps all {heads} query heads in every attention layer, "
                        f"but this model has fewer in {len(varying)} layers ({shown}). Export it with format "
                        "'tyr' (served by tyr's vLLM plugin) instead.")
+    first_block = next(((i, "attention" if h else "mlp") for i, (h, _, f) in enumerate(config.layer_widths())
+                        if h or f), None)
+    if first_block is None or first_block[1] == "mlp":
+        raise TyrError("vLLM's DeciLM (nemotron-nas) model cannot run a model whose first computing block is an MLP "
+                       f"(layer {first_block[0] if first_block else '-'} has its MLP but no attention before it): its "
+                       "fused residual norm gets no residual there. Export it with format 'tyr' instead.")
     blocks = []
     for query_heads, kv_heads, ffn in config.layer_widths():
         attention = ({"no_op": True} if query_heads == 0 else

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -104,6 +105,9 @@ def export_vllm(model_dir: str | Path, out_dir: str | Path, check: bool = True, 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite to replace it)")
+    spec = str(model_dir)
+    if not Path(spec).exists() and (os.sep in spec or spec.startswith(".")):
+        raise TyrError(f"{spec} does not exist")
     source = resolve_model_path(model_dir)
     config = _read_config(source)
     if Path(source).is_dir():
@@ -146,8 +150,13 @@ def export_vllm(model_dir: str | Path, out_dir: str | Path, check: bool = True, 
             expected_kv = {i: kv for i, (heads, kv, _) in enumerate(widths) if heads > 0}
             log.info("checking %s in vLLM against transformers (%d prompts, %d tokens each)", out_dir,
                      len(prompt_ids), max_new_tokens)
-            result.check = check_folder(tmp, reference, prompt_ids, max_new_tokens, architecture, expected_kv,
-                                        trust_remote_code=trust_remote_code, timeout=timeout)
+            try:
+                result.check = check_folder(tmp, reference, prompt_ids, max_new_tokens, architecture, expected_kv,
+                                            trust_remote_code=trust_remote_code, timeout=timeout)
+            except TyrError as err:
+                hint = ("\nIs tyr's vLLM plugin loaded? Install the project (entry point vllm.general_plugins); if "
+                        "VLLM_PLUGINS is set it must include 'tyr'." if fmt == "tyr" else "")
+                raise TyrError(f"export check failed, {out_dir} not written: {err}{hint}") from err
             if not result.check.passed:
                 raise TyrError(f"export check failed, {out_dir} not written: " + "; ".join(result.check.problems))
         (tmp / RESULT_FILE).write_text(result.model_dump_json(indent=1) + "\n")

@@ -1,0 +1,271 @@
+"""`tyr run`: the main job end to end — prune, evaluate, export, benchmark against dense, select, report.
+
+Each stage writes its output atomically under the run folder and is skipped when that output already exists, so
+an interrupted run resumes where it stopped. The stages are the same functions the other commands call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tyr.atomic import atomic_write_json, atomic_write_text
+from tyr.errors import TyrError
+
+log = logging.getLogger(__name__)
+
+
+class RunConfig(BaseModel):
+    """Everything `tyr run` does, with defaults sized for two CPU cores (about 30 minutes)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field("default", description="dense model: 'default' (embedded SmolLM2-135M), a folder or a hub id")
+    sparsities: list[float] = Field([0.25, 0.5], description="target sparsities of decoder-layer parameters")
+    recipe: str = Field("fast", description="pruning recipe: fast, paper or a YAML/JSON path")
+    out: Path = Field(Path("runs/default"), description="run folder; rerunning with the same folder resumes")
+    eval_blocks: int = Field(16, ge=1, description="held-out blocks of 512 tokens for perplexity and KL")
+    eval_limit: int = Field(50, ge=1, description="BIG-bench examples per task")
+    max_ppl_increase: float = Field(1.0, ge=0, description="quality target: perplexity at most (1 + x) times dense")
+    min_speedup: float = Field(1.2, gt=0, description="speed target: output tokens/s at least y times dense")
+    runtime: str = Field("vllm", description="runtime whose speed the selection uses: vllm or onnx")
+    vllm: bool = Field(True, description="export to and benchmark in vLLM")
+    onnx: bool = Field(True, description="export to and benchmark in onnxruntime")
+    seed: int = 0
+
+    @field_validator("sparsities")
+    @classmethod
+    def _fractions(cls, values: list[float]) -> list[float]:
+        if not values or any(not 0 < s < 1 for s in values):
+            raise ValueError(f"sparsities must be fractions strictly between 0 and 1, got {values}")
+        return sorted(set(values))
+
+
+class Candidate(BaseModel):
+    label: str
+    sparsity: float
+    model_dir: Path
+    vllm_dir: Path | None = None
+    onnx_dir: Path | None = None
+
+
+def run_pipeline(config: RunConfig) -> dict:
+    """Run every stage and return the summary (also written to <out>/summary.json and summary.md)."""
+    from tyr.models.io import resolve_model_path
+
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "run_config.json", config.model_dump(mode="json"))
+    timings: dict[str, float] = {}
+    dense_dir = Path(resolve_model_path(config.model))
+    dense = Candidate(label="dense", sparsity=0.0, model_dir=dense_dir, vllm_dir=dense_dir)
+    pruned = [Candidate(label=f"tyr-{s:g}", sparsity=s, model_dir=out / f"pruned-{s:g}") for s in config.sparsities]
+
+    with _timed(timings, "prune"):
+        for c in pruned:
+            _prune(config, dense_dir, c)
+    with _timed(timings, "evaluate"):
+        evaluations = _evaluate(config, dense, pruned)
+    if config.vllm:
+        with _timed(timings, "export vllm"):
+            for c in pruned:
+                c.vllm_dir = _export_vllm(c, out)
+    if config.onnx:
+        with _timed(timings, "export onnx"):
+            for c in [dense, *pruned]:
+                c.onnx_dir = _export_onnx(c, out)
+    results, speeds = [], {c.label: {} for c in [dense, *pruned]}  # BenchResults; label -> runtime -> tokens/s
+    if config.vllm:
+        with _timed(timings, "bench vllm"):
+            for r in _bench_vllm(config, dense, pruned):
+                results.append(r)
+                speeds[r.label]["vllm"] = r.output_tokens_per_s("auto")
+    if config.onnx:
+        with _timed(timings, "bench onnx"):
+            onnx_results, onnx_speeds = _bench_onnx(config, dense, pruned)
+            results += onnx_results
+            for label, tps in onnx_speeds.items():
+                speeds[label]["onnx"] = tps
+    with _timed(timings, "select"):
+        summary = _select(config, dense, pruned, evaluations, results, speeds)
+    summary["timings_s"] = timings
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_text(out / "summary.md", _markdown(summary))
+    print(_markdown(summary))
+    return summary
+
+
+class _timed:
+    def __init__(self, timings: dict, stage: str):
+        self.timings, self.stage = timings, stage
+
+    def __enter__(self):
+        log.info("== %s", self.stage)
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timings[self.stage] = round(time.perf_counter() - self.started, 1)
+
+
+def _prune(config: RunConfig, dense_dir: Path, c: Candidate) -> None:
+    from tyr.compressor.prune import prune
+
+    if (c.model_dir / "config.json").is_file():
+        log.info("%s: reusing %s", c.label, c.model_dir)
+        return
+    # All sparsities share one work folder: the first iteration's supernet does not depend on the target.
+    prune(str(dense_dir), sparsity=c.sparsity, recipe=config.recipe, out_dir=c.model_dir,
+          work_dir=config.out / "work" / f"{c.sparsity:g}", method="tyr", seed=config.seed)
+
+
+def _evaluate(config: RunConfig, dense: Candidate, pruned: list[Candidate]) -> dict:
+    from tyr.evaluation.report import EvalResult
+    from tyr.evaluation.run import evaluate_model
+    from tyr.models.io import load_model
+
+    results, reference = {}, None
+    for c in [dense, *pruned]:
+        path = config.out / "eval" / f"{c.label}.json"
+        if path.is_file():
+            results[c.label] = EvalResult.read(path)
+            continue
+        if reference is None:
+            reference, _ = load_model(dense.model_dir)
+        model, tokenizer = load_model(c.model_dir)
+        result = evaluate_model(model, tokenizer, str(c.model_dir),
+                                reference_model=None if c is dense else reference,
+                                reference_name=None if c is dense else str(dense.model_dir),
+                                num_blocks=config.eval_blocks, limit=config.eval_limit, seed=config.seed)
+        result.write(path)
+        print(result.to_text())
+        results[c.label] = result
+    return results
+
+
+def _export_vllm(c: Candidate, out: Path) -> Path:
+    from tyr.exporters.vllm.export import export_vllm
+
+    target = out / "vllm" / c.label
+    if not (target / "config.json").is_file():
+        export_vllm(c.model_dir, target, check=True)
+    return target
+
+
+def _export_onnx(c: Candidate, out: Path) -> Path:
+    from tyr.exporters.onnx import export_onnx
+
+    target = out / "onnx" / c.label
+    if not target.is_dir():
+        export_onnx(c.model_dir, target, check=True)
+    return target
+
+
+def _bench_vllm(config: RunConfig, dense: Candidate, pruned: list[Candidate]) -> list:
+    from tyr.serving.bench import bench_vllm, load_run
+    from tyr.serving.config import BenchConfig, LoadConfig, OfflineConfig
+
+    out = config.out / "bench-vllm"
+    if not (out / "results.json").is_file():
+        bench = BenchConfig(load=LoadConfig(users=4, duration_s=20, prompt_tokens=64, output_tokens=32),
+                            offline=OfflineConfig(num_prompts=16, prompt_tokens=64, output_tokens=64))
+        bench_vllm([dense.vllm_dir, *[c.vllm_dir for c in pruned]], bench, out,
+                   labels=[dense.label, *[c.label for c in pruned]])
+    run = load_run(out / "results.json")
+    for failure in run.failures:
+        log.error("vLLM benchmark of %s failed: %s", failure.label, failure.error)
+    return run.results
+
+
+def _bench_onnx(config: RunConfig, dense: Candidate, pruned: list[Candidate]) -> tuple[list, dict[str, float]]:
+    """Single-stream decode speed in onnxruntime (one thread), as tokens/s per label."""
+    from tyr.exporters.onnx.bench import OnnxBenchReport, bench_onnx, bench_results, report_table
+
+    path = config.out / "bench-onnx" / "results.json"
+    if path.is_file():
+        report = OnnxBenchReport.model_validate_json(path.read_text())
+    else:
+        report = bench_onnx([dense.onnx_dir, *[c.onnx_dir for c in pruned]],
+                            labels=[dense.label, *[c.label for c in pruned]], threads=[1])
+        atomic_write_text(path, report.model_dump_json(indent=2))
+        atomic_write_text(path.with_suffix(".md"), report_table(report))
+    timings = next(iter(report.timings.values()))
+    return bench_results(report), {t.label: 1000.0 / t.decode_median_ms for t in timings}
+
+
+def _select(config: RunConfig, dense: Candidate, pruned: list[Candidate], evaluations: dict, results: list,
+            speeds: dict[str, dict[str, float]]) -> dict:
+    from tyr.serving.report import write_selection_report
+    from tyr.serving.results import matmul_params
+    from tyr.serving.selection import Measurement, Targets, select
+
+    measurements = [
+        Measurement(label=c.label, model=str(c.model_dir), baseline=c is dense, sparsity=c.sparsity,
+                    perplexity=evaluations[c.label].perplexity, accuracy=evaluations[c.label].mean_accuracy,
+                    tokens_per_s=speeds[c.label], matmul_params=matmul_params(c.model_dir))
+        for c in [dense, *pruned]]
+    selection = select(measurements, Targets(max_ppl_increase=config.max_ppl_increase,
+                                             min_speedup=config.min_speedup, runtime=config.runtime))
+    write_selection_report(config.out, selection, results=results)
+    rows = []
+    for m in measurements:
+        e = evaluations[m.label]
+        rows.append({"label": m.label, "sparsity": m.sparsity, "matmul_params": m.matmul_params,
+                     "perplexity": e.perplexity, "kl_to_dense": e.kl_to_reference, "accuracy": e.mean_accuracy,
+                     "accuracy_norm": e.mean_accuracy_norm, "chance": e.mean_chance,
+                     **{f"{rt}_tokens_per_s": v for rt, v in m.tokens_per_s.items()}})
+    dense_row = rows[0]
+    for row in rows:
+        row["ideal_speedup"] = dense_row["matmul_params"] / row["matmul_params"]
+        for rt in ("vllm", "onnx"):
+            key = f"{rt}_tokens_per_s"
+            if key in row and dense_row.get(key):
+                row[f"{rt}_speedup"] = row[key] / dense_row[key]
+                row[f"{rt}_speedup_vs_ideal"] = row[f"{rt}_speedup"] / row["ideal_speedup"]
+    return {"models": rows, "targets": selection.targets.describe(), "chosen": selection.chosen,
+            "closest": selection.closest, "pareto_front": selection.pareto_front, "message": selection.message}
+
+
+def _markdown(summary: dict) -> str:
+    columns = [("label", "model", "{}"), ("sparsity", "sparsity", "{:.3f}"), ("matmul_params", "matmul params", "{:,}"),
+               ("perplexity", "ppl", "{:.2f}"), ("kl_to_dense", "KL", "{:.3f}"), ("accuracy", "BIG-bench acc", "{:.3f}"),
+               ("vllm_tokens_per_s", "vLLM tok/s", "{:.1f}"), ("vllm_speedup", "vLLM speed-up", "{:.2f}x"),
+               ("onnx_tokens_per_s", "ORT tok/s", "{:.1f}"), ("onnx_speedup", "ORT speed-up", "{:.2f}x"),
+               ("ideal_speedup", "ideal", "{:.2f}x")]
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |",
+             "|" + "---|" * len(columns)]
+    for row in summary["models"]:
+        cells = [fmt.format(row[key]) if row.get(key) is not None else "—" for key, _, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Targets: {summary['targets']}", "", summary["message"]]
+    if summary.get("timings_s"):
+        lines += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def add_run(parser: argparse.ArgumentParser) -> None:
+    defaults = RunConfig()
+    parser.add_argument("--model", default=defaults.model, help=RunConfig.model_fields["model"].description)
+    parser.add_argument("--sparsity", type=float, action="append", dest="sparsities",
+                        help="target sparsity (repeatable; default 0.25 and 0.5)")
+    parser.add_argument("--recipe", default=defaults.recipe)
+    parser.add_argument("--out", type=Path, default=defaults.out)
+    parser.add_argument("--max-ppl-increase", type=float, default=defaults.max_ppl_increase)
+    parser.add_argument("--min-speedup", type=float, default=defaults.min_speedup)
+    parser.add_argument("--runtime", choices=["vllm", "onnx"], default=defaults.runtime)
+    parser.add_argument("--no-vllm", dest="vllm", action="store_false")
+    parser.add_argument("--no-onnx", dest="onnx", action="store_false")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_run(args: argparse.Namespace) -> int:
+    """Prune the default model, evaluate, export to vLLM and ONNX, benchmark against dense, select, report."""
+    fields = {k: v for k, v in vars(args).items() if k in RunConfig.model_fields and v is not None}
+    try:
+        config = RunConfig(**fields)
+    except ValueError as err:
+        raise TyrError(str(err)) from err
+    summary = run_pipeline(config)
+    return 0 if summary["chosen"] else 1
