@@ -12,10 +12,10 @@ from transformers import AutoTokenizer
 from tyr.cli import main as tyr_main
 from tyr.compressor.baselines import flap_prune, magnitude_keeps
 from tyr.compressor.prune import prune
-from tyr.compressor.recipes import Recipe, load_recipe
+from tyr.compressor.recipes import Recipe
 from tyr.errors import TyrError
 from tyr.models.io import load_model, save_model
-from tyr.models.slicing import mask_model, to_tyr
+from tyr.models.slicing import to_tyr
 from tyr.testing import tiny_llama
 
 TINY_RECIPE = {

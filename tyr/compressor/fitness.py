@@ -19,6 +19,7 @@ and only when the offspring that need that batch save more module evaluations th
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,8 +142,6 @@ class SupernetKL:
 
     @torch.no_grad()
     def evaluate(self, choices: list[Choice], num_sequences: int) -> list[float]:
-        import time
-
         started = time.perf_counter()
         if num_sequences % self.batch or not 0 < num_sequences <= self.targets.num_sequences:
             raise ValueError(f"num_sequences={num_sequences} must be a positive multiple of {self.batch} up to "

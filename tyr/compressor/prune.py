@@ -34,7 +34,7 @@ from tyr.atomic import atomic_write_json
 from tyr.compressor.recipes import Recipe, load_recipe
 from tyr.compressor.report import (IterationReport, LayerReport, PruneReport, StageMeter, max_rss_mb,
                                    write_report)
-from tyr.compressor.search import (Choice, GenerationRecord, ModuleLadder, SearchResult, SearchSettings, SearchSpace,
+from tyr.compressor.search import (GenerationRecord, ModuleLadder, SearchResult, SearchSettings, SearchSpace,
                                    SharedFitness, Stage, grid_ticks, level_of, run_search, tick_of)
 from tyr.errors import TyrError
 

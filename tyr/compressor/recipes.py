@@ -30,8 +30,8 @@ class CalibrationRecipe(_Strict):
 
     num_sequences: int = Field(ge=1, le=1_000_000, description="calibration blocks drawn from the calibration text")
     seq_len: int = Field(ge=16, le=131_072, description="tokens per calibration block")
-    batch_sequences: int = Field(4, ge=1, le=4096,
-                                 description="blocks per forward batch while building the supernet (memory bound)")
+    batch_sequences: int = Field(4, ge=1, le=4096, description="blocks per forward batch when collecting calibration "
+                                 "statistics with the full model (FLAP); the supernet builder chunks by memory")
 
     @property
     def tokens(self) -> int:

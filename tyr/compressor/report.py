@@ -156,7 +156,7 @@ def plot_sparsity(report: PruneReport, path: str | Path) -> Path:
 
     layers = [r.layer for r in report.layers]
     width = 0.4
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(layers) + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(layers) + 2), 4.0))
     ax.bar([x - width / 2 for x in layers], [100 * r.attn_sparsity for r in report.layers], width, label="attention")
     ax.bar([x + width / 2 for x in layers], [100 * r.mlp_sparsity for r in report.layers], width, label="MLP")
     ax.axhline(100 * report.target_sparsity, color="black", linestyle="--", linewidth=1, label="target")
@@ -164,7 +164,7 @@ def plot_sparsity(report: PruneReport, path: str | Path) -> Path:
     ax.set_ylabel("sparsity (%)")
     ax.set_ylim(0, 105)
     ax.set_title(f"{report.method}: {100 * report.achieved_sparsity:.1f}% of decoder parameters removed")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -99,8 +99,7 @@ def time_models(export_dirs: list[Path], labels: list[str], threads: int, opt_le
     from tyr.exporters.onnx.export import load_export_info
 
     infos = [load_export_info(d) for d in export_dirs]
-    runners = [OrtCausalLM(info.model_path if Path(info.out_dir) == d else d / info.model_file,
-                           opt_level=opt_level or info.opt_level, threads=threads)
+    runners = [OrtCausalLM(d / info.model_file, opt_level=opt_level or info.opt_level, threads=threads)
                for d, info in zip(export_dirs, infos)]
     vocab = min(info.layout.vocab_size for info in infos)
     prompt = np.random.default_rng(0).integers(0, vocab, (1, prompt_tokens), dtype=np.int64)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import BaseModel
 
 from tyr.atomic import atomic_dir, atomic_write_json
@@ -85,8 +86,6 @@ def trace(model, layout: GraphLayout, path: Path, opset: int = OPSET) -> None:
     """torch.onnx.export (TorchScript-based exporter: seconds, exact) of the lean export module."""
     import warnings
 
-    import torch
-
     from tyr.exporters.onnx.graph_model import ExportCausalLM, example_inputs
 
     module = ExportCausalLM(model, layout).eval()
@@ -96,6 +95,14 @@ def trace(model, layout: GraphLayout, path: Path, opset: int = OPSET) -> None:
         torch.onnx.export(module, example_inputs(layout, dtype), str(path), input_names=layout.input_names,
                           output_names=layout.output_names, dynamic_axes=layout.dynamic_axes(),
                           opset_version=opset, do_constant_folding=True, dynamo=False)
+
+
+def _half(model):
+    """An fp16 copy whose rotary inverse frequencies stay float32 (.half() would round them to 3 digits, so
+    angles at position p would be off by about p/1000 radians)."""
+    half = copy.deepcopy(model).half()
+    half.model.rotary_emb.to(torch.float32)
+    return half
 
 
 def _copy_tokenizer(source: str, tokenizer, out: Path) -> None:
@@ -118,7 +125,6 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, dtype: Dtype 
     nothing.
     """
     import onnx
-    import torch
 
     from tyr.exporters.onnx.genai_config import genai_config
     from tyr.exporters.onnx.layout import graph_layout
@@ -134,7 +140,7 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, dtype: Dtype 
     source = resolve_model_path(model_dir)
     model, tokenizer = load_model(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
     layout = graph_layout(model)
-    traced = copy.deepcopy(model).half() if dtype == "fp16" else model
+    traced = _half(model) if dtype == "fp16" else model
     weight_bytes = sum(p.numel() * p.element_size() for p in traced.parameters())
     if model.config.tie_word_embeddings:  # the graph stores the embedding and a transposed copy for lm_head
         weight_bytes += traced.lm_head.weight.numel() * traced.lm_head.weight.element_size()

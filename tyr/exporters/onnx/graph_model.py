@@ -125,7 +125,7 @@ class ExportCausalLM(nn.Module):
         self.embed_tokens, self.rotary_emb, self.norm, self.lm_head = (body.embed_tokens, body.rotary_emb,
                                                                        body.norm, model.lm_head)
         dtype = self.embed_tokens.weight.dtype
-        # One shared initializer (named "rotation" in the graph): int8 quantization leaves it out.
+        # Traced as a Constant node per use (constant-folded by onnxruntime); int8 quantization leaves it out.
         self.register_buffer("rotation", rotate_half_matrix(layout.kv_layers[0].head_dim if layout.kv_layers else 2,
                                                             dtype), persistent=False)
         kv_by_layer = {kv.layer: kv for kv in layout.kv_layers}

@@ -47,9 +47,9 @@ class ValidationReport(BaseModel):
     prefill_max_abs_diff: float
     decode_max_abs_diff: float
     token_agreement: float  # share of teacher-forced steps (all rows) whose argmax matches PyTorch's greedy token
-    fp64_reference: bool  # the fp32 bound failed and the float64 comparison was used
-    torch_fp32_error: float | None  # PyTorch fp32 vs PyTorch fp64 (only with fp64_reference)
-    onnx_fp32_error: float | None  # onnxruntime vs PyTorch fp64 (only with fp64_reference)
+    fp64_reference: bool = False  # the fp32 bound failed and the float64 comparison was used
+    torch_fp32_error: float | None = None  # PyTorch fp32 vs PyTorch fp64 (only with fp64_reference)
+    onnx_fp32_error: float | None = None  # onnxruntime vs PyTorch fp64 (only with fp64_reference)
     genai_checked: bool
     genai_tokens_match: bool | None  # onnxruntime-genai greedy == our onnxruntime greedy on the same graph
     rule: str

@@ -8,6 +8,7 @@ run time. The rotate_half matrix stays float: quantizing the activation side of 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from tyr.errors import TyrError
@@ -37,10 +38,10 @@ def save_graph(model, path: Path, external_data: bool) -> str | None:
 
 
 def rotation_matmuls(model) -> list[str]:
-    """Names of the MatMul nodes that apply rotate_half (their weight is the shared "rotation" initializer)."""
-    return [node.name for node in model.graph.node
-            if node.op_type == "MatMul" and any(name == "rotation" or name.endswith(".rotation")
-                                                for name in node.input)]
+    """Names of the MatMul nodes that apply rotate_half: the tracer inlines that matrix as a Constant node, while
+    projection weights are initializers."""
+    constants = {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
+    return [node.name for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in constants]
 
 
 def quantize_int8(src: Path, dst: Path, external_data: bool) -> None:
@@ -51,9 +52,15 @@ def quantize_int8(src: Path, dst: Path, external_data: bool) -> None:
     graph = onnx.load(str(src), load_external_data=False)
     exclude = rotation_matmuls(graph)
     del graph
-    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
-                     nodes_to_exclude=exclude, use_external_data_format=external_data,
-                     extra_options={"MatMulConstBOnly": True})
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs every tensor it skips through the root logger
+    try:
+        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
+                         nodes_to_exclude=exclude, use_external_data_format=external_data,
+                         extra_options={"MatMulConstBOnly": True})
+    finally:
+        root.setLevel(level)
     if not dst.is_file():
         raise TyrError(f"onnxruntime's quantize_dynamic wrote nothing to {dst}")
 

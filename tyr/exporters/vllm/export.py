@@ -154,8 +154,9 @@ def export_vllm(model_dir: str | Path, out_dir: str | Path, check: bool = True, 
                 result.check = check_folder(tmp, reference, prompt_ids, max_new_tokens, architecture, expected_kv,
                                             trust_remote_code=trust_remote_code, timeout=timeout)
             except TyrError as err:
+                plugin_missing = fmt == "tyr" and ("trust_remote_code" in str(err) or "not supported" in str(err))
                 hint = ("\nIs tyr's vLLM plugin loaded? Install the project (entry point vllm.general_plugins); if "
-                        "VLLM_PLUGINS is set it must include 'tyr'." if fmt == "tyr" else "")
+                        "VLLM_PLUGINS is set it must include 'tyr'." if plugin_missing else "")
                 raise TyrError(f"export check failed, {out_dir} not written: {err}{hint}") from err
             if not result.check.passed:
                 raise TyrError(f"export check failed, {out_dir} not written: " + "; ".join(result.check.problems))
