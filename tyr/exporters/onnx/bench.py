@@ -1,8 +1,9 @@
 """Prefill and per-token decode latency of exported models in onnxruntime, dense against pruned.
 
-Runs alternate between the models (A B A B ...; with more models A B C A B C ...), each run being one prefill of
-``prompt_tokens`` followed by ``decode_tokens`` cached decode steps, so that load from other processes hits every
-model alike; medians over the runs are reported. The speed-up of a model over the first (the baseline) is compared
+Each run is one prefill of ``prompt_tokens`` followed by ``decode_tokens`` cached decode steps per model, and the
+models take turns at every call (prefill A, prefill B, step A, step B, ...; with more models A B C ...), so that
+load from other processes hits every model alike. Medians over the runs are reported, and the median of the
+per-run ratios (paired, less sensitive to slow drifts in machine load). The speed-up of a model over the first (the baseline) is compared
 with the ideal set by matmul parameters per token (lm_head included; from the source models' safetensors headers).
 """
 
@@ -51,6 +52,8 @@ class SpeedComparison(BaseModel):
     decode_model_ms: float
     prefill_speedup: float  # baseline median / model median
     decode_speedup: float
+    prefill_speedup_paired: float  # median over runs of baseline / model (same run)
+    decode_speedup_paired: float
     ideal_speedup: float | None  # baseline matmul params / model matmul params
     prefill_vs_ideal: float | None  # measured / ideal
     decode_vs_ideal: float | None
@@ -66,20 +69,40 @@ class OnnxBenchReport(BaseModel):
     comparisons: list[SpeedComparison]
 
 
-def _one_run(runner: OrtCausalLM, prompt: np.ndarray, decode_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, mean seconds per decode step) of one greedy generation."""
-    mask = np.ones_like(prompt)
-    positions = np.arange(prompt.shape[1], dtype=np.int64)[None]
-    start = time.perf_counter()
-    logits, past = runner.forward(prompt, mask, positions, runner.empty_past(1))
-    prefill = time.perf_counter() - start
-    token = logits[:, -1].argmax(-1)[:, None]
-    start = time.perf_counter()
+class _Generation:
+    """One greedy generation on one model, advanced a step at a time so that models can take turns."""
+
+    def __init__(self, runner: OrtCausalLM, prompt: np.ndarray):
+        self.runner, self.prompt = runner, prompt
+
+    def prefill(self) -> float:
+        self.mask = np.ones_like(self.prompt)
+        positions = np.arange(self.prompt.shape[1], dtype=np.int64)[None]
+        start = time.perf_counter()
+        logits, self.past = self.runner.forward(self.prompt, self.mask, positions, self.runner.empty_past(1))
+        elapsed = time.perf_counter() - start
+        self.token = logits[:, -1].argmax(-1)[:, None]
+        return elapsed
+
+    def decode_step(self) -> float:
+        self.mask = np.ones((1, self.mask.shape[1] + 1), dtype=np.int64)
+        positions = np.array([[self.mask.shape[1] - 1]], dtype=np.int64)
+        start = time.perf_counter()
+        logits, self.past = self.runner.forward(self.token, self.mask, positions, self.past)
+        elapsed = time.perf_counter() - start
+        self.token = logits[:, -1].argmax(-1)[:, None]
+        return elapsed
+
+
+def _one_round(runners: list[OrtCausalLM], prompt: np.ndarray, decode_tokens: int) -> list[tuple[float, float]]:
+    """(prefill seconds, mean seconds per decode step) per model; models alternate at every call (A B A B ...)."""
+    generations = [_Generation(runner, prompt) for runner in runners]
+    prefill = [g.prefill() for g in generations]
+    decode = [0.0] * len(generations)
     for _ in range(decode_tokens):
-        mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-        logits, past = runner.forward(token, mask, np.array([[mask.shape[1] - 1]], dtype=np.int64), past)
-        token = logits[:, -1].argmax(-1)[:, None]
-    return prefill, (time.perf_counter() - start) / decode_tokens
+        for i, g in enumerate(generations):
+            decode[i] += g.decode_step()
+    return [(p, d / decode_tokens) for p, d in zip(prefill, decode)]
 
 
 def _matmul_params(source_model: str) -> int | None:
@@ -105,8 +128,7 @@ def time_models(export_dirs: list[Path], labels: list[str], threads: int, opt_le
     prompt = np.random.default_rng(0).integers(0, vocab, (1, prompt_tokens), dtype=np.int64)
     samples: list[list[tuple[float, float]]] = [[] for _ in runners]
     for run in tqdm(range(warmup_runs + runs), desc=f"bench onnx, {threads} thread(s)", disable=not progress):
-        for i, runner in enumerate(runners):  # alternate: A B A B ...
-            sample = _one_run(runner, prompt, decode_tokens)
+        for i, sample in enumerate(_one_round(runners, prompt, decode_tokens)):
             if run >= warmup_runs:
                 samples[i].append(sample)
     return [ModelTiming(label=label, export_dir=str(d), source_model=info.source_model,
@@ -127,6 +149,9 @@ def compare(timings: list[ModelTiming], threads: int) -> list[SpeedComparison]:
             threads=threads, baseline=base.label, model=other.label, prefill_baseline_ms=base.prefill_median_ms,
             prefill_model_ms=other.prefill_median_ms, decode_baseline_ms=base.decode_median_ms,
             decode_model_ms=other.decode_median_ms, prefill_speedup=prefill, decode_speedup=decode,
+            prefill_speedup_paired=statistics.median(a / b for a, b in zip(base.prefill_ms, other.prefill_ms)),
+            decode_speedup_paired=statistics.median(
+                a / b for a, b in zip(base.decode_ms_per_token, other.decode_ms_per_token)),
             ideal_speedup=ideal, prefill_vs_ideal=prefill / ideal if ideal else None,
             decode_vs_ideal=decode / ideal if ideal else None))
     return out
@@ -177,19 +202,20 @@ def bench_results(report: OnnxBenchReport) -> list:
 
 def report_table(report: OnnxBenchReport) -> str:
     """Markdown: medians per model and thread count, then measured vs ideal speed-ups."""
-    lines = [f"ONNX Runtime, prompt {report.prompt_tokens} tokens, {report.decode_tokens} decode steps, "
-             f"median of {report.runs} alternating runs, opt level {report.opt_level}", "",
+    lines = [f"ONNX Runtime, batch 1, prompt {report.prompt_tokens} tokens, {report.decode_tokens} decode steps, "
+             f"median of {report.runs} runs (models alternating at every call), opt level {report.opt_level}", "",
              "| threads | model | matmul params | prefill ms | decode ms/token |", "|---|---|---|---|---|"]
     for threads, timings in report.timings.items():
         for t in timings:
             params = f"{t.matmul_params / 1e6:.1f} M" if t.matmul_params else "?"
             lines.append(f"| {threads} | {t.label} | {params} | {t.prefill_median_ms:.1f} | {t.decode_median_ms:.2f} |")
     lines += ["", "| threads | model vs baseline | prefill speed-up | decode speed-up | ideal | prefill/ideal | "
-              "decode/ideal |", "|---|---|---|---|---|---|---|"]
+              "decode/ideal | paired prefill / decode |", "|---|---|---|---|---|---|---|---|"]
     for c in report.comparisons:
         ideal = f"{c.ideal_speedup:.3f}" if c.ideal_speedup else "?"
         pv = f"{c.prefill_vs_ideal:.1%}" if c.prefill_vs_ideal else "?"
         dv = f"{c.decode_vs_ideal:.1%}" if c.decode_vs_ideal else "?"
         lines.append(f"| {c.threads} | {c.model} vs {c.baseline} | {c.prefill_speedup:.3f}x | "
-                     f"{c.decode_speedup:.3f}x | {ideal}x | {pv} | {dv} |")
+                     f"{c.decode_speedup:.3f}x | {ideal}x | {pv} | {dv} | "
+                     f"{c.prefill_speedup_paired:.3f}x / {c.decode_speedup_paired:.3f}x |")
     return "\n".join(lines) + "\n"
