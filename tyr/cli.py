@@ -41,12 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _add(subparsers, name: str, target: str) -> None:
     module_name, func = target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:  # TODO(lead): remove once every stage's module exists
-        if not module_name.startswith(err.name or "?"):
-            raise
-        return
+    module = importlib.import_module(module_name)
     doc = getattr(module, f"run_{func}").__doc__ or ""
     parser = subparsers.add_parser(name, help=doc.strip().splitlines()[0] if doc else None, description=doc)
     getattr(module, f"add_{func}")(parser)

@@ -3,13 +3,13 @@
 Each run is one prefill of ``prompt_tokens`` followed by ``decode_tokens`` cached decode steps per model, and the
 models take turns at every call (prefill A, prefill B, step A, step B, ...; with more models A B C ...), so that
 load from other processes hits every model alike. Medians over the runs are reported, and the median of the
-per-run ratios (paired, less sensitive to slow drifts in machine load). The speed-up of a model over the first (the baseline) is compared
-with the ideal set by matmul parameters per token (lm_head included; from the source models' safetensors headers).
+per-run ratios (paired, less sensitive to slow drifts in machine load). The speed-up of a model over the first
+(the baseline) is compared with the ideal set by matmul parameters per token (lm_head included; from the source
+models' safetensors headers).
 """
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 from pathlib import Path
@@ -19,9 +19,6 @@ from pydantic import BaseModel
 
 from tyr.errors import TyrError
 from tyr.exporters.onnx.runner import OptLevel, OrtCausalLM
-
-log = logging.getLogger(__name__)
-
 
 class ModelTiming(BaseModel):
     label: str
@@ -133,7 +130,8 @@ def time_models(export_dirs: list[Path], labels: list[str], threads: int, opt_le
                 samples[i].append(sample)
     return [ModelTiming(label=label, export_dir=str(d), source_model=info.source_model,
                         matmul_params=_matmul_params(info.source_model),
-                        prefill_ms=[round(p * 1e3, 4) for p, _ in s], decode_ms_per_token=[round(t * 1e3, 4) for _, t in s])
+                        prefill_ms=[round(p * 1e3, 4) for p, _ in s],
+                        decode_ms_per_token=[round(t * 1e3, 4) for _, t in s])
             for label, d, info, s in zip(labels, export_dirs, infos, samples)]
 
 

@@ -7,9 +7,8 @@ import tempfile
 from pathlib import Path
 
 from tyr.errors import TyrError
-
-DTYPES = ("fp32", "fp16", "int8")
-OPT_LEVELS = ("disable", "basic", "extended", "all")
+from tyr.exporters.onnx.runner import OPT_LEVELS
+from tyr.exporters.onnx.variants import DTYPES
 
 
 def add_export(parser: argparse.ArgumentParser) -> None:

@@ -28,11 +28,11 @@ from tyr.errors import TyrError
 from tyr.exporters.onnx.layout import GraphLayout
 from tyr.exporters.onnx.runner import OPT_LEVELS, OptLevel
 from tyr.exporters.onnx.validate import ValidationReport
+from tyr.exporters.onnx.variants import DTYPES
 
 log = logging.getLogger(__name__)
 
 Dtype = Literal["fp32", "fp16", "int8"]
-DTYPES: tuple[str, ...] = ("fp32", "fp16", "int8")
 MODEL_FILE = "model.onnx"
 INFO_FILE = "export_info.json"
 GENAI_CONFIG_FILE = "genai_config.json"
@@ -152,8 +152,7 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, dtype: Dtype 
         log.info("tracing %s (%s, %d layers, %d with attention)", source, dtype, layout.num_layers,
                  len(layout.kv_layers))
         trace(traced, layout, raw / MODEL_FILE)
-        if traced is not model:
-            del traced
+        traced = None  # frees the fp16 copy; the fp32 model stays as the validation reference
         graph_path = raw / MODEL_FILE
         if dtype == "int8":
             quantize_int8(raw / MODEL_FILE, raw / "int8.onnx", external_data=use_external)

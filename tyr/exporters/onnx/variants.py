@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tyr.errors import TyrError
 
+DTYPES: tuple[str, ...] = ("fp32", "fp16", "int8")
 # Protobuf cannot serialize a message over 2 GiB; leave room for the graph itself.
 EXTERNAL_DATA_THRESHOLD_BYTES = int(1.8 * 2**30)
 
