@@ -127,44 +127,44 @@ def main(argv=None) -> int:
 
 def measure_reuse(args, work_dir: Path, dense, tokenizer, sparsity: float) -> dict:
     """Time the same short search on the last supernet with and without activation reuse (same results)."""
-    import numpy as np
+    import dataclasses
 
     from tyr.compressor.fitness import SupernetKL, dense_targets
     from tyr.compressor.layerwise import DenseParts
-    from tyr.compressor.prune import IterationOutcome, _blocks, _module_list, _space
+    from tyr.compressor.prune import IterationOutcome, _blocks, _module_list, _space, search_settings
     from tyr.compressor.recipes import load_recipe
-    from tyr.compressor.search import SearchSettings, Stage, run_search
+    from tyr.compressor.search import run_search
     from tyr.compressor.supernet import Supernet
     from tyr.data import TextSource
 
     recipe = load_recipe(args.recipe)
-    last = recipe.iterations - 1
-    supernet = Supernet.open(work_dir / f"iter{last}" / "supernet")
+    kept = [i for i in range(recipe.iterations) if (work_dir / f"iter{i}" / "supernet" / "manifest.json").is_file()]
+    iteration = kept[-1]          # the supernet of the output iteration (the others are deleted)
+    outcome = IterationOutcome.model_validate_json((work_dir / f"iter{iteration}" / "result.json").read_text())
+    supernet = Supernet.open(work_dir / f"iter{iteration}" / "supernet")
     modules = _module_list(dense)
-    unit = recipe.initial_spacing / 2 ** last
-    space = _space(supernet.manifest, modules, [p for _, _, p in modules], sparsity, unit, 1)
-    ticks = [0] * len(modules)
-    if last:
-        ticks = IterationOutcome.model_validate_json((work_dir / f"iter{last - 1}" / "result.json").read_text()).ticks
+    unit = recipe.initial_spacing / 2 ** (recipe.iterations - 1)
+    step = 2 ** (recipe.iterations - 1 - iteration)
+    space = _space(supernet.manifest, modules, [p for _, _, p in modules], sparsity, unit, step)
+    ticks = outcome.start_ticks
     selection = _blocks(tokenizer, TextSource.parse(args.text), recipe.search.seq_len,
                         recipe.search.selection_sequences, args.seed + 1, "selection")
     targets = dense_targets(dense, selection, recipe.search.kl_top_k, recipe.search.batch_sequences, progress=False)
-    settings = SearchSettings(generations=args.reuse_generations, offspring=recipe.search.offspring,
-                              max_shifts=recipe.search.max_shifts,
-                              stages=[Stage(s.tokens // recipe.search.seq_len, s.survivors, s.tokens)
-                                      for s in recipe.search.stages], seed=int(np.random.SeedSequence(7).generate_state(1)[0]))
+    settings = dataclasses.replace(search_settings(recipe, iteration, args.seed), generations=args.reuse_generations)
     out = {}
     for reuse in (False, True):
         fitness = SupernetKL(DenseParts.from_model(dense), supernet.weights, [k for _, k, _ in modules], targets,
                              recipe.search.batch_sequences, reuse_activations=reuse,
-                             activation_cache_mb=recipe.search.activation_cache_mb)
+                             activation_cache_mb=recipe.search.activation_cache_mb,
+                             cached_batches=recipe.search.stage_batches()[-1])
         started = time.perf_counter()
         result = run_search(space, fitness, settings, space.choice_at(ticks), progress=False)
         out["with" if reuse else "without"] = {
             "seconds": time.perf_counter() - started, "fitness": result.fitness,
+            "generation_seconds": sum(h.seconds for h in result.history),
             "module_evaluations": fitness.stats.module_evaluations}
     out["same_result"] = out["with"]["fitness"] == out["without"]["fitness"]
-    out["time_saving"] = 1 - out["with"]["seconds"] / out["without"]["seconds"]
+    out["time_saving"] = 1 - out["with"]["generation_seconds"] / out["without"]["generation_seconds"]
     out["module_saving"] = 1 - out["with"]["module_evaluations"] / out["without"]["module_evaluations"]
     return out
 

@@ -42,8 +42,8 @@ class QuadraticFitness:
     def set_parent(self, choice):
         pass
 
-    def evaluate(self, choices, num_sequences):
-        self.calls.append((len(choices), num_sequences))
+    def evaluate(self, choices, batches):
+        self.calls.append((len(choices), len(batches)))
         return [sum(w * lvl ** 2 for w, lvl in zip(self.weights, self.space.levels(c))) for c in choices]
 
 
@@ -88,23 +88,24 @@ def test_offspring_are_distinct_and_differ_from_the_parent():
 def test_staged_selection_keeps_the_right_survivors():
     calls = []
 
-    def evaluate(choices, n):
-        calls.append((list(choices), n))
-        # Stage 1 (2 sequences) ranks by the first element, later stages by the second.
-        return [float(c[0]) if n == 2 else float(c[1]) for c in choices]
+    def evaluate(choices, batches):
+        calls.append((list(choices), list(batches)))
+        # Stage 1 (1 batch) ranks by the first element, later stages by the second.
+        return [float(c[0]) if len(batches) == 1 else float(c[1]) for c in choices]
 
     offspring = [(5, 9), (1, 7), (3, 2), (2, 8), (4, 1), (0, 6)]
     parent = (9, 3)
-    stages = [Stage(2, 4, 64), Stage(8, 2, 256), Stage(16, 1, 512)]
-    survivors, fitness, records = staged_selection(offspring, parent, stages, evaluate)
-    assert calls[0] == (offspring, 2)
+    stages = [(Stage(1, 4, 64), [3]), (Stage(2, 2, 128), [3, 0]), (Stage(4, 1, 256), [3, 0, 2, 1])]
+    survivors, fitness, parent_fitness, records = staged_selection(offspring, parent, stages, evaluate)
+    assert calls[0] == (offspring, [3])
     assert sorted(calls[1][0]) == [(0, 6), (1, 7), (2, 8), (3, 2)]          # best 4 by the first element
-    assert calls[1][1] == 8
+    assert calls[1][1] == [3, 0]
     assert sorted(calls[2][0]) == [(0, 6), (3, 2), (9, 3)]                  # best 2 by the second + the parent
-    assert survivors == [(3, 2)] and fitness == [2.0]
+    assert survivors == [(3, 2)] and fitness == [2.0] and parent_fitness == 3.0
     assert [r.candidates for r in records] == [6, 4, 3] and [r.survivors for r in records] == [4, 2, 1]
     # Elitism: when no offspring beats the parent on the last stage, the parent survives.
-    survivors, _, _ = staged_selection([(0, 9), (1, 9)], (9, 0), [Stage(2, 2, 64), Stage(8, 1, 256)], evaluate)
+    survivors, _, _, _ = staged_selection([(0, 9), (1, 9)], (9, 0), [(Stage(1, 2, 64), [0]), (Stage(2, 1, 128), [0, 1])],
+                                          evaluate)
     assert survivors == [(9, 0)]
 
 
@@ -112,18 +113,18 @@ def test_search_improves_a_synthetic_fitness_within_budget(tmp_path):
     space = paper_like_space()
     fitness = QuadraticFitness(space)
     start = space.choice_at([0] * len(space))
-    settings = SearchSettings(generations=30, offspring=12, max_shifts=4, stages=[Stage(1, 4, 1), Stage(2, 1, 2)], seed=0)
+    settings = SearchSettings(generations=30, offspring=12, max_shifts=4, stages=[Stage(1, 4, 1), Stage(2, 1, 2)],
+                              pool_batches=4, seed=0)
     result = run_search(space, fitness, settings, start, checkpoint=tmp_path / "search.json", progress=False)
     # The continuous optimum (levels ∝ 1 + layer) is 0.70 x the uniform start; the 12.5% grid gets close to it.
     assert result.fitness < 0.75 * result.start_fitness
     assert space.budget_offset(result.choice) == 0
-    fitnesses = [h.fitness for h in result.history]
-    assert all(b <= a for a, b in zip(fitnesses, fitnesses[1:]))              # elitism: never worse
+    assert all(h.fitness <= h.parent_fitness for h in result.history)        # elitism: never worse
     # The optimum moves sparsity to late (insensitive) layers.
     levels = result.levels
     assert np.mean(levels[-4:]) > np.mean(levels[:4])
-    # Stage sizes as configured: offspring on stage 1, survivors + parent on stage 2.
-    assert fitness.calls[1:3] == [(12, 1), (5, 2)]
+    # The start on the whole pool, then offspring on stage 1, survivors + parent on stage 2, ...
+    assert fitness.calls[:3] == [(1, 4), (12, 1), (5, 2)] and fitness.calls[-1] == (1, 4)
     saved = json.loads((tmp_path / "search.json").read_text())
     assert saved["complete"] and saved["generations_done"] == 30
 
@@ -131,7 +132,8 @@ def test_search_improves_a_synthetic_fitness_within_budget(tmp_path):
 def test_search_resume_is_bit_identical_synthetic(tmp_path):
     space = paper_like_space()
     start = space.choice_at([0] * len(space))
-    settings = SearchSettings(generations=8, offspring=6, max_shifts=4, stages=[Stage(1, 2, 1), Stage(2, 1, 2)], seed=3)
+    settings = SearchSettings(generations=8, offspring=6, max_shifts=4, stages=[Stage(1, 2, 1), Stage(2, 1, 2)],
+                              pool_batches=3, seed=3)
     straight = run_search(space, QuadraticFitness(space), settings, start, progress=False)
 
     class Interrupt(Exception):
@@ -149,7 +151,7 @@ def test_search_resume_is_bit_identical_synthetic(tmp_path):
     assert resumed.choice == straight.choice and resumed.fitness == straight.fitness
     assert [h.model_dump(exclude={"seconds"}) for h in resumed.history] == \
            [h.model_dump(exclude={"seconds"}) for h in straight.history]
-    other = SearchSettings(generations=8, offspring=6, max_shifts=4, stages=settings.stages, seed=4)
+    other = SearchSettings(generations=8, offspring=6, max_shifts=4, stages=settings.stages, pool_batches=3, seed=4)
     with pytest.raises(TyrError, match="different search"):
         run_search(space, QuadraticFitness(space), other, start, checkpoint=tmp_path / "c.json", progress=False)
 
@@ -217,14 +219,15 @@ def test_kl_fitness_is_zero_for_the_dense_choice_and_grows_with_sparsity(tiny_kl
     _, _, _, space = tiny_kl_setup
     fitness = make_kl(tiny_kl_setup, reuse=False)
     dense, half, most = (space.choice_at([t] * len(space)) for t in (-2, 0, 1))
-    kl = fitness.evaluate([dense, half, most], 8)
+    kl = fitness.evaluate([dense, half, most], range(4))
     assert abs(kl[0]) < 1e-4 and kl[0] < kl[1] < kl[2]
 
 
 def test_activation_reuse_gives_identical_fitness_and_saves_work(tiny_kl_setup):
     _, _, _, space = tiny_kl_setup
     start = space.choice_at([0] * len(space))
-    settings = SearchSettings(generations=5, offspring=8, max_shifts=2, stages=[Stage(2, 3, 48), Stage(8, 1, 192)], seed=2)
+    settings = SearchSettings(generations=5, offspring=8, max_shifts=2, stages=[Stage(1, 3, 48), Stage(3, 1, 144)],
+                              pool_batches=4, seed=2)
     runs = {}
     for reuse, cache_mb in ((False, 64), (True, 64), (True, 0.2)):   # 0.2 MiB: every 3rd boundary cached
         fitness = make_kl(tiny_kl_setup, reuse, cache_mb)
@@ -244,7 +247,8 @@ def test_activation_reuse_gives_identical_fitness_and_saves_work(tiny_kl_setup):
 def test_kl_search_resume_is_bit_identical(tiny_kl_setup, tmp_path):
     _, _, _, space = tiny_kl_setup
     start = space.choice_at([0] * len(space))
-    settings = SearchSettings(generations=4, offspring=6, max_shifts=2, stages=[Stage(2, 2, 48), Stage(4, 1, 96)], seed=5)
+    settings = SearchSettings(generations=4, offspring=6, max_shifts=2, stages=[Stage(1, 2, 48), Stage(2, 1, 96)],
+                              pool_batches=4, seed=5)
     straight = run_search(space, make_kl(tiny_kl_setup, True), settings, start, progress=False)
 
     def stop_after_2(record):
@@ -272,10 +276,13 @@ dist.init_process_group("gloo")
 space = paper_like_space()
 inner = QuadraticFitness(space)
 fitness = SharedFitness(inner)
-settings = SearchSettings(generations=6, offspring=8, max_shifts=4, stages=[Stage(1, 3, 1), Stage(2, 1, 2)], seed=0)
+settings = SearchSettings(generations=6, offspring=8, max_shifts=4, stages=[Stage(1, 3, 1), Stage(2, 1, 2)],
+                          pool_batches=3, seed=0)
 result = run_search(space, fitness, settings, space.choice_at([0] * len(space)), progress=False)
 evaluated = sum(n for n, _ in inner.calls)
-print(json.dumps({"rank": dist.get_rank(), "choice": result.choice, "fitness": result.fitness, "evaluated": evaluated}))
+# One file per rank: both ranks share the launcher's stdout, where their lines can interleave.
+with open(os.path.join(os.environ["OUT_DIR"], f"rank{dist.get_rank()}.json"), "w") as f:
+    json.dump({"rank": dist.get_rank(), "choice": result.choice, "fitness": result.fitness, "evaluated": evaluated}, f)
 dist.destroy_process_group()
 """
 
@@ -283,16 +290,17 @@ dist.destroy_process_group()
 def test_shared_fitness_over_two_gloo_processes(tmp_path):
     script = tmp_path / "dist_search.py"
     script.write_text(DISTRIBUTED_SCRIPT)
-    env = dict(os.environ, TESTS_DIR=str(Path(__file__).parent), OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    env = dict(os.environ, TESTS_DIR=str(Path(__file__).parent), OUT_DIR=str(tmp_path), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert sorted(r["rank"] for r in rows) == [0, 1]
     assert rows[0]["choice"] == rows[1]["choice"] and rows[0]["fitness"] == rows[1]["fitness"]
     space = paper_like_space()
     inner = QuadraticFitness(space)
-    settings = SearchSettings(generations=6, offspring=8, max_shifts=4, stages=[Stage(1, 3, 1), Stage(2, 1, 2)], seed=0)
+    settings = SearchSettings(generations=6, offspring=8, max_shifts=4, stages=[Stage(1, 3, 1), Stage(2, 1, 2)],
+                              pool_batches=3, seed=0)
     single = run_search(space, SharedFitness(inner), settings, space.choice_at([0] * len(space)), progress=False)
     assert single.choice == rows[0]["choice"]
     single_evaluated = sum(n for n, _ in inner.calls)

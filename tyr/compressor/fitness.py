@@ -5,9 +5,9 @@ candidate per module) is then run functionally, module by module, and scored wit
 
     KL ≈ Σ_{i ∈ top-k} p_i (log p_i − log q_i)
 
-per token position (p the dense distribution, q the candidate's full log-softmax), summed per sequence. Stage k's
-sequences are the first ones of stage k+1, and per-sequence sums are cached per choice, so re-scoring a survivor
-on more tokens only runs the new sequences.
+per token position (p the dense distribution, q the candidate's full log-softmax), summed per sequence. Sequences
+are grouped in fixed batches; per-batch sums are cached per choice, so re-scoring a survivor on more tokens
+(later stages use the earlier stages' batches plus new ones) only runs the new batches.
 
 Activation reuse: an offspring equals its parent up to its first mutated module. The parent ("anchor") keeps its
 hidden states at module boundaries (every ``stride``-th boundary, within a memory cap), per batch of sequences,
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -98,11 +98,16 @@ class ReuseStats(BaseModel):
 
 
 class SupernetKL:
-    """Fitness = mean sparse KL per token over the first ``num_sequences`` selection sequences (lower is better)."""
+    """Fitness = mean sparse KL per token over the given selection batches (lower is better).
+
+    Batch b holds selection sequences [b · batch_sequences, (b + 1) · batch_sequences). The parent's hidden states
+    are kept for at most ``cached_batches`` batches (least recently used dropped), at every ``stride``-th module
+    boundary so that they fit in ``activation_cache_mb``.
+    """
 
     def __init__(self, parts: DenseParts, weights: Callable[[int, int], dict[str, torch.Tensor]], kinds: list[str],
                  targets: SelectionTargets, batch_sequences: int, reuse_activations: bool = True,
-                 activation_cache_mb: float = 1024, weight_cache_mb: float = 1024,
+                 activation_cache_mb: float = 1024, weight_cache_mb: float = 1024, cached_batches: int | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         if targets.num_sequences % batch_sequences:
             raise ValueError(f"{targets.num_sequences} selection sequences do not split into batches of "
@@ -116,9 +121,10 @@ class SupernetKL:
         self.cos, self.sin = parts.rope(self.seq_len, device=self.device, dtype=dtype)
         self.reuse = reuse_activations
         hidden = parts.embed_tokens.shape[1]
-        batches = targets.num_sequences // batch_sequences
+        self.num_batches = targets.num_sequences // batch_sequences
+        self.cached_batches = min(cached_batches or self.num_batches, self.num_batches)
         state_bytes = batch_sequences * self.seq_len * hidden * torch.finfo(dtype).bits // 8
-        full = self.num_modules * batches * state_bytes
+        full = self.num_modules * self.cached_batches * state_bytes
         cap = activation_cache_mb * 2 ** 20
         self.stride = max(1, -(-full // int(cap))) if cap > 0 else self.num_modules + 1
         if self.stride > self.num_modules:
@@ -127,7 +133,7 @@ class SupernetKL:
         self.weight_cache_bytes, self.weight_cache_cap = 0, weight_cache_mb * 2 ** 20
         self.results: dict[Choice, dict[int, torch.Tensor]] = {}    # choice -> batch -> per-sequence KL sums
         self.anchor: Choice | None = None
-        self.anchor_states: dict[int, dict[int, torch.Tensor]] = {}  # batch -> boundary -> hidden states
+        self.anchor_states: OrderedDict[int, dict[int, torch.Tensor]] = OrderedDict()  # batch -> boundary -> states
         self.anchor_valid: dict[int, int] = {}                       # batch -> boundaries <= this are the anchor's
         self.stats = ReuseStats()
 
@@ -141,12 +147,11 @@ class SupernetKL:
         self.anchor = choice
 
     @torch.no_grad()
-    def evaluate(self, choices: list[Choice], num_sequences: int) -> list[float]:
+    def evaluate(self, choices: list[Choice], batches: Sequence[int]) -> list[float]:
         started = time.perf_counter()
-        if num_sequences % self.batch or not 0 < num_sequences <= self.targets.num_sequences:
-            raise ValueError(f"num_sequences={num_sequences} must be a positive multiple of {self.batch} up to "
-                             f"{self.targets.num_sequences}")
-        for b in range(num_sequences // self.batch):
+        if not batches or any(not 0 <= b < self.num_batches for b in batches):
+            raise ValueError(f"selection batches {list(batches)} must be non-empty indices below {self.num_batches}")
+        for b in batches:
             todo = [c for c in dict.fromkeys(choices) if b not in self.results.get(c, {})]
             self.stats.cached_results += len(choices) - len(todo)
             if self.reuse and self.anchor is not None and todo:
@@ -154,9 +159,8 @@ class SupernetKL:
                 todo = [c for c in todo if b not in self.results.get(c, {})]
             for choice in todo:
                 self.results.setdefault(choice, {})[b] = self._run(choice, b)
-        tokens = num_sequences * self.seq_len
-        scores = [float(sum(self.results[c][b].sum().item() for b in range(num_sequences // self.batch)) / tokens)
-                  for c in choices]
+        tokens = len(batches) * self.batch * self.seq_len
+        scores = [float(sum(self.results[c][b].sum().item() for b in batches) / tokens) for c in choices]
         self.stats.seconds += time.perf_counter() - started
         return scores
 
@@ -191,6 +195,7 @@ class SupernetKL:
         """The last stored boundary of the anchor's batch ``b`` that ``choice`` shares (0 = from the embedding)."""
         if not self.reuse or self.anchor is None or b not in self.anchor_valid:
             return 0
+        self.anchor_states.move_to_end(b)
         return self._floor(min(_first_difference(choice, self.anchor), self.anchor_valid[b]))
 
     def _run(self, choice: Choice, b: int, start: int | None = None) -> torch.Tensor:
@@ -230,6 +235,10 @@ class SupernetKL:
     def _store_anchor(self, b: int, start: int, needed: bool) -> None:
         """Run the anchor on batch ``b`` from boundary ``start``, storing states at every stride-th boundary."""
         states = self.anchor_states.setdefault(b, {})
+        self.anchor_states.move_to_end(b)
+        while len(self.anchor_states) > self.cached_batches:
+            old, _ = self.anchor_states.popitem(last=False)
+            self.anchor_valid.pop(old, None)
         for k in [k for k in states if k > start]:
             del states[k]
         x = states[start] if start else self.parts.embed(self._batch_ids(b)).to(self.dtype)

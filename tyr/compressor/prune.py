@@ -53,10 +53,12 @@ class PruneResult:
 
 
 class IterationOutcome(BaseModel):
-    """One finished coarse-to-fine iteration, as stored in work_dir/iter{i}/result.json."""
+    """One finished coarse-to-fine iteration, as stored in work_dir/iter{i}/result.json (levels as grid ticks)."""
 
     ticks: list[int]
     choice: list[int]
+    start_ticks: list[int]
+    ladders: list[list[int]]
     report: IterationReport
 
 
@@ -155,9 +157,8 @@ def _prune(model, sparsity, recipe, out_dir, work_dir, text, method, seed, devic
 
 def _prune_tyr(model, calibration, selection, target, recipe: Recipe, work_dir: Path, seed: int, device: str,
                meter: StageMeter, progress: bool, on_generation):
-    from tyr.compressor.fitness import SupernetKL, dense_targets
-    from tyr.compressor.layerwise import DenseParts
-    from tyr.compressor.supernet import Supernet, build_supernet
+    from tyr.compressor.fitness import dense_targets
+    from tyr.compressor.supernet import Supernet
 
     modules = _module_list(model)
     dense_params = [p for _, _, p in modules]
@@ -165,69 +166,102 @@ def _prune_tyr(model, calibration, selection, target, recipe: Recipe, work_dir: 
     ticks = [0] * len(modules)                 # the uniform distribution: every module at the target
     targets = None
     outcomes: list[IterationOutcome] = []
-    supernet_dirs = []
+    supernet_dirs: list[Path] = []
+    best = 0
     for iteration in range(recipe.iterations):
         step = 2 ** (recipe.iterations - 1 - iteration)
         if iteration == 0:
-            ladders = [grid_ticks(target, unit, step, 0, None) for _ in modules]
+            ladders = [list(grid_ticks(target, unit, step, 0, None)) for _ in modules]
         else:
-            ladders = [grid_ticks(target, unit, step, t, recipe.ladder_size // 2) for t in ticks]
+            ladders = [list(grid_ticks(target, unit, step, t, recipe.ladder_size // 2)) for t in ticks]
         iteration_dir = work_dir / f"iter{iteration}"
         supernet_dir = iteration_dir / "supernet"
         supernet_dirs.append(supernet_dir)
         result_path = iteration_dir / "result.json"
-        last = iteration == recipe.iterations - 1
-        if result_path.is_file() and (not last or supernet_dir.is_dir()):
+        if result_path.is_file():
             outcome = IterationOutcome.model_validate_json(result_path.read_text(encoding="utf-8"))
             log.info("iteration %d: done in an earlier run (KL %.4f)", iteration, outcome.report.fitness)
-            outcomes.append(outcome)
-            ticks = outcome.ticks
-            continue
-        current = [level_of(target, unit, t) for t in ticks]
-        stage_started = time.perf_counter()
-        with meter.stage(f"iteration {iteration}: supernet"):
-            manifest = build_supernet(model, calibration, supernet_dir,
-                                      ladders=[[level_of(target, unit, t) for t in ladder] for ladder in ladders],
-                                      eea=recipe.eea, current_levels=current, settings=_local_settings(recipe),
-                                      device=device, progress=progress)
-        supernet_seconds = time.perf_counter() - stage_started
-        space = _space(manifest, modules, dense_params, target, unit, step)
-        start = space.choice_at(ticks)
-        stage_started = time.perf_counter()
-        with meter.stage(f"iteration {iteration}: search"):
+        else:
+            stage_started = time.perf_counter()
+            with meter.stage(f"iteration {iteration}: supernet"):
+                manifest = _build(model, calibration, supernet_dir, target, unit, ladders, ticks, recipe, device,
+                                  progress)
+            supernet_seconds = time.perf_counter() - stage_started
+            space = _space(manifest, modules, dense_params, target, unit, step)
             if targets is None:
-                targets = dense_targets(model, selection, recipe.search.kl_top_k, recipe.search.batch_sequences,
-                                        progress=progress)
-            supernet = Supernet.open(supernet_dir)
-            fitness = SupernetKL(DenseParts.from_model(model), lambda m, c: supernet.weights(m, c),
-                                 [kind for _, kind, _ in modules], targets, recipe.search.batch_sequences,
-                                 reuse_activations=recipe.search.reuse_activations,
-                                 activation_cache_mb=recipe.search.activation_cache_mb,
-                                 weight_cache_mb=recipe.search.weight_cache_mb, device=device,
-                                 dtype=next(model.parameters()).dtype)
-            settings = SearchSettings(generations=recipe.search.generations_of(iteration),
-                                      offspring=recipe.search.offspring, max_shifts=recipe.search.max_shifts,
-                                      stages=[Stage(s.tokens // recipe.search.seq_len, s.survivors, s.tokens)
-                                              for s in recipe.search.stages],
-                                      seed=int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0]))
-            callback = (lambda record, i=iteration: on_generation(i, record)) if on_generation else None
-            result = run_search(space, SharedFitness(fitness), settings, start,
-                                checkpoint=iteration_dir / "search.json", on_generation=callback, progress=progress,
-                                description=f"search {iteration + 1}/{recipe.iterations}")
-        outcome = _outcome(iteration, recipe, space, result, fitness.stats, supernet_seconds,
-                           time.perf_counter() - stage_started)
-        atomic_write_json(result_path, outcome.model_dump(mode="json"))
+                with meter.stage("dense targets"):
+                    targets = dense_targets(model, selection, recipe.search.kl_top_k, recipe.search.batch_sequences,
+                                            progress=progress)
+            stage_started = time.perf_counter()
+            with meter.stage(f"iteration {iteration}: search"):
+                # In a function, so the fitness and its caches are freed before the next supernet is built.
+                result, stats = _search(model, supernet_dir, space, ticks, targets, recipe, iteration, seed, device,
+                                        iteration_dir, on_generation, progress)
+            outcome = _outcome(iteration, recipe, space, result, stats, supernet_seconds,
+                               time.perf_counter() - stage_started, ticks, ladders)
+            atomic_write_json(result_path, outcome.model_dump(mode="json"))
         outcomes.append(outcome)
-        ticks = outcome.ticks
-        if not recipe.keep_supernets and iteration > 0:
-            shutil.rmtree(supernet_dirs[iteration - 1], ignore_errors=True)
-    final_dir = supernet_dirs[-1]
+        # Every iteration's fitness is measured on the same selection tokens, so results compare across supernets:
+        # the next iteration starts from the best distribution so far, and the best one is the output.
+        if outcome.report.fitness < outcomes[best].report.fitness:
+            best = iteration
+        ticks = outcomes[best].ticks
+        if not recipe.keep_supernets:
+            for j, directory in enumerate(supernet_dirs):
+                if j != best and directory.exists():
+                    shutil.rmtree(directory, ignore_errors=True)
+    chosen = outcomes[best]
     with meter.stage("assemble"):
-        supernet = Supernet.open(final_dir)
-        pruned = supernet.assemble(model, outcomes[-1].choice)
-    levels = [level_of(target, unit, t) for t in ticks]
-    nominal = target + unit * sum(p * t for p, t in zip(dense_params, ticks)) / sum(dense_params)
+        if not (supernet_dirs[best] / "manifest.json").is_file():   # removed by hand: rebuild it (deterministic)
+            _build(model, calibration, supernet_dirs[best], target, unit, chosen.ladders, chosen.start_ticks, recipe,
+                   device, progress)
+        pruned = Supernet.open(supernet_dirs[best]).assemble(model, chosen.choice)
+    for outcome in outcomes:
+        outcome.report.selected = outcome.report.iteration == best
+    levels = [level_of(target, unit, t) for t in chosen.ticks]
+    nominal = target + unit * sum(p * t for p, t in zip(dense_params, chosen.ticks)) / sum(dense_params)
     return pruned, levels, [o.report for o in outcomes], nominal
+
+
+def _search(model, supernet_dir: Path, space: SearchSpace, ticks: list[int], targets, recipe: Recipe, iteration: int,
+            seed: int, device: str, iteration_dir: Path, on_generation, progress: bool):
+    from tyr.compressor.fitness import SupernetKL
+    from tyr.compressor.layerwise import DenseParts
+    from tyr.compressor.supernet import Supernet
+
+    supernet = Supernet.open(supernet_dir)
+    fitness = SupernetKL(DenseParts.from_model(model), supernet.weights, [m.kind for m in space.modules], targets,
+                         recipe.search.batch_sequences, reuse_activations=recipe.search.reuse_activations,
+                         activation_cache_mb=recipe.search.activation_cache_mb,
+                         weight_cache_mb=recipe.search.weight_cache_mb,
+                         cached_batches=recipe.search.stage_batches()[-1], device=device,
+                         dtype=next(model.parameters()).dtype)
+    settings = search_settings(recipe, iteration, seed)
+    callback = (lambda record: on_generation(iteration, record)) if on_generation else None
+    result = run_search(space, SharedFitness(fitness), settings, space.choice_at(ticks),
+                        checkpoint=iteration_dir / "search.json", on_generation=callback, progress=progress,
+                        description=f"search {iteration + 1}/{recipe.iterations}")
+    return result, fitness.stats
+
+
+def search_settings(recipe: Recipe, iteration: int, seed: int) -> SearchSettings:
+    """The search settings of one iteration (its seed derives from the run's seed and the iteration)."""
+    search = recipe.search
+    return SearchSettings(generations=search.generations_of(iteration), offspring=search.offspring,
+                          max_shifts=search.max_shifts,
+                          stages=[Stage(b, s.survivors, s.tokens) for b, s in zip(search.stage_batches(), search.stages)],
+                          pool_batches=search.selection_sequences // search.batch_sequences,
+                          seed=int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0]))
+
+
+def _build(model, calibration, directory: Path, target: float, unit: float, ladders: list[list[int]],
+           current: list[int], recipe: Recipe, device: str, progress: bool):
+    from tyr.compressor.supernet import build_supernet
+
+    return build_supernet(model, calibration, directory,
+                          ladders=[[level_of(target, unit, t) for t in ladder] for ladder in ladders],
+                          eea=recipe.eea, current_levels=[level_of(target, unit, t) for t in current],
+                          settings=_local_settings(recipe), device=device, progress=progress)
 
 
 def _prune_uniform(model, calibration, target, recipe: Recipe, work_dir: Path, device: str, meter: StageMeter,
@@ -264,7 +298,7 @@ def _space(manifest, modules, dense_params, target, unit, step) -> SearchSpace:
 
 
 def _outcome(iteration: int, recipe: Recipe, space: SearchSpace, result: SearchResult, stats, supernet_seconds: float,
-             search_seconds: float) -> IterationOutcome:
+             search_seconds: float, start_ticks: list[int], ladders: list[list[int]]) -> IterationOutcome:
     report = IterationReport(
         iteration=iteration, spacing=recipe.spacing(iteration), generations=len(result.history),
         start_fitness=result.start_fitness, fitness=result.fitness, history=result.history,
@@ -272,7 +306,8 @@ def _outcome(iteration: int, recipe: Recipe, space: SearchSpace, result: SearchR
         module_evaluations=stats.module_evaluations,
         module_evaluations_without_reuse=stats.module_evaluations_without_reuse,
         activation_reuse_saving=stats.saving, fitness_seconds=stats.seconds)
-    return IterationOutcome(ticks=space.ticks_of(result.choice), choice=result.choice, report=report)
+    return IterationOutcome(ticks=space.ticks_of(result.choice), choice=result.choice, start_ticks=list(start_ticks),
+                            ladders=ladders, report=report)
 
 
 # ----- shared helpers -----

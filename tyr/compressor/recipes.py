@@ -69,6 +69,11 @@ class SearchRecipe(_Strict):
                                          "survivors shrink; the parent joins the last stage (elitism)")
     seq_len: int = Field(ge=16, le=131_072, description="tokens per selection sequence; every stage's tokens "
                          "are a whole number of sequences, and stage k's sequences are the first ones of stage k+1")
+    pool_tokens: int | None = Field(None, ge=16, le=1_000_000_000, description="selection pool: the dense model's "
+                                    "top-k log-probs are computed once on this many tokens, and every generation "
+                                    "draws its stages' sequences from it at random (fresh tokens keep the search "
+                                    "from overfitting a small fixed set); the start and the result of each "
+                                    "iteration are scored on the whole pool. Default: the last stage's tokens")
     batch_sequences: int = Field(1, ge=1, le=4096, description="selection sequences per forward batch; must divide "
                                  "every stage's sequence count (results do not depend on the stage)")
     kl_top_k: int = Field(ge=1, le=1_000_000, description="the dense model's top-k next-token log-probs kept for "
@@ -95,13 +100,23 @@ class SearchRecipe(_Strict):
                                  "later stages score the survivors on more tokens")
             if b.survivors > a.survivors:
                 raise ValueError(f"stages[{i + 1}].survivors={b.survivors} > stages[{i}].survivors={a.survivors}")
+        pool = self.pool_tokens if self.pool_tokens is not None else self.stages[-1].tokens
+        if pool < self.stages[-1].tokens:
+            raise ValueError(f"pool_tokens={pool} is smaller than the last stage's {self.stages[-1].tokens} tokens")
+        if pool % (self.seq_len * self.batch_sequences):
+            raise ValueError(f"pool_tokens={pool} is not a whole number of batches of {self.batch_sequences} "
+                             f"sequences x {self.seq_len} tokens")
         if self.stages[0].survivors > self.offspring:
             raise ValueError(f"stages[0].survivors={self.stages[0].survivors} exceeds offspring={self.offspring}")
         return self
 
     @property
     def selection_sequences(self) -> int:
-        return self.stages[-1].tokens // self.seq_len
+        """Sequences in the selection pool."""
+        return (self.pool_tokens if self.pool_tokens is not None else self.stages[-1].tokens) // self.seq_len
+
+    def stage_batches(self) -> list[int]:
+        return [s.tokens // self.seq_len // self.batch_sequences for s in self.stages]
 
     def generations_of(self, iteration: int) -> int:
         return self.generations[min(iteration, len(self.generations) - 1)]

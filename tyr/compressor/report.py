@@ -46,8 +46,8 @@ class IterationReport(BaseModel):
     iteration: int
     spacing: float
     generations: int
-    start_fitness: float = Field(description="KL of the iteration's start distribution on the last stage's tokens")
-    fitness: float = Field(description="KL of the iteration's result on the last stage's tokens")
+    start_fitness: float = Field(description="KL of the iteration's start distribution on the whole selection pool")
+    fitness: float = Field(description="KL of the iteration's result on the whole selection pool")
     history: list[GenerationRecord]
     supernet_seconds: float
     search_seconds: float
@@ -57,6 +57,8 @@ class IterationReport(BaseModel):
     activation_reuse_saving: float = Field(0.0, description="share of decoder-module evaluations avoided by "
                                            "restarting offspring from the parent's cached hidden states")
     fitness_seconds: float = 0.0
+    selected: bool = Field(False, description="this iteration's result is the output (lowest KL of all iterations, "
+                           "all measured on the same selection tokens)")
 
 
 class PruneReport(BaseModel):
@@ -191,16 +193,17 @@ def render_markdown(report: PruneReport) -> str:
     if report.notes:
         lines.append("")
     if report.iterations:
-        lines += ["## Search", "", "| iteration | spacing | generations | KL start | KL end | reuse saving | "
-                  "supernet s | search s |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["## Search", "", "| iteration | spacing | generations | KL start (pool) | KL end (pool) | reuse saving | "
+                  "supernet s | search s | output |", "|---|---|---|---|---|---|---|---|---|"]
         for it in report.iterations:
             lines.append(f"| {it.iteration} | {100 * it.spacing:.4g}% | {it.generations} | {it.start_fitness:.4f} | "
                          f"{it.fitness:.4f} | {100 * it.activation_reuse_saving:.1f}% | {it.supernet_seconds:.1f} | "
-                         f"{it.search_seconds:.1f} |")
-        lines += ["", "Fitness (sparse KL to the dense model, last selection stage) per generation:", ""]
+                         f"{it.search_seconds:.1f} | {'yes' if it.selected else ''} |")
+        lines += ["", "Sparse KL to the dense model per generation (the winner's, on that generation's fresh last-stage "
+                  "tokens; the pool values above compare across iterations):", ""]
         for it in report.iterations:
             values = ", ".join(f"{h.fitness:.4f}" for h in it.history)
-            lines.append(f"- iteration {it.iteration}: {it.start_fitness:.4f} (start) -> {values}")
+            lines.append(f"- iteration {it.iteration}: {values}")
         lines.append("")
     lines += ["## Stages", "", "| stage | seconds | peak RSS MiB | peak GPU MiB |", "|---|---|---|---|"]
     for s in report.stages:

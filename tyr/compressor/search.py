@@ -10,8 +10,10 @@ Mutation is the paper's sparsity shift: one module moves one level down (less sp
 same dense size (same kind, in practice) moves one level up, so the nominal budget never changes. Each generation
 mutates ``offspring`` distinct children from the parent; staged selection scores all of them on a few tokens,
 keeps the best, re-scores those on more tokens, and so on; the parent joins the last stage (elitism) and the
-winner becomes the next parent. Everything random comes from one ``numpy.random.Generator`` whose state is
-checkpointed after every generation, so an interrupted search rerun with the same inputs ends bit-identically.
+winner becomes the next parent. As in the reference implementation, every generation draws its selection tokens
+afresh (here: batches of a pool whose dense targets were computed once), so the search does not overfit a small
+fixed token set. Everything random comes from one ``numpy.random.Generator`` whose state is checkpointed after
+every generation, so an interrupted search rerun with the same inputs ends bit-identically.
 """
 
 from __future__ import annotations
@@ -200,9 +202,9 @@ def make_offspring(parent: Choice, space: SearchSpace, rng: np.random.Generator,
 # ----- fitness and staged selection -----
 
 class Fitness(Protocol):
-    """Scores choices on the first ``num_sequences`` selection sequences: lower is better (KL to the dense model)."""
+    """Scores choices on selection batches (indices into a fixed pool): lower is better (KL to the dense model)."""
 
-    def evaluate(self, choices: list[Choice], num_sequences: int) -> list[float]: ...
+    def evaluate(self, choices: list[Choice], batches: Sequence[int]) -> list[float]: ...
 
     def set_parent(self, choice: Choice) -> None: ...
 
@@ -215,10 +217,12 @@ class StageRecord(BaseModel):
 
 
 class GenerationRecord(BaseModel):
-    """What one generation did; ``fitness`` is the parent's fitness on the last stage's tokens afterwards."""
+    """One generation. Its selection tokens are fresh, so fitnesses compare only within a generation."""
 
     generation: int
-    fitness: float
+    fitness: float = Field(description="the winner's fitness on this generation's last-stage tokens")
+    parent_fitness: float = Field(description="the previous parent's fitness on the same tokens (elitism: the "
+                                  "winner is never worse)")
     improved: bool
     offspring: int
     stages: list[StageRecord]
@@ -227,28 +231,34 @@ class GenerationRecord(BaseModel):
 
 @dataclass(frozen=True)
 class Stage:
-    num_sequences: int
+    batches: int          # selection batches scored in this stage
     survivors: int
-    tokens: int
+    tokens: int           # for reports: batches x tokens per batch
 
 
-def staged_selection(offspring: list[Choice], parent: Choice, stages: list[Stage],
-                     evaluate: Callable[[list[Choice], int], list[float]]) -> tuple[list[Choice], list[float], list[StageRecord]]:
+def staged_selection(offspring: list[Choice], parent: Choice, stages: list[tuple[Stage, Sequence[int]]],
+                     evaluate: Callable[[list[Choice], Sequence[int]], list[float]]
+                     ) -> tuple[list[Choice], list[float], float, list[StageRecord]]:
     """Score, keep the best, re-score on more tokens, ...; the parent joins the last stage (elitism).
 
-    Returns the last stage's survivors best first, their fitnesses and one record per stage. Ties keep the
-    earlier candidate (a stable sort), so the parent wins a tie only if no offspring matches it.
+    ``stages``: (stage, its batch ids); each stage's batches should start with the previous stage's, so results
+    can be reused. Returns the last stage's survivors best first, their fitnesses, the parent's fitness there,
+    and one record per stage. Ties keep the earlier candidate (a stable sort): the parent, appended last, wins a
+    tie only if no offspring matches it.
     """
     pool, records, fitness = list(offspring), [], []
-    for i, stage in enumerate(stages):
+    parent_fitness = float("nan")
+    for i, (stage, batches) in enumerate(stages):
         if i == len(stages) - 1 and parent not in pool:
             pool.append(parent)
-        fitness = evaluate(pool, stage.num_sequences)
+        fitness = evaluate(pool, batches)
+        if i == len(stages) - 1:
+            parent_fitness = fitness[pool.index(parent)]
         order = sorted(range(len(pool)), key=lambda j: fitness[j])[:stage.survivors]
         records.append(StageRecord(tokens=stage.tokens, candidates=len(pool), survivors=len(order),
                                    best_fitness=fitness[order[0]]))
         pool, fitness = [pool[j] for j in order], [fitness[j] for j in order]
-    return pool, fitness, records
+    return pool, fitness, parent_fitness, records
 
 
 # ----- the search loop, checkpointed -----
@@ -259,19 +269,19 @@ class SearchCheckpoint(BaseModel):
     fingerprint: str = Field(description="hash of the search space, settings, start and seed")
     generations_done: int
     parent: list[int]
-    parent_fitness: float
-    start_fitness: float
+    start_fitness: float = Field(description="the start's fitness on the whole selection pool")
     history: list[GenerationRecord]
     rng_state: dict
     seconds: float = 0.0
     complete: bool = False
+    fitness: float | None = Field(None, description="the result's fitness on the whole pool, once complete")
 
 
 class SearchResult(BaseModel):
     choice: list[int]
     levels: list[float]
-    fitness: float
-    start_fitness: float
+    fitness: float = Field(description="the result's fitness on the whole selection pool")
+    start_fitness: float = Field(description="the start's fitness on the whole selection pool")
     history: list[GenerationRecord]
     seconds: float
     resumed_from: int = Field(0, description="generations restored from a checkpoint")
@@ -283,7 +293,18 @@ class SearchSettings:
     offspring: int
     max_shifts: int
     stages: list[Stage]
+    pool_batches: int     # selection batches available; every generation draws its stages' batches from them
     seed: int
+
+    def __post_init__(self):
+        if self.stages[-1].batches > self.pool_batches:
+            raise ValueError(f"the last stage needs {self.stages[-1].batches} batches; the pool has {self.pool_batches}")
+
+
+def draw_batches(rng: np.random.Generator, settings: SearchSettings) -> list[list[int]]:
+    """This generation's batches per stage: a random subset of the pool, each stage's extending the previous."""
+    order = [int(b) for b in rng.permutation(settings.pool_batches)]
+    return [order[:stage.batches] for stage in settings.stages]
 
 
 def run_search(space: SearchSpace, fitness: Fitness, settings: SearchSettings, start: Choice,
@@ -292,7 +313,9 @@ def run_search(space: SearchSpace, fitness: Fitness, settings: SearchSettings, s
                progress: bool = True, description: str = "search") -> SearchResult:
     """Evolve from ``start`` for ``settings.generations`` generations; resume from ``checkpoint`` if it exists.
 
-    ``on_generation`` runs after each generation's checkpoint is written (tests interrupt the search there).
+    Each generation draws fresh selection batches from the pool (so the search cannot overfit a few fixed
+    tokens); the start and the result are scored on the whole pool. ``on_generation`` runs after each
+    generation's checkpoint is written (tests interrupt the search there).
     """
     if space.budget_offset(start) != 0:
         raise TyrError(f"the start distribution's nominal sparsity {space.nominal_sparsity(start):.6f} is not the "
@@ -300,56 +323,65 @@ def run_search(space: SearchSpace, fitness: Fitness, settings: SearchSettings, s
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     fingerprint = _fingerprint(space, settings, start)
     rng = np.random.Generator(np.random.PCG64(settings.seed))
-    final = settings.stages[-1].num_sequences
+    everything = list(range(settings.pool_batches))
     state = _load_checkpoint(checkpoint, fingerprint)
     resumed = state.generations_done if state else 0
     if state is None:
         started = time.perf_counter()
         fitness.set_parent(start)
-        start_fitness = fitness.evaluate([start], final)[0]
+        start_fitness = fitness.evaluate([start], everything)[0]
         state = SearchCheckpoint(fingerprint=fingerprint, generations_done=0, parent=list(start),
-                                 parent_fitness=start_fitness, start_fitness=start_fitness, history=[],
-                                 rng_state=rng.bit_generator.state, seconds=time.perf_counter() - started)
+                                 start_fitness=start_fitness, history=[], rng_state=rng.bit_generator.state,
+                                 seconds=time.perf_counter() - started)
         _save_checkpoint(checkpoint, state)
     else:
         rng.bit_generator.state = state.rng_state
         log.info("%s: resuming after generation %d of %d", description, state.generations_done, settings.generations)
-    parent, parent_fitness = tuple(state.parent), state.parent_fitness
+    parent = tuple(state.parent)
     bar = tqdm(total=settings.generations, initial=state.generations_done, desc=description, unit="gen",
-               disable=not progress, leave=False)
+               disable=not progress or state.complete, leave=False)
     for generation in range(state.generations_done, settings.generations):
+        if state.complete:
+            break
         started = time.perf_counter()
         fitness.set_parent(parent)
         children = make_offspring(parent, space, rng, settings.offspring, settings.max_shifts)
         if not children:
             log.warning("%s: the parent has no neighbours left to mutate into; stopping early", description)
             break
-        stages = [Stage(s.num_sequences, min(s.survivors, len(children)), s.tokens) for s in settings.stages]
-        survivors, scores, records = staged_selection(children, parent, stages, fitness.evaluate)
+        batches = draw_batches(rng, settings)
+        stages = [(Stage(s.batches, min(s.survivors, len(children)), s.tokens), b)
+                  for s, b in zip(settings.stages, batches)]
+        survivors, scores, parent_score, records = staged_selection(children, parent, stages, fitness.evaluate)
         improved = survivors[0] != parent
-        parent, parent_fitness = survivors[0], scores[0]
-        record = GenerationRecord(generation=generation + 1, fitness=parent_fitness, improved=improved,
-                                  offspring=len(children), stages=records, seconds=time.perf_counter() - started)
+        parent = survivors[0]
+        record = GenerationRecord(generation=generation + 1, fitness=scores[0], parent_fitness=parent_score,
+                                  improved=improved, offspring=len(children), stages=records,
+                                  seconds=time.perf_counter() - started)
         state = state.model_copy(update=dict(
-            generations_done=generation + 1, parent=list(parent), parent_fitness=parent_fitness,
-            history=state.history + [record], rng_state=rng.bit_generator.state,
-            seconds=state.seconds + record.seconds))
+            generations_done=generation + 1, parent=list(parent), history=state.history + [record],
+            rng_state=rng.bit_generator.state, seconds=state.seconds + record.seconds))
         _save_checkpoint(checkpoint, state)
         bar.update(1)
-        bar.set_postfix(kl=f"{parent_fitness:.4f}")
+        bar.set_postfix(kl=f"{scores[0]:.4f}")
         if on_generation is not None:
             on_generation(record)
     bar.close()
-    state = state.model_copy(update=dict(complete=True))
-    _save_checkpoint(checkpoint, state)
-    return SearchResult(choice=list(parent), levels=space.levels(parent), fitness=parent_fitness,
+    if state.fitness is None:
+        started = time.perf_counter()
+        fitness.set_parent(parent)
+        final = fitness.evaluate([parent], everything)[0]
+        state = state.model_copy(update=dict(complete=True, fitness=final,
+                                             seconds=state.seconds + time.perf_counter() - started))
+        _save_checkpoint(checkpoint, state)
+    return SearchResult(choice=list(parent), levels=space.levels(parent), fitness=state.fitness,
                         start_fitness=state.start_fitness, history=state.history, seconds=state.seconds,
                         resumed_from=resumed)
 
 
 def _fingerprint(space: SearchSpace, settings: SearchSettings, start: Choice) -> str:
     data = [space.fingerprint(), settings.generations, settings.offspring, settings.max_shifts,
-            [(s.num_sequences, s.survivors) for s in settings.stages], settings.seed, list(start)]
+            [(s.batches, s.survivors) for s in settings.stages], settings.pool_batches, settings.seed, list(start)]
     return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
 
 
@@ -397,12 +429,12 @@ class SharedFitness:
     def set_parent(self, choice: Choice) -> None:
         self.inner.set_parent(choice)
 
-    def evaluate(self, choices: list[Choice], num_sequences: int) -> list[float]:
+    def evaluate(self, choices: list[Choice], batches: Sequence[int]) -> list[float]:
         if not self.distributed:
-            return self.inner.evaluate(choices, num_sequences)
+            return self.inner.evaluate(choices, batches)
         import torch.distributed as dist
 
-        mine = self.inner.evaluate(choices[self.rank::self.world], num_sequences) if choices[self.rank::self.world] else []
+        mine = self.inner.evaluate(choices[self.rank::self.world], batches) if choices[self.rank::self.world] else []
         gathered: list[list[float] | None] = [None] * self.world
         dist.all_gather_object(gathered, mine)
         out = [0.0] * len(choices)
