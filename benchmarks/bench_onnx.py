@@ -36,11 +36,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time every optimization level at one thread (where the speed-up comes from)")
     args = parser.parse_args(argv)
 
-    from tyr.atomic import atomic_write_json, atomic_write_text
-    from tyr.exporters.onnx.bench import bench_onnx, bench_results, report_table
+    from tyr.exporters.onnx.bench import bench_onnx, report_table, write_report
     from tyr.exporters.onnx.export import INFO_FILE, export_onnx
     from tyr.models.io import load_model, resolve_model_path, save_model
-    from tyr.serving.results import write_result, write_results_csv
 
     work, out = Path(args.work), Path(args.out)
     pruned_dir = Path(args.pruned) if args.pruned else work / f"pruned{round(args.keep * 100)}"
@@ -78,13 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{comparison.threads} thread(s): measured prefill {comparison.prefill_speedup:.3f}x, decode "
               f"{comparison.decode_speedup:.3f}x; ideal {comparison.ideal_speedup:.3f}x; measured/ideal "
               f"{comparison.prefill_vs_ideal:.1%} / {comparison.decode_vs_ideal:.1%} -> {verdict} the 90% target")
-    results = bench_results(report)
-    for result in results:
-        write_result(result, out / result.label.replace("@", "-") / "result.json")
-    write_results_csv(results, out / "results.csv")
-    atomic_write_json(out / "onnx_bench.json", report.model_dump(mode="json"))
-    atomic_write_text(out / "onnx_bench.md", table)
-    print(f"results: {out / 'onnx_bench.json'}, {out / 'onnx_bench.md'}")
+    print(f"results: {write_report(report, table, out)}, {out / 'onnx_bench.md'}")
     return 0
 
 

@@ -11,11 +11,12 @@ from transformers import AutoTokenizer
 
 from tyr.cli import main as tyr_main
 from tyr.compressor.baselines import flap_prune, magnitude_keeps
-from tyr.compressor.prune import prune
+from tyr.compressor.prune import LatencyBudget, prune
 from tyr.compressor.recipes import Recipe
 from tyr.errors import TyrError
 from tyr.models.io import load_model, save_model
 from tyr.models.slicing import to_tyr
+from tyr.serving.latency_table import LatencyTable
 from tyr.testing import tiny_llama
 
 TINY_RECIPE = {
@@ -160,6 +161,28 @@ def test_flap_bias_compensation_reduces_the_output_error():
     assert error(pruned) < error(no_bias.eval())
     assert pruned.model.layers[0].mlp.down_proj.bias.abs().sum() > 0
     assert pruned.model.layers[0].mlp.up_proj.bias.abs().sum() == 0
+
+
+def test_latency_budget_from_a_measured_table(tmp_path, tiny_dir, recipe):
+    """`tyr bench layers` times the tiny model's shapes; the search then keeps its output within a latency budget."""
+    table_path = tmp_path / "latency.json"
+    assert tyr_main(["bench", "layers", "--model", str(tiny_dir), "--out", str(table_path), "--batch", "2",
+                     "--context", "32", "--repeats", "3"]) == 0
+    table = LatencyTable.load(table_path)
+    assert {"4,2", "2,1", "2,2"} <= set(table.attention_ms) and len(table.mlp_ms) == 8 and table.lm_head_ms > 0
+    # The search starts from the uniform distribution: a budget of exactly its predicted latency is feasible.
+    uniform, _ = load_model(prune(tiny_dir, sparsity=0.5, recipe=recipe, out_dir=tmp_path / "u", method="uniform",
+                                  progress=False).out_dir)
+    budget = table.predict_latency(uniform.config.layer_widths())
+    result = prune(tiny_dir, sparsity=0.5, recipe=recipe, out_dir=tmp_path / "fast", progress=False, keep_model=True,
+                   latency=LatencyBudget(table=table, max_ms=budget))
+    assert table.predict_latency(result.model.config.layer_widths()) <= budget * (1 + 1e-9)
+    assert any("latency budget" in note for note in result.report.notes)
+    with pytest.raises(TyrError, match="exceeds the budget"):
+        prune(tiny_dir, sparsity=0.5, recipe=recipe, out_dir=tmp_path / "tight", progress=False,
+              latency=LatencyBudget(table=table, max_ms=0.5 * budget))
+    assert tyr_main(["prune", "--model", str(tiny_dir), "--sparsity", "0.5", "--max-latency-ms", "1",
+                     "--out", str(tmp_path / "o")]) == 2
 
 
 def test_bad_input_is_rejected_clearly(tmp_path, tiny_dir, recipe):

@@ -129,6 +129,31 @@ def test_search_improves_a_synthetic_fitness_within_budget(tmp_path):
     assert saved["complete"] and saved["generations_done"] == 30
 
 
+def test_latency_budget_keeps_every_visited_distribution_within_it():
+    """Latency convex in the width kept: moving sparsity between modules costs time, so the budget binds."""
+    free = paper_like_space()
+    costs = [tuple((4.0 if mod.kind == "attn" else 1.0) * (1 - free.level(m, c)) ** 2 for c in range(len(mod.ticks)))
+             for m, mod in enumerate(free.modules)]
+    start = free.choice_at([0] * len(free))
+    budget = 1.1 * sum(costs[m][c] for m, c in enumerate(start))
+    space = SearchSpace(target=free.target, unit=free.unit, step=free.step, modules=free.modules, costs=costs,
+                        max_cost=budget)
+    rng = np.random.default_rng(0)
+    unconstrained = make_offspring(start, free, rng, 40, 4)
+    assert any(space.cost(c) > budget for c in unconstrained)           # the budget binds on this space
+    constrained = make_offspring(start, space, np.random.default_rng(0), 40, 4)
+    assert constrained and all(space.cost(c) <= budget + 1e-9 for c in constrained)
+    settings = SearchSettings(generations=20, offspring=12, max_shifts=4, stages=[Stage(1, 4, 1), Stage(2, 1, 2)],
+                              pool_batches=4, seed=0)
+    result = run_search(space, QuadraticFitness(space), settings, start, progress=False)
+    assert space.cost(result.choice) <= budget + 1e-9 and space.budget_offset(result.choice) == 0
+    assert result.fitness < result.start_fitness
+    tight = SearchSpace(target=free.target, unit=free.unit, step=free.step, modules=free.modules, costs=costs,
+                        max_cost=budget / 2)
+    with pytest.raises(TyrError, match="exceeds the budget"):
+        run_search(tight, QuadraticFitness(tight), settings, start, progress=False)
+
+
 def test_search_resume_is_bit_identical_synthetic(tmp_path):
     space = paper_like_space()
     start = space.choice_at([0] * len(space))

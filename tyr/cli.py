@@ -53,7 +53,8 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "eval": "tyr.evaluation.cli:eval",
     "prune": "tyr.compressor.cli:prune",
     "export": {"vllm": "tyr.exporters.vllm.cli:export", "onnx": "tyr.exporters.onnx.cli:export"},
-    "bench": {"vllm": "tyr.serving.cli:bench", "onnx": "tyr.exporters.onnx.cli:bench"},
+    "bench": {"vllm": "tyr.serving.cli:bench", "onnx": "tyr.exporters.onnx.cli:bench",
+              "layers": "tyr.serving.cli:layers"},
     "select": "tyr.serving.cli:select",
     "run": "tyr.pipeline:run",
 }

@@ -25,6 +25,11 @@ def add_prune(parser: argparse.ArgumentParser) -> None:
                         help="calibration text: 'wiki' (default, embedded Wikipedia sample), a .txt or .jsonl file, "
                              "or a dataset id (name or name:config)")
     parser.add_argument("--method", default="tyr", choices=["tyr", "uniform", "magnitude", "flap"], help=METHOD_HELP)
+    parser.add_argument("--latency-table", default=None, metavar="JSON",
+                        help="per-layer-shape latencies from `tyr bench layers`, for --max-latency-ms")
+    parser.add_argument("--max-latency-ms", type=float, default=None, metavar="MS",
+                        help="hardware-aware search: the pruned model's predicted decode step must take at most MS "
+                             "(on top of the parameter budget; needs --latency-table)")
     parser.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and the search")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -35,18 +40,29 @@ def run_prune(args: argparse.Namespace) -> int:
     """Prune a model with Týr-the-Pruner (supernet + evolutionary search) or a baseline; write it with a report."""
     import torch
 
-    from tyr.compressor.prune import prune
+    from tyr.compressor.prune import LatencyBudget, prune
+    from tyr.errors import TyrError
+    from tyr.serving.latency_table import LatencyTable
 
+    if (args.latency_table is None) != (args.max_latency_ms is None):
+        raise TyrError("--latency-table and --max-latency-ms go together")
+    latency = None
+    if args.latency_table is not None:
+        if args.max_latency_ms <= 0:
+            raise TyrError(f"--max-latency-ms must be positive, got {args.max_latency_ms}")
+        latency = LatencyBudget(table=LatencyTable.load(args.latency_table), max_ms=args.max_latency_ms)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = prune(args.model, sparsity=args.sparsity, recipe=args.recipe, out_dir=args.out, work_dir=args.work_dir,
                    text=args.text, method=args.method, seed=args.seed, device=device, overwrite=args.overwrite,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, latency=latency)
     r = result.report
     print(f"{r.method}: removed {100 * r.achieved_sparsity:.2f}% of decoder parameters (target "
           f"{100 * r.target_sparsity:.2f}%): {r.dense_decoder_params:,} -> {r.pruned_decoder_params:,}")
     for it in r.iterations:
         print(f"  iteration {it.iteration}: KL {it.start_fitness:.4f} -> {it.fitness:.4f} in {it.generations} "
               f"generations, activation reuse saved {100 * it.activation_reuse_saving:.1f}% of module evaluations")
+    for note in r.notes:
+        print(f"  {note}")
     print(f"  {r.wall_seconds:.0f} s, peak RSS {r.peak_rss_mb:.0f} MiB")
     print(f"model: {result.out_dir}\nreport: {result.report_paths.get('markdown')}")
     return 0

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tyr.atomic import atomic_write_json
 from tyr.compressor.recipes import Recipe, load_recipe
@@ -37,6 +37,7 @@ from tyr.compressor.report import (IterationReport, LayerReport, PruneReport, St
 from tyr.compressor.search import (GenerationRecord, ModuleLadder, SearchResult, SearchSettings, SearchSpace,
                                    SharedFitness, Stage, grid_ticks, level_of, run_search, tick_of)
 from tyr.errors import TyrError
+from tyr.serving.latency_table import LatencyTable
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,20 @@ class PruneResult:
     report: PruneReport
     report_paths: dict[str, Path] = field(default_factory=dict)
     model: object | None = None          # the pruned TyrLlamaForCausalLM, when asked for
+
+
+class LatencyBudget(BaseModel):
+    """Hardware-aware search: the pruned model's predicted decode step (from a per-layer-shape latency table,
+    `tyr bench layers`) must stay within ``max_ms``, on top of the exact parameter budget."""
+
+    table: LatencyTable
+    max_ms: float = Field(gt=0)
+
+    def module_costs(self, record, per_group: int) -> tuple[float, ...]:
+        """Predicted ms of each candidate of one supernet module, from the widths it keeps."""
+        if record.kind == "attn":
+            return tuple(self.table.attention(len(keep), len({h // per_group for h in keep})) for keep in record.keep)
+        return tuple(self.table.mlp(len(keep)) for keep in record.keep)
 
 
 class IterationOutcome(BaseModel):
@@ -66,17 +81,20 @@ def prune(model=None, sparsity: float = 0.5, recipe: str | Path | Recipe = "fast
           work_dir: str | Path | None = None, text: str | None = None, method: str = "tyr", seed: int = 0,
           device: str = "cpu", tokenizer=None, overwrite: bool = False, progress: bool = True,
           on_generation: Callable[[int, GenerationRecord], None] | None = None,
-          keep_model: bool = False) -> PruneResult:
+          keep_model: bool = False, latency: LatencyBudget | None = None) -> PruneResult:
     """Prune ``model`` (a folder, "default", a hub id or a loaded model with ``tokenizer``) to ``sparsity``.
 
     Writes the pruned model folder ``out_dir`` (tyr_llama format, with prune_report.json/.md/.png inside) and
     keeps resumable state in ``work_dir`` (default: ``<out_dir>.work``). ``on_generation(iteration, record)`` runs
-    after every search generation's checkpoint (tests interrupt there).
+    after every search generation's checkpoint (tests interrupt there). ``latency`` adds a latency budget to the
+    search (method "tyr" only).
     """
     if not isinstance(sparsity, (int, float)) or not 0 < sparsity < 1:
         raise TyrError(f"sparsity must be a fraction strictly between 0 and 1, got {sparsity}")
     if method not in METHODS:
         raise TyrError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if latency is not None and method != "tyr":
+        raise TyrError(f"a latency budget needs the search (method 'tyr'), not {method!r}")
     recipe = load_recipe(recipe)
     out_dir = Path(out_dir)
     work_dir = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + ".work")
@@ -84,7 +102,7 @@ def prune(model=None, sparsity: float = 0.5, recipe: str | Path | Recipe = "fast
         raise TyrError(f"{out_dir} already exists; choose another output folder or pass overwrite (--overwrite)")
     try:
         return _prune(model, float(sparsity), recipe, out_dir, work_dir, text, method, seed, device, tokenizer,
-                      progress, on_generation, keep_model)
+                      progress, on_generation, keep_model, latency)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise TyrError(f"the disk is full ({err}); free space under {work_dir} / {out_dir.parent} and rerun the "
@@ -93,7 +111,7 @@ def prune(model=None, sparsity: float = 0.5, recipe: str | Path | Recipe = "fast
 
 
 def _prune(model, sparsity, recipe, out_dir, work_dir, text, method, seed, device, tokenizer, progress,
-           on_generation, keep_model) -> PruneResult:
+           on_generation, keep_model, latency) -> PruneResult:
     from tyr.data import TextSource
     from tyr.models.io import load_model
 
@@ -109,9 +127,12 @@ def _prune(model, sparsity, recipe, out_dir, work_dir, text, method, seed, devic
             model_name = getattr(model.config, "_name_or_path", "") or "in-memory model"
             model = model.to(device).eval()
     source = TextSource.parse(text)
-    _claim_work_dir(work_dir, dict(method=method, model=model_name, sparsity=sparsity, seed=seed,
-                                   text=source.model_dump(), recipe=recipe.model_dump() if method in ("tyr", "uniform", "flap") else None,
-                                   layers=[list(w) for w in _layer_widths(model)]))
+    identity = dict(method=method, model=model_name, sparsity=sparsity, seed=seed, text=source.model_dump(),
+                    recipe=recipe.model_dump() if method in ("tyr", "uniform", "flap") else None,
+                    layers=[list(w) for w in _layer_widths(model)])
+    if latency is not None:
+        identity["latency"] = latency.model_dump(mode="json")
+    _claim_work_dir(work_dir, identity)
     notes: list[str] = []
     calibration_tokens = selection_tokens = 0
     iterations: list[IterationReport] = []
@@ -144,7 +165,12 @@ def _prune(model, sparsity, recipe, out_dir, work_dir, text, method, seed, devic
                 selection_tokens = selection.numel()
                 pruned, levels, iterations, nominal = _prune_tyr(model, calibration, selection, sparsity, recipe,
                                                                  work_dir, seed, device, meter, progress,
-                                                                 on_generation)
+                                                                 on_generation, latency)
+                if latency is not None:
+                    notes.append(f"latency budget {latency.max_ms:.3f} ms per decode step ({latency.table.method}, "
+                                 f"{latency.table.device_name}); predicted for the output: "
+                                 f"{latency.table.predict_latency(_layer_widths(pruned)):.3f} ms, dense "
+                                 f"{latency.table.predict_latency(_layer_widths(model)):.3f} ms")
         report = _report(model, pruned, model_name, out_dir, method, sparsity, recipe, seed, device, source,
                          calibration_tokens, selection_tokens, levels, nominal, iterations, notes)
         paths = _save(pruned, tokenizer, out_dir, work_dir, report, meter, started)
@@ -156,7 +182,7 @@ def _prune(model, sparsity, recipe, out_dir, work_dir, text, method, seed, devic
 # ----- Týr -----
 
 def _prune_tyr(model, calibration, selection, target, recipe: Recipe, work_dir: Path, seed: int, device: str,
-               meter: StageMeter, progress: bool, on_generation):
+               meter: StageMeter, progress: bool, on_generation, latency: LatencyBudget | None = None):
     from tyr.compressor.fitness import dense_targets
     from tyr.compressor.supernet import Supernet
 
@@ -187,7 +213,7 @@ def _prune_tyr(model, calibration, selection, target, recipe: Recipe, work_dir: 
                 manifest = _build(model, calibration, supernet_dir, target, unit, ladders, ticks, recipe, device,
                                   progress)
             supernet_seconds = time.perf_counter() - stage_started
-            space = _space(manifest, modules, dense_params, target, unit, step)
+            space = _space(manifest, modules, dense_params, target, unit, step, latency)
             if targets is None:
                 with meter.stage("dense targets"):
                     targets = dense_targets(model, selection, recipe.search.kl_top_k, recipe.search.batch_sequences,
@@ -286,7 +312,7 @@ def _local_settings(recipe: Recipe):
     return LocalPruneSettings(**recipe.local_pruner.model_dump())
 
 
-def _space(manifest, modules, dense_params, target, unit, step) -> SearchSpace:
+def _space(manifest, modules, dense_params, target, unit, step, latency: LatencyBudget | None = None) -> SearchSpace:
     ladders = []
     for (layer, kind, params), candidates in zip(modules, manifest.modules, strict=True):
         if (candidates.layer, candidates.kind) != (layer, kind):
@@ -294,7 +320,12 @@ def _space(manifest, modules, dense_params, target, unit, step) -> SearchSpace:
                            f"layers.{candidates.layer}.{candidates.kind}")
         ticks = tuple(tick_of(target, unit, level) for level in candidates.levels)
         ladders.append(ModuleLadder(f"layers.{layer}.{kind}", layer, kind, params, ticks))
-    return SearchSpace(target=target, unit=unit, step=step, modules=ladders)
+    if latency is None:
+        return SearchSpace(target=target, unit=unit, step=step, modules=ladders)
+    per_group = manifest.num_attention_heads // manifest.num_key_value_heads
+    costs = [latency.module_costs(record, per_group) for record in manifest.modules]
+    return SearchSpace(target=target, unit=unit, step=step, modules=ladders, costs=costs,
+                       max_cost=latency.max_ms - latency.table.lm_head_ms)
 
 
 def _outcome(iteration: int, recipe: Recipe, space: SearchSpace, result: SearchResult, stats, supernet_seconds: float,

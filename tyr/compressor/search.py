@@ -67,6 +67,10 @@ class SearchSpace:
     unit: float
     step: int                        # ticks between neighbouring levels in this iteration
     modules: list[ModuleLadder]
+    # Optional latency budget: predicted cost (ms) of every module's candidates and the most a choice may cost.
+    # The parameter budget stays exact; the search then only visits distributions that also fit this one.
+    costs: list[tuple[float, ...]] | None = None
+    max_cost: float | None = None
     _down: list[dict[int, int]] = field(init=False, repr=False)
     _up: list[dict[int, int]] = field(init=False, repr=False)
     groups: list[list[int]] = field(init=False, repr=False)
@@ -84,6 +88,10 @@ class SearchSpace:
         keys: dict[tuple[str, int], int] = {}
         self.group_of = [keys.setdefault((m.kind, m.dense_params), len(keys)) for m in self.modules]
         self.groups = [[i for i, g in enumerate(self.group_of) if g == k] for k in range(len(keys))]
+        if (self.costs is None) != (self.max_cost is None):
+            raise ValueError("costs and max_cost go together")
+        if self.costs is not None and [len(c) for c in self.costs] != [len(m.ticks) for m in self.modules]:
+            raise ValueError("costs need one value per candidate of every module")
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -103,6 +111,13 @@ class SearchSpace:
 
     def nominal_sparsity(self, choice: Sequence[int]) -> float:
         return self.target + self.unit * self.budget_offset(choice) / self.dense_params()
+
+    def cost(self, choice: Sequence[int]) -> float | None:
+        """Predicted cost of a choice under the latency budget (None without one)."""
+        return None if self.costs is None else sum(self.costs[m][c] for m, c in enumerate(choice))
+
+    def feasible(self, choice: Sequence[int]) -> bool:
+        return self.max_cost is None or self.cost(choice) <= self.max_cost * (1 + 1e-9)
 
     def down(self, module: int, candidate: int) -> int | None:
         """The candidate one level less sparse, if the ladder has it."""
@@ -125,7 +140,8 @@ class SearchSpace:
         return [m.ticks[c] for m, c in zip(self.modules, choice)]
 
     def fingerprint(self) -> str:
-        data = [self.target, self.unit, self.step, [(m.name, m.dense_params, m.ticks) for m in self.modules]]
+        data = [self.target, self.unit, self.step, [(m.name, m.dense_params, m.ticks) for m in self.modules],
+                self.costs, self.max_cost]
         return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
 
 
@@ -186,7 +202,8 @@ def mutate(parent: Choice, space: SearchSpace, rng: np.random.Generator, max_shi
 
 def make_offspring(parent: Choice, space: SearchSpace, rng: np.random.Generator, count: int,
                    max_shifts: int) -> list[Choice]:
-    """``count`` distinct children of ``parent`` (fewer if the neighbourhood is smaller than that)."""
+    """``count`` distinct children of ``parent`` within the latency budget, if any (fewer if the neighbourhood is
+    smaller than that)."""
     children: list[Choice] = []
     seen = {parent}
     for _ in range(50 * count + 100):
@@ -195,7 +212,8 @@ def make_offspring(parent: Choice, space: SearchSpace, rng: np.random.Generator,
         child = mutate(parent, space, rng, max_shifts)
         if child not in seen:
             seen.add(child)
-            children.append(child)
+            if space.feasible(child):
+                children.append(child)
     return children
 
 
@@ -320,6 +338,9 @@ def run_search(space: SearchSpace, fitness: Fitness, settings: SearchSettings, s
     if space.budget_offset(start) != 0:
         raise TyrError(f"the start distribution's nominal sparsity {space.nominal_sparsity(start):.6f} is not the "
                        f"target {space.target}")
+    if not space.feasible(start):
+        raise TyrError(f"the start distribution's predicted latency {space.cost(start):.3f} ms exceeds the budget of "
+                       f"{space.max_cost:.3f} ms: raise the target sparsity or the latency budget")
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     fingerprint = _fingerprint(space, settings, start)
     rng = np.random.Generator(np.random.PCG64(settings.seed))

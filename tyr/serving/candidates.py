@@ -1,4 +1,4 @@
-"""Gather `Measurement`s for `tyr select` from recorded files, and the hooks that will produce them.
+"""Gather `Measurement`s for `tyr select` from recorded files.
 
 Accepted inputs (`--candidates`, any mix):
 - a measurement JSON: one object {"label", "perplexity" and/or "accuracy", optional "model", "baseline",
@@ -8,15 +8,14 @@ Accepted inputs (`--candidates`, any mix):
 - a pruned model folder holding `measurement.json` (label and model default to the folder);
 - any other folder: every *.json directly inside it, as above.
 
-Hooks for the lead to wire: `prune_candidates` (prune a base model at several sparsities first) and
-`measure_candidate` (evaluate + benchmark a folder that has no measurement.json yet).
+A model folder without measurements is not measured here: `tyr select --prune-base` (or `tyr run`) prunes,
+evaluates and benchmarks, and writes the measurements this module reads.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -28,27 +27,6 @@ log = logging.getLogger(__name__)
 MEASUREMENT_FILE = "measurement.json"
 RUNTIME_KEYS = {"vllm": "vllm", "onnxruntime": "onnx"}  # BenchResult.runtime -> select's --runtime
 SpeedSource = Literal["auto", "offline", "online"]
-
-# (base model, sparsities, output folder) -> pruned model folders
-PruneHook = Callable[[str, list[float], Path], list[Path]]
-# (model folder, runtime) -> its measurement (quality from tyr eval, speed from tyr bench)
-MeasureHook = Callable[[Path, str], Measurement]
-
-
-def prune_candidates(base_model: str, sparsities: list[float], out_dir: str | Path,
-                     prune: PruneHook | None = None) -> list[Path]:
-    """Prune `base_model` at each sparsity into out_dir and return the folders (the hook does the work)."""
-    if prune is None:
-        raise TyrError("pruning from `tyr select` is not wired yet: prune with `tyr prune` at each sparsity, "
-                       "measure the folders, then pass them (or their measurement JSONs) with --candidates")
-    return prune(base_model, sparsities, Path(out_dir))
-
-
-def measure_candidate(folder: Path, runtime: str, measure: MeasureHook | None = None) -> Measurement:
-    if measure is None:
-        raise TyrError(f"{folder} has no {MEASUREMENT_FILE}: record its quality (tyr eval) and speed (tyr bench "
-                       f"{runtime}) into it, or pass the measurement JSONs with --candidates")
-    return measure(folder, runtime)
 
 
 def _read_json(path: Path):
@@ -79,8 +57,8 @@ def _parse(data, where: str, measurements: list[Measurement], results: list[Benc
         raise TyrError(f"{where} is neither a measurement nor a benchmark result: {err}") from err
 
 
-def read_candidates(paths: list[str | Path], runtime: str = "vllm", speed_source: SpeedSource = "auto",
-                    measure: MeasureHook | None = None) -> list[Measurement]:
+def read_candidates(paths: list[str | Path], runtime: str = "vllm", speed_source: SpeedSource = "auto"
+                    ) -> list[Measurement]:
     measurements: list[Measurement] = []
     results: list[BenchResult] = []
     for path in map(Path, paths):
@@ -92,7 +70,8 @@ def read_candidates(paths: list[str | Path], runtime: str = "vllm", speed_source
                 _parse(_read_json(path / MEASUREMENT_FILE), str(path / MEASUREMENT_FILE), measurements, results,
                        defaults)
             else:
-                measurements.append(measure_candidate(path, runtime, measure))
+                raise TyrError(f"{path} is a model folder without {MEASUREMENT_FILE}: measure it first (tyr eval and "
+                               f"tyr bench {runtime}), or let `tyr select --prune-base` prune and measure")
         elif path.is_dir():
             files = sorted(path.glob("*.json"))
             if not files:

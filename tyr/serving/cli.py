@@ -85,6 +85,35 @@ def run_bench(args: argparse.Namespace) -> int:
     return 1 if run.failures else 0
 
 
+def add_layers(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default", help="dense model ('default', a folder or a hub id)")
+    parser.add_argument("--out", required=True, help="latency table JSON to write")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per decode step")
+    parser.add_argument("--context", type=int, default=256, help="KV-cache tokens each sequence attends to")
+    parser.add_argument("--repeats", type=int, default=30, help="timed runs per shape (the best counts)")
+
+
+def run_layers(args: argparse.Namespace) -> int:
+    """Time one decode step of every attention and MLP shape of a model: the table `tyr prune --max-latency-ms` uses."""
+    import torch
+
+    from tyr.models.io import resolve_model_path
+    from tyr.serving.latency_table import latency_table_for_model
+
+    if args.batch < 1 or args.context < 1 or args.repeats < 1:
+        raise TyrError("--batch, --context and --repeats must be positive")
+    table = latency_table_for_model(resolve_model_path(args.model), batch=args.batch, context=args.context,
+                                    device=args.device, dtype=getattr(torch, args.dtype), repeats=args.repeats)
+    path = table.save(args.out)
+    dense = table.predict_latency([])  # lm_head only; the per-shape rows follow
+    print(f"{table.method} on {table.device_name} ({table.dtype}), batch {table.batch}, context {table.context}")
+    print(f"lm_head {dense:.3f} ms; attention shapes {len(table.attention_ms)}, MLP widths {len(table.mlp_ms)}")
+    print(f"table: {path}")
+    return 0
+
+
 def add_select(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", nargs="+", action="extend", default=[], metavar="PATH",
                         help="measurement JSONs, benchmark results, pruned folders with measurement.json, or "
@@ -100,13 +129,16 @@ def add_select(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speed-source", choices=["auto", "offline", "online"], default="auto",
                         help="which benchmark throughput to compare (auto: offline batch when measured)")
     parser.add_argument("--out", default=None, help="output folder (default: tyr-reports/select-<time>)")
-    parser.add_argument("--prune-base", metavar="MODEL", help="prune this model at --prune-sparsities first")
+    parser.add_argument("--prune-base", metavar="MODEL", help="prune this model ('default', a folder or a hub id) "
+                        "at --prune-sparsities, then evaluate, export and benchmark it and every pruned model in "
+                        "--runtime (the `tyr run` stages; rerunning with the same --out resumes)")
     parser.add_argument("--prune-sparsities", type=float, nargs="+", metavar="S", help="sparsities to prune at")
+    parser.add_argument("--recipe", default="fast", help="pruning recipe for --prune-base: fast, paper or a file")
 
 
 def run_select(args: argparse.Namespace) -> int:
     """Pick the fastest model meeting a quality and a speed-up target (Pareto front, report); exit 1 if none."""
-    from tyr.serving.candidates import prune_candidates, read_candidates
+    from tyr.serving.candidates import read_candidates
     from tyr.serving.report import write_selection_report
     from tyr.serving.selection import Targets, select
     from tyr.serving.tables import selection_table
@@ -116,7 +148,7 @@ def run_select(args: argparse.Namespace) -> int:
     if args.prune_sparsities or args.prune_base:
         if not (args.prune_sparsities and args.prune_base):
             raise TyrError("--prune-base and --prune-sparsities go together")
-        candidates += [str(p) for p in prune_candidates(args.prune_base, args.prune_sparsities, out / "pruned")]
+        candidates.append(str(_prune_and_measure(args, out / "run")))
     if not candidates:
         raise TyrError("no candidates: pass --candidates (or --prune-base with --prune-sparsities)")
     try:
@@ -131,3 +163,18 @@ def run_select(args: argparse.Namespace) -> int:
     print(selection.message)
     print(f"\nreport: {paths['html']}  (JSON: {paths['json'].name}, CSV: {paths['csv'].name})")
     return 0 if selection.chosen else 1
+
+
+def _prune_and_measure(args: argparse.Namespace, out: Path) -> Path:
+    """Run the `tyr run` stages for --prune-base in --runtime only; returns its measurements file."""
+    from tyr.pipeline import RunConfig, run_pipeline
+
+    try:
+        config = RunConfig(model=args.prune_base, sparsities=args.prune_sparsities, recipe=args.recipe, out=out,
+                           max_ppl_increase=args.max_ppl_increase,
+                           min_accuracy_retention=args.min_accuracy_retention, min_speedup=args.min_speedup,
+                           runtime=args.runtime, vllm=args.runtime == "vllm", onnx=args.runtime == "onnx")
+    except ValueError as err:
+        raise TyrError(f"bad --prune-* settings: {err}") from err
+    run_pipeline(config)
+    return out / "measurements.json"

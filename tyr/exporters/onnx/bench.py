@@ -198,6 +198,20 @@ def bench_results(report: OnnxBenchReport) -> list:
     return results
 
 
+def write_report(report: OnnxBenchReport, table: str, out: Path) -> Path:
+    """Each model's result.json (the BenchResult format `tyr bench vllm` writes too), results.csv, and the report
+    as onnx_bench.json and onnx_bench.md (``table``) under ``out``; returns the JSON's path."""
+    from tyr.atomic import atomic_write_json, atomic_write_text
+    from tyr.serving.results import write_result, write_results_csv
+
+    results = bench_results(report)
+    for result in results:
+        write_result(result, out / result.label.replace("@", "-") / "result.json")
+    write_results_csv(results, out / "results.csv")
+    atomic_write_text(out / "onnx_bench.md", table)
+    return atomic_write_json(out / "onnx_bench.json", report.model_dump(mode="json"))
+
+
 def report_table(report: OnnxBenchReport) -> str:
     """Markdown: medians per model and thread count, then measured vs ideal speed-ups."""
     lines = [f"ONNX Runtime, batch 1, prompt {report.prompt_tokens} tokens, {report.decode_tokens} decode steps, "

@@ -87,10 +87,8 @@ def _parse_threads(text: str) -> list[int]:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Prefill and decode latency of ONNX exports in onnxruntime: dense vs pruned, measured vs ideal speed-up."""
-    from tyr.atomic import atomic_write_json, atomic_write_text
-    from tyr.exporters.onnx.bench import bench_onnx, bench_results, report_table
+    from tyr.exporters.onnx.bench import bench_onnx, report_table, write_report
     from tyr.exporters.onnx.export import INFO_FILE, export_onnx
-    from tyr.serving.results import write_result, write_results_csv
 
     threads = _parse_threads(args.threads)
     if args.opt_level is not None and args.opt_level not in OPT_LEVELS:
@@ -116,11 +114,5 @@ def run_bench(args: argparse.Namespace) -> int:
     table = report_table(report)
     print(table)
     if out is not None:
-        results = bench_results(report)
-        for result in results:
-            write_result(result, out / result.label.replace("@", "-") / "result.json")
-        write_results_csv(results, out / "results.csv")
-        atomic_write_json(out / "onnx_bench.json", report.model_dump(mode="json"))
-        atomic_write_text(out / "onnx_bench.md", table)
-        print(f"results: {out / 'onnx_bench.json'}, {out / 'results.csv'}")
+        print(f"results: {write_report(report, table, out)}, {out / 'results.csv'}")
     return 0

@@ -10,7 +10,6 @@ the KV cache it allocated per attention layer, so callers can check that removed
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
