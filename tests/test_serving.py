@@ -103,6 +103,7 @@ def test_bench_vllm_measures_a_real_server(bench_out, tiny_dir):
 
     offline = result.offline
     assert offline.num_prompts == 8 and offline.output_tokens == 8 * 16 and offline.output_tokens_per_s > 0
+    assert len(offline.batch_seconds) == 3 and offline.elapsed_s == sorted(offline.batch_seconds)[1]  # the median
 
     assert result.params == param_counts(tiny_dir)
     assert result.config["load"]["users"] == 2 and result.config["server"]["max_model_len"] == 256

@@ -130,7 +130,7 @@ def _prune(config: RunConfig, dense_dir: Path, c: Candidate) -> None:
     if (c.model_dir / "config.json").is_file():
         log.info("%s: reusing %s", c.label, c.model_dir)
         return
-    # All sparsities share one work folder: the first iteration's supernet does not depend on the target.
+    # One work folder per sparsity, kept under the run folder, so an interrupted prune resumes where it stopped.
     prune(str(dense_dir), sparsity=c.sparsity, recipe=config.recipe, out_dir=c.model_dir,
           work_dir=config.out / "work" / f"{c.sparsity:g}", method="tyr", seed=config.seed)
 

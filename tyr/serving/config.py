@@ -70,6 +70,8 @@ class OfflineConfig(BaseModel):
     num_prompts: int = Field(32, ge=1, le=100_000)
     prompt_tokens: int = Field(64, ge=1, le=131_072)
     output_tokens: int = Field(64, ge=1, le=131_072)
+    repeats: int = Field(3, ge=1, le=100, description="timed batches in the same engine; the median counts (one "
+                         "batch on a shared CPU varies by 15% or more)")
     timeout_s: float = Field(1800, gt=0, le=86_400)
     seed: int = 0
 

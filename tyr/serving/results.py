@@ -59,9 +59,10 @@ class OfflineThroughput(BaseModel):
     num_prompts: int = Field(gt=0)
     prompt_tokens: int = Field(ge=0)  # per prompt
     output_tokens: int = Field(gt=0)  # total generated
-    elapsed_s: float = Field(gt=0)
+    elapsed_s: float = Field(gt=0)  # of the median batch
     output_tokens_per_s: float = Field(gt=0)
     requests_per_s: float = Field(gt=0)
+    batch_seconds: list[float] = Field(default_factory=list, description="every timed batch, in order")
 
 
 class ParamCounts(BaseModel):
