@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 class RunConfig(BaseModel):
-    """Everything `tyr run` does, with defaults sized for two CPU cores (about 30 minutes)."""
+    """Everything `tyr run` does, with defaults sized for two CPU cores (about 40 minutes on a quiet
+    two-core machine, two thirds of it pruning)."""
 
     model_config = ConfigDict(extra="forbid")
     model: str = Field("default", description="dense model: 'default' (embedded SmolLM2-135M), a folder or a hub id")
