@@ -48,9 +48,10 @@ def run_prune(args: argparse.Namespace) -> int:
         raise TyrError("--latency-table and --max-latency-ms go together")
     latency = None
     if args.latency_table is not None:
-        if args.max_latency_ms <= 0:
-            raise TyrError(f"--max-latency-ms must be positive, got {args.max_latency_ms}")
-        latency = LatencyBudget(table=LatencyTable.load(args.latency_table), max_ms=args.max_latency_ms)
+        try:
+            latency = LatencyBudget(table=LatencyTable.load(args.latency_table), max_ms=args.max_latency_ms)
+        except ValueError as err:
+            raise TyrError(f"bad latency budget: {err}") from err
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = prune(args.model, sparsity=args.sparsity, recipe=args.recipe, out_dir=args.out, work_dir=args.work_dir,
                    text=args.text, method=args.method, seed=args.seed, device=device, overwrite=args.overwrite,

@@ -60,11 +60,10 @@ class LatencyBudget(BaseModel):
     table: LatencyTable
     max_ms: float = Field(gt=0)
 
-    def module_costs(self, record, per_group: int) -> tuple[float, ...]:
-        """Predicted ms of each candidate of one supernet module, from the widths it keeps."""
-        if record.kind == "attn":
-            return tuple(self.table.attention(len(keep), len({h // per_group for h in keep})) for keep in record.keep)
-        return tuple(self.table.mlp(len(keep)) for keep in record.keep)
+    def module_costs(self, record) -> tuple[float, ...]:
+        """Predicted ms of each candidate of one supernet module, from its widths in the manifest."""
+        block = self.table.attention if record.kind == "attn" else self.table.mlp
+        return tuple(block(*width) for width in record.widths)
 
 
 class IterationOutcome(BaseModel):
@@ -322,8 +321,7 @@ def _space(manifest, modules, dense_params, target, unit, step, latency: Latency
         ladders.append(ModuleLadder(f"layers.{layer}.{kind}", layer, kind, params, ticks))
     if latency is None:
         return SearchSpace(target=target, unit=unit, step=step, modules=ladders)
-    per_group = manifest.num_attention_heads // manifest.num_key_value_heads
-    costs = [latency.module_costs(record, per_group) for record in manifest.modules]
+    costs = [latency.module_costs(record) for record in manifest.modules]
     return SearchSpace(target=target, unit=unit, step=step, modules=ladders, costs=costs,
                        max_cost=latency.max_ms - latency.table.lm_head_ms)
 

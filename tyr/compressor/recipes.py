@@ -100,7 +100,7 @@ class SearchRecipe(_Strict):
                                  "later stages score the survivors on more tokens")
             if b.survivors > a.survivors:
                 raise ValueError(f"stages[{i + 1}].survivors={b.survivors} > stages[{i}].survivors={a.survivors}")
-        pool = self.pool_tokens if self.pool_tokens is not None else self.stages[-1].tokens
+        pool = self.pool_size
         if pool < self.stages[-1].tokens:
             raise ValueError(f"pool_tokens={pool} is smaller than the last stage's {self.stages[-1].tokens} tokens")
         if pool % (self.seq_len * self.batch_sequences):
@@ -111,9 +111,14 @@ class SearchRecipe(_Strict):
         return self
 
     @property
+    def pool_size(self) -> int:
+        """Tokens in the selection pool."""
+        return self.pool_tokens if self.pool_tokens is not None else self.stages[-1].tokens
+
+    @property
     def selection_sequences(self) -> int:
         """Sequences in the selection pool."""
-        return (self.pool_tokens if self.pool_tokens is not None else self.stages[-1].tokens) // self.seq_len
+        return self.pool_size // self.seq_len
 
     def stage_batches(self) -> list[int]:
         return [s.tokens // self.seq_len // self.batch_sequences for s in self.stages]

@@ -86,7 +86,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def add_layers(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default", help="dense model ('default', a folder or a hub id)")
+    parser.add_argument("--model", default="default", help="dense model folder, or 'default'")
     parser.add_argument("--out", required=True, help="latency table JSON to write")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -107,9 +107,8 @@ def run_layers(args: argparse.Namespace) -> int:
     table = latency_table_for_model(resolve_model_path(args.model), batch=args.batch, context=args.context,
                                     device=args.device, dtype=getattr(torch, args.dtype), repeats=args.repeats)
     path = table.save(args.out)
-    dense = table.predict_latency([])  # lm_head only; the per-shape rows follow
     print(f"{table.method} on {table.device_name} ({table.dtype}), batch {table.batch}, context {table.context}")
-    print(f"lm_head {dense:.3f} ms; attention shapes {len(table.attention_ms)}, MLP widths {len(table.mlp_ms)}")
+    print(f"lm_head {table.lm_head_ms:.3f} ms; attention shapes {len(table.attention_ms)}, MLP widths {len(table.mlp_ms)}")
     print(f"table: {path}")
     return 0
 
