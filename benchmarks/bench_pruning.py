@@ -62,12 +62,12 @@ def run_prune(args, sparsity: float, method: str, out: Path) -> dict:
 
 
 def evaluate(args, model_dir: str, dense, blocks, tasks) -> dict:
-    from tyr.evaluation import evaluate_task, kl_to_reference, perplexity
+    from tyr.evaluation import compare_to_reference, evaluate_task
     from tyr.models.io import load_model
 
     model, tokenizer = load_model(model_dir)
-    row = {"perplexity": perplexity(model, blocks, progress=False)}
-    row["kl"] = kl_to_reference(model, dense, blocks, progress=False) if model is not dense else 0.0
+    comparison = compare_to_reference(model, dense, blocks, progress=False)
+    row = {"perplexity": comparison.perplexity, "kl": comparison.kl}
     if tasks:
         scores = [evaluate_task(model, tokenizer, task, progress=False) for task in tasks]
         row["bigbench"] = sum(s.accuracy for s in scores) / len(scores)

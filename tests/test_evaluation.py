@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tyr.evaluation.bigbench import MultipleChoiceExample, MultipleChoiceTask, load_task, resolve_task_names
-from tyr.evaluation.language_modeling import kl_and_reference_perplexity, kl_to_reference, perplexity
+from tyr.evaluation.language_modeling import compare_to_reference, kl_to_reference, perplexity
 from tyr.evaluation.multiple_choice import encode_pair, evaluate_task, score_choices
 from tyr.evaluation.report import EvalResult, ParameterCount
 from tyr.evaluation.run import count_parameters
@@ -61,9 +61,11 @@ def test_kl_is_zero_to_itself_and_positive_to_a_perturbed_copy(blocks):
     expected = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
     assert kl > 1e-4
     assert kl == pytest.approx(expected, rel=1e-4)
-    kl_again, reference_ppl = kl_and_reference_perplexity(perturbed, model, blocks, batch_size=3, progress=False)
+    kl_again, ppl, reference_ppl = compare_to_reference(perturbed, model, blocks, batch_size=3, progress=False)
     assert kl_again == pytest.approx(kl, rel=1e-6)
+    assert ppl == pytest.approx(perplexity(perturbed, blocks, progress=False), rel=1e-6)
     assert reference_ppl == pytest.approx(perplexity(model, blocks, progress=False), rel=1e-6)
+    assert ppl != pytest.approx(reference_ppl, rel=1e-3)
     # KL is not symmetric: swapping the roles measures a different quantity.
     assert kl_to_reference(model, perturbed, blocks, progress=False) != pytest.approx(kl, rel=1e-6)
 

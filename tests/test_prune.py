@@ -113,6 +113,20 @@ def test_tyr_resume_after_interrupt_gives_the_same_model(tmp_path, tyr_run, tiny
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sparsities_on_one_grid_share_the_first_supernet(tmp_path, tyr_run, tiny_dir, recipe):
+    cache = tmp_path / "supernets"
+    prune(tiny_dir, sparsity=0.25, recipe=recipe, out_dir=tmp_path / "a", progress=False, supernet_cache=cache)
+    built = sorted(cache.iterdir())
+    assert len(built) == 1 and (built[0] / "manifest.json").is_file()     # kept for the next sparsity
+    stamp = (built[0] / "manifest.json").stat().st_mtime_ns
+    second = prune(tiny_dir, sparsity=0.5, recipe=recipe, out_dir=tmp_path / "b", progress=False,
+                   supernet_cache=cache)
+    assert sorted(cache.iterdir()) == built and (built[0] / "manifest.json").stat().st_mtime_ns == stamp
+    # Reusing it changes nothing: the same model as the run that built its own first supernet.
+    a, b = load_model(second.out_dir)[0].state_dict(), load_model(tyr_run.out_dir)[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_uniform_baseline_is_the_local_pruner_at_one_level(tmp_path, tiny_dir, recipe):
     result = prune(tiny_dir, sparsity=0.5, recipe=recipe, out_dir=tmp_path / "u", method="uniform", progress=False)
     model, _ = load_model(result.out_dir)

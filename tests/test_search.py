@@ -14,7 +14,7 @@ import torch
 
 from tyr.compressor.fitness import SupernetKL, dense_targets, sparse_kl
 from tyr.compressor.layerwise import DenseParts, module_weights
-from tyr.compressor.recipes import Recipe, load_recipe
+from tyr.compressor.recipes import Recipe, fitness_dtype, load_recipe
 from tyr.compressor.search import (ModuleLadder, SearchSettings, SearchSpace, SharedFitness, Stage, grid_ticks,
                                    make_offspring, mutate, run_search, staged_selection)
 from tyr.errors import TyrError
@@ -235,8 +235,8 @@ def test_sparse_kl_matches_full_kl_when_top_k_is_the_vocabulary():
     logp = torch.log_softmax(logits_p, -1)
     top = logp.topk(11, -1)
     full = torch.nn.functional.kl_div(torch.log_softmax(logits_q, -1), logp, log_target=True, reduction="none").sum((1, 2))
-    assert torch.allclose(sparse_kl(logits_q, top.values, top.indices), full.double(), atol=1e-5)
-    partial = sparse_kl(logits_q, *logp.topk(3, -1))
+    assert torch.allclose(sparse_kl(logits_q, lambda x: x, top.values, top.indices), full.double(), atol=1e-5)
+    partial = sparse_kl(logits_q, lambda x: x, *logp.topk(3, -1))
     assert partial.shape == (2,) and torch.isfinite(partial).all()
 
 
@@ -246,6 +246,25 @@ def test_kl_fitness_is_zero_for_the_dense_choice_and_grows_with_sparsity(tiny_kl
     dense, half, most = (space.choice_at([t] * len(space)) for t in (-2, 0, 1))
     kl = fitness.evaluate([dense, half, most], range(4))
     assert abs(kl[0]) < 1e-4 and kl[0] < kl[1] < kl[2]
+
+
+def test_bf16_fitness_keeps_values_and_order_of_the_fp32_one(tiny_kl_setup):
+    model, candidates, targets, space = tiny_kl_setup
+    bf16 = SupernetKL(DenseParts.from_model(model), candidates, candidates.kinds, targets, batch_sequences=2,
+                      compute_dtype=torch.bfloat16)
+    choices = [space.choice_at([t] * len(space)) for t in (-2, -1, 0, 1)]
+    exact = make_kl(tiny_kl_setup, reuse=False).evaluate(choices, range(4))
+    fast = bf16.evaluate(choices, range(4))
+    assert bf16.stats.compute_dtype == "bfloat16"
+    assert fast == sorted(fast) and exact == sorted(exact)
+    assert all(abs(a - b) <= 0.02 * b + 2e-3 for a, b in zip(fast, exact))
+
+
+def test_fitness_dtype_follows_the_recipe_and_the_device():
+    assert fitness_dtype("float32", "cpu") == torch.float32
+    assert fitness_dtype("bfloat16", "cpu") == torch.bfloat16
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert fitness_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
 
 
 def test_activation_reuse_gives_identical_fitness_and_saves_work(tiny_kl_setup):
@@ -341,6 +360,9 @@ def test_shipped_recipes_validate():
     assert paper.calibration.tokens == 4 * 2 ** 20
     assert [paper.spacing(i) for i in range(4)] == [0.125, 0.0625, 0.03125, 0.015625]
     assert fast.iterations >= 1 and fast.search.selection_sequences >= 1
+    gpu = load_recipe("gpu")       # fast's calibration and pruner with a larger search
+    assert gpu.calibration == fast.calibration and gpu.local_pruner == fast.local_pruner
+    assert gpu.search.offspring > fast.search.offspring and gpu.search.pool_size > fast.search.pool_size
 
 
 @pytest.mark.parametrize("change, message", [

@@ -6,5 +6,5 @@
 - supernet.py: per-module candidates at a ladder of sparsities on disk, with expectation error accumulation
 - fitness.py, search.py: top-k sparse KL fitness and the evolutionary search under an exact budget
 - prune.py: the coarse-to-fine driver (`prune`), resumable; baselines.py: uniform, magnitude, FLAP
-- recipes.py (+ recipes/*.yaml): validated budgets `fast` and `paper`; report.py: JSON, Markdown and a plot
+- recipes.py (+ recipes/*.yaml): validated budgets `fast`, `gpu` and `paper`; report.py: JSON, Markdown and a plot
 """

@@ -16,7 +16,8 @@ def add_prune(parser: argparse.ArgumentParser) -> None:
                         help="fraction of decoder-layer parameters to remove, in (0, 1) (embeddings and LM head "
                              "excluded)")
     parser.add_argument("--recipe", default="fast",
-                        help="budget: 'fast' (two CPU cores), 'paper' (the published settings) or a YAML/JSON file")
+                        help="budget: 'fast' (two CPU cores), 'gpu' (one GPU), 'paper' (the published settings) or "
+                             "a YAML/JSON file")
     parser.add_argument("--out", required=True, help="output folder for the pruned model and its report")
     parser.add_argument("--work-dir", default=None,
                         help="supernets and search checkpoints (default: <out>.work); rerunning the same command "

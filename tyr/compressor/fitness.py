@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from tyr.compressor.layerwise import DenseParts, attention_delta, heads_of, mlp_delta
+from tyr.compressor.layerwise import DenseParts, attention_delta, heads_of, mlp_delta, rms_norm
 from tyr.compressor.search import Choice
 
-# Positions per log-softmax chunk: bounds the temporaries to about chunk x vocab floats.
-POSITIONS_PER_CHUNK = 1024
+# Positions per LM-head chunk of the fitness (see sparse_kl).
+POSITIONS_PER_CHUNK = 64
 
 
 @dataclass
@@ -66,16 +66,25 @@ def dense_targets(model, ids: torch.LongTensor, top_k: int, batch_sequences: int
     return SelectionTargets(ids=ids.cpu(), top_logp=torch.cat(values), top_index=torch.cat(indices))
 
 
-def sparse_kl(logits: torch.Tensor, top_logp: torch.Tensor, top_index: torch.Tensor) -> torch.Tensor:
-    """Σ over positions of Σ_{i∈top-k} p_i (log p_i − log q_i): logits [B, L, V] -> per-sequence sums [B] (float64)."""
-    batch, length, _ = logits.shape
-    out = torch.zeros(batch, dtype=torch.float64, device=logits.device)
+def sparse_kl(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], top_logp: torch.Tensor,
+              top_index: torch.Tensor) -> torch.Tensor:
+    """Σ over positions of Σ_{i∈top-k} p_i (log p_i − log q_i), per sequence [B] (float64).
+
+    ``head`` maps hidden states [B, n, D] to logits [B, n, V] (the identity if ``hidden`` already holds logits). It
+    runs on a few positions at a time, so the full [B, L, V] logits never exist: a small chunk's buffers are reused
+    by the allocator and stay in cache, where a fresh [L, V] buffer per forward costs page faults (on two CPU cores
+    chunks of 64 positions made the LM head and KL 1.2x faster in fp32 and 1.5x in bf16 than one of 128).
+    """
+    batch, length = hidden.shape[:2]
+    out = torch.zeros(batch, dtype=torch.float64, device=hidden.device)
     step = max(1, POSITIONS_PER_CHUNK // batch)
     for start in range(0, length, step):
         chunk = slice(start, start + step)
-        log_q = F.log_softmax(logits[:, chunk].float(), dim=-1)
+        logits = head(hidden[:, chunk])
         log_p = top_logp[:, chunk].to(logits.device)
-        log_q_top = log_q.gather(-1, top_index[:, chunk].to(logits.device, torch.int64))
+        # log q_i = logit_i - logsumexp(logits): only the top-k entries are needed, not a full log-softmax.
+        top = logits.gather(-1, top_index[:, chunk].to(logits.device, torch.int64)).float()
+        log_q_top = top - torch.logsumexp(logits.float(), dim=-1, keepdim=True)
         out += (log_p.exp() * (log_p - log_q_top)).sum(dim=(1, 2), dtype=torch.float64)
     return out
 
@@ -89,6 +98,7 @@ class ReuseStats(BaseModel):
     cached_results: int = 0                # choice-batch results taken from the per-choice cache
     anchor_refresh_modules: int = 0        # module evaluations spent refreshing the parent's states (included above)
     seconds: float = 0.0
+    compute_dtype: str = "float32"
 
     @property
     def saving(self) -> float:
@@ -100,6 +110,9 @@ class ReuseStats(BaseModel):
 class SupernetKL:
     """Fitness = mean sparse KL per token over the given selection batches (lower is better).
 
+    The residual stream (and the parent's stored states) stay in ``dtype``; each module and the LM head compute in
+    ``compute_dtype`` (bfloat16 where matmuls are faster in it), with the module's update added back in ``dtype``.
+
     Batch b holds selection sequences [b · batch_sequences, (b + 1) · batch_sequences). The parent's hidden states
     are kept for at most ``cached_batches`` batches (least recently used dropped), at every ``stride``-th module
     boundary so that they fit in ``activation_cache_mb``.
@@ -108,17 +121,21 @@ class SupernetKL:
     def __init__(self, parts: DenseParts, weights: Callable[[int, int], dict[str, torch.Tensor]], kinds: list[str],
                  targets: SelectionTargets, batch_sequences: int, reuse_activations: bool = True,
                  activation_cache_mb: float = 1024, weight_cache_mb: float = 1024, cached_batches: int | None = None,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 compute_dtype: torch.dtype | None = None):
         if targets.num_sequences % batch_sequences:
             raise ValueError(f"{targets.num_sequences} selection sequences do not split into batches of "
                              f"{batch_sequences}")
         self.parts, self.kinds, self.targets = parts, kinds, targets
         self._weights = weights
         self.device, self.dtype = torch.device(device), dtype
+        self.compute_dtype = compute_dtype or dtype
+        self.final_norm = parts.norm.to(self.device, self.compute_dtype)
+        self.lm_head = parts.lm_head.to(self.device, self.compute_dtype)
         self.batch = batch_sequences
         self.num_modules = len(kinds)
         self.seq_len = targets.ids.shape[1]
-        self.cos, self.sin = parts.rope(self.seq_len, device=self.device, dtype=dtype)
+        self.cos, self.sin = parts.rope(self.seq_len, device=self.device, dtype=self.compute_dtype)
         self.reuse = reuse_activations
         hidden = parts.embed_tokens.shape[1]
         self.num_batches = targets.num_sequences // batch_sequences
@@ -135,7 +152,7 @@ class SupernetKL:
         self.anchor: Choice | None = None
         self.anchor_states: OrderedDict[int, dict[int, torch.Tensor]] = OrderedDict()  # batch -> boundary -> states
         self.anchor_valid: dict[int, int] = {}                       # batch -> boundaries <= this are the anchor's
-        self.stats = ReuseStats()
+        self.stats = ReuseStats(compute_dtype=str(self.compute_dtype).removeprefix("torch."))
 
     # -- the Fitness protocol --
 
@@ -171,7 +188,8 @@ class SupernetKL:
         if key in self.weight_cache:
             self.weight_cache.move_to_end(key)
             return self.weight_cache[key]
-        w = {k: v.to(device=self.device, dtype=self.dtype) for k, v in self._weights(module, candidate).items()}
+        w = {k: v.to(device=self.device, dtype=self.compute_dtype)
+             for k, v in self._weights(module, candidate).items()}
         size = sum(v.numel() * v.element_size() for v in w.values())
         self.weight_cache[key] = w
         self.weight_cache_bytes += size
@@ -183,10 +201,13 @@ class SupernetKL:
     def _module(self, m: int, candidate: int, x: torch.Tensor) -> torch.Tensor:
         w = self.weights(m, candidate)
         self.stats.module_evaluations += 1
+        h = x.to(self.compute_dtype)
         if self.kinds[m] == "attn":
             heads, kv_heads = heads_of(w, self.parts.head_dim)
-            return x + attention_delta(x, w, heads, kv_heads, self.cos, self.sin, self.parts.head_dim, self.parts.eps)
-        return x + mlp_delta(x, w, self.parts.eps)
+            delta = attention_delta(h, w, heads, kv_heads, self.cos, self.sin, self.parts.head_dim, self.parts.eps)
+        else:
+            delta = mlp_delta(h, w, self.parts.eps)
+        return x + delta.to(x.dtype)
 
     def _batch_ids(self, b: int) -> torch.Tensor:
         return self.targets.ids[b * self.batch:(b + 1) * self.batch].to(self.device)
@@ -209,7 +230,10 @@ class SupernetKL:
 
     def _kl(self, x: torch.Tensor, b: int) -> torch.Tensor:
         rows = slice(b * self.batch, (b + 1) * self.batch)
-        return sparse_kl(self.parts.logits(x), self.targets.top_logp[rows], self.targets.top_index[rows]).cpu()
+        return sparse_kl(x, self._head, self.targets.top_logp[rows], self.targets.top_index[rows]).cpu()
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(x.to(self.compute_dtype), self.final_norm, self.parts.eps), self.lm_head)
 
     def _maybe_refresh(self, b: int, todo: list[Choice]) -> None:
         """Recompute the anchor's states of batch ``b`` from its last valid boundary, if that saves work."""

@@ -31,7 +31,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from tyr.atomic import atomic_write_json
-from tyr.compressor.recipes import Recipe, load_recipe
+from tyr.compressor.recipes import Recipe, fitness_dtype, load_recipe
 from tyr.compressor.report import (IterationReport, LayerReport, PruneReport, StageMeter, max_rss_mb,
                                    write_report)
 from tyr.compressor.search import (GenerationRecord, ModuleLadder, SearchResult, SearchSettings, SearchSpace,
@@ -80,13 +80,15 @@ def prune(model=None, sparsity: float = 0.5, recipe: str | Path | Recipe = "fast
           work_dir: str | Path | None = None, text: str | None = None, method: str = "tyr", seed: int = 0,
           device: str = "cpu", tokenizer=None, overwrite: bool = False, progress: bool = True,
           on_generation: Callable[[int, GenerationRecord], None] | None = None,
-          keep_model: bool = False, latency: LatencyBudget | None = None) -> PruneResult:
+          keep_model: bool = False, latency: LatencyBudget | None = None,
+          supernet_cache: str | Path | None = None) -> PruneResult:
     """Prune ``model`` (a folder, "default", a hub id or a loaded model with ``tokenizer``) to ``sparsity``.
 
     Writes the pruned model folder ``out_dir`` (tyr_llama format, with prune_report.json/.md/.png inside) and
     keeps resumable state in ``work_dir`` (default: ``<out_dir>.work``). ``on_generation(iteration, record)`` runs
     after every search generation's checkpoint (tests interrupt there). ``latency`` adds a latency budget to the
-    search (method "tyr" only).
+    search (method "tyr" only). ``supernet_cache``: a folder that keeps the first iteration's supernet by its
+    inputs, so pruning one model to several sparsities on the same 12.5% grid builds it once (its owner deletes it).
     """
     if not isinstance(sparsity, (int, float)) or not 0 < sparsity < 1:
         raise TyrError(f"sparsity must be a fraction strictly between 0 and 1, got {sparsity}")
@@ -101,7 +103,7 @@ def prune(model=None, sparsity: float = 0.5, recipe: str | Path | Recipe = "fast
         raise TyrError(f"{out_dir} already exists; choose another output folder or pass overwrite (--overwrite)")
     try:
         return _prune(model, float(sparsity), recipe, out_dir, work_dir, text, method, seed, device, tokenizer,
-                      progress, on_generation, keep_model, latency)
+                      progress, on_generation, keep_model, latency, supernet_cache)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise TyrError(f"the disk is full ({err}); free space under {work_dir} / {out_dir.parent} and rerun the "
@@ -110,7 +112,7 @@ def prune(model=None, sparsity: float = 0.5, recipe: str | Path | Recipe = "fast
 
 
 def _prune(model, sparsity, recipe, out_dir, work_dir, text, method, seed, device, tokenizer, progress,
-           on_generation, keep_model, latency) -> PruneResult:
+           on_generation, keep_model, latency, supernet_cache) -> PruneResult:
     from tyr.data import TextSource
     from tyr.models.io import load_model
 
@@ -164,7 +166,7 @@ def _prune(model, sparsity, recipe, out_dir, work_dir, text, method, seed, devic
                 selection_tokens = selection.numel()
                 pruned, levels, iterations, nominal = _prune_tyr(model, calibration, selection, sparsity, recipe,
                                                                  work_dir, seed, device, meter, progress,
-                                                                 on_generation, latency)
+                                                                 on_generation, latency, supernet_cache)
                 if latency is not None:
                     notes.append(f"latency budget {latency.max_ms:.3f} ms per decode step ({latency.table.method}, "
                                  f"{latency.table.device_name}); predicted for the output: "
@@ -181,7 +183,8 @@ def _prune(model, sparsity, recipe, out_dir, work_dir, text, method, seed, devic
 # ----- Týr -----
 
 def _prune_tyr(model, calibration, selection, target, recipe: Recipe, work_dir: Path, seed: int, device: str,
-               meter: StageMeter, progress: bool, on_generation, latency: LatencyBudget | None = None):
+               meter: StageMeter, progress: bool, on_generation, latency: LatencyBudget | None = None,
+               supernet_cache: Path | None = None):
     from tyr.compressor.fitness import dense_targets
     from tyr.compressor.supernet import Supernet
 
@@ -201,6 +204,8 @@ def _prune_tyr(model, calibration, selection, target, recipe: Recipe, work_dir: 
             ladders = [list(grid_ticks(target, unit, step, t, recipe.ladder_size // 2)) for t in ticks]
         iteration_dir = work_dir / f"iter{iteration}"
         supernet_dir = iteration_dir / "supernet"
+        if iteration == 0 and supernet_cache is not None:
+            supernet_dir = Path(supernet_cache) / _first_supernet_key(model, calibration, target, unit, ladders, recipe)
         supernet_dirs.append(supernet_dir)
         result_path = iteration_dir / "result.json"
         if result_path.is_file():
@@ -233,7 +238,8 @@ def _prune_tyr(model, calibration, selection, target, recipe: Recipe, work_dir: 
         ticks = outcomes[best].ticks
         if not recipe.keep_supernets:
             for j, directory in enumerate(supernet_dirs):
-                if j != best and directory.exists():
+                # A shared first supernet (supernet_cache) belongs to the cache's owner.
+                if j != best and directory.exists() and directory.is_relative_to(work_dir):
                     shutil.rmtree(directory, ignore_errors=True)
     chosen = outcomes[best]
     with meter.stage("assemble"):
@@ -260,13 +266,29 @@ def _search(model, supernet_dir: Path, space: SearchSpace, ticks: list[int], tar
                          activation_cache_mb=recipe.search.activation_cache_mb,
                          weight_cache_mb=recipe.search.weight_cache_mb,
                          cached_batches=recipe.search.stage_batches()[-1], device=device,
-                         dtype=next(model.parameters()).dtype)
+                         dtype=next(model.parameters()).dtype,
+                         compute_dtype=fitness_dtype(recipe.search.dtype, device))
     settings = search_settings(recipe, iteration, seed)
     callback = (lambda record: on_generation(iteration, record)) if on_generation else None
     result = run_search(space, SharedFitness(fitness), settings, space.choice_at(ticks),
                         checkpoint=iteration_dir / "search.json", on_generation=callback, progress=progress,
                         description=f"search {iteration + 1}/{recipe.iterations}")
     return result, fitness.stats
+
+
+def _first_supernet_key(model, calibration, target: float, unit: float, ladders: list[list[int]],
+                        recipe: Recipe) -> str:
+    """A name for the first iteration's supernet that depends only on what builds it (its levels, not the target).
+
+    The supernet's own fingerprint still checks model weights and every input when the folder is reused."""
+    from tyr.compressor.calibration import ids_digest
+
+    levels = [[round(level_of(target, unit, t), 9) for t in ladder] for ladder in ladders]
+    current = [round(target, 9)] * len(ladders) if recipe.eea == "current" else None
+    parts = {"model": getattr(model.config, "_name_or_path", ""), "layers": [list(w) for w in _layer_widths(model)],
+             "ids": ids_digest(calibration), "levels": levels, "eea": recipe.eea, "current": current,
+             "settings": recipe.local_pruner.model_dump()}
+    return "iter0-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def search_settings(recipe: Recipe, iteration: int, seed: int) -> SearchSettings:
@@ -334,7 +356,7 @@ def _outcome(iteration: int, recipe: Recipe, space: SearchSpace, result: SearchR
         supernet_seconds=supernet_seconds, search_seconds=search_seconds, resumed_from_generation=result.resumed_from,
         module_evaluations=stats.module_evaluations,
         module_evaluations_without_reuse=stats.module_evaluations_without_reuse,
-        activation_reuse_saving=stats.saving, fitness_seconds=stats.seconds)
+        activation_reuse_saving=stats.saving, fitness_seconds=stats.seconds, fitness_dtype=stats.compute_dtype)
     return IterationOutcome(ticks=space.ticks_of(result.choice), choice=result.choice, start_ticks=list(start_ticks),
                             ladders=ladders, report=report)
 

@@ -1,4 +1,4 @@
-"""Budgets of a Týr-the-Pruner run as validated recipes (YAML or JSON files; `paper` and `fast` ship with tyr).
+"""Budgets of a Týr-the-Pruner run as validated recipes (YAML or JSON files; `paper`, `gpu` and `fast` ship).
 
 A recipe fixes everything about *how much work* the compressor does: calibration tokens for the supernet,
 iterations of the coarse-to-fine loop, generations and offspring of the evolutionary search, and the staged
@@ -10,12 +10,15 @@ default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tyr.errors import TyrError
+
+if TYPE_CHECKING:
+    import torch
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
 EEA_MODES = ("expectation", "current", "none")
@@ -84,6 +87,10 @@ class SearchRecipe(_Strict):
                                      "hidden states; above it only every k-th module boundary is kept")
     weight_cache_mb: int = Field(1024, ge=0, le=10_000_000, description="memory for supernet candidates kept "
                                  "loaded between evaluations (least recently used ones are dropped)")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="precision of the fitness forward's matmuls (the residual stream and the KL stay in "
+        "float32): auto = bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16 or AMX), float32 elsewhere. "
+        "On two AVX512-BF16 cores bf16 made the fitness 1.8x faster, with the same ranking up to near-ties")
 
     @model_validator(mode="after")
     def _stages_are_staged(self) -> "SearchRecipe":
@@ -128,7 +135,7 @@ class SearchRecipe(_Strict):
 
 
 class Recipe(_Strict):
-    """A complete compressor budget. See recipes/paper.yaml and recipes/fast.yaml."""
+    """A complete compressor budget. See recipes/paper.yaml, gpu.yaml and fast.yaml."""
 
     name: str = Field(min_length=1, max_length=64, description="recipe name, recorded in reports")
     description: str = Field("", max_length=2000, description="what the recipe is for")
@@ -161,12 +168,26 @@ class Recipe(_Strict):
         return self.initial_spacing / 2 ** iteration
 
 
+def fitness_dtype(setting: str, device: str | torch.device) -> torch.dtype:
+    """The fitness forward's compute dtype for a recipe's ``search.dtype`` on ``device``."""
+    import torch  # here, so reading a recipe (tyr --help, validation) does not load torch
+
+    if setting != "auto":
+        return getattr(torch, setting)
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if kind == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
 def available_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
 def load_recipe(spec: str | Path | Recipe) -> Recipe:
-    """A recipe by name ("paper", "fast") or from a YAML/JSON file; raise TyrError naming every bad field."""
+    """A recipe by name ("paper", "gpu", "fast") or from a YAML/JSON file; raise TyrError naming every bad field."""
     if isinstance(spec, Recipe):
         return spec
     path = Path(spec).expanduser()

@@ -57,6 +57,7 @@ class IterationReport(BaseModel):
     activation_reuse_saving: float = Field(0.0, description="share of decoder-module evaluations avoided by "
                                            "restarting offspring from the parent's cached hidden states")
     fitness_seconds: float = 0.0
+    fitness_dtype: str = Field("float32", description="compute dtype of the fitness forward (recipe search.dtype)")
     selected: bool = Field(False, description="this iteration's result is the output (lowest KL of all iterations, "
                            "all measured on the same selection tokens)")
 
@@ -194,11 +195,11 @@ def render_markdown(report: PruneReport) -> str:
         lines.append("")
     if report.iterations:
         lines += ["## Search", "", "| iteration | spacing | generations | KL start (pool) | KL end (pool) | reuse saving | "
-                  "supernet s | search s | output |", "|---|---|---|---|---|---|---|---|---|"]
+                  "supernet s | search s | fitness dtype | output |", "|---|---|---|---|---|---|---|---|---|---|"]
         for it in report.iterations:
             lines.append(f"| {it.iteration} | {100 * it.spacing:.4g}% | {it.generations} | {it.start_fitness:.4f} | "
                          f"{it.fitness:.4f} | {100 * it.activation_reuse_saving:.1f}% | {it.supernet_seconds:.1f} | "
-                         f"{it.search_seconds:.1f} | {'yes' if it.selected else ''} |")
+                         f"{it.search_seconds:.1f} | {it.fitness_dtype} | {'yes' if it.selected else ''} |")
         lines += ["", "Sparse KL to the dense model per generation (the winner's, on that generation's fresh last-stage "
                   "tokens; the pool values above compare across iterations):", ""]
         for it in report.iterations:

@@ -8,7 +8,7 @@ import importlib
 _EXPORTS = {
     "perplexity": "tyr.evaluation.language_modeling",
     "kl_to_reference": "tyr.evaluation.language_modeling",
-    "kl_and_reference_perplexity": "tyr.evaluation.language_modeling",
+    "compare_to_reference": "tyr.evaluation.language_modeling",
     "score_choices": "tyr.evaluation.multiple_choice",
     "evaluate_task": "tyr.evaluation.multiple_choice",
     "TaskScore": "tyr.evaluation.multiple_choice",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,18 +45,23 @@ def kl_to_reference(model: torch.nn.Module, reference_model: torch.nn.Module, bl
     Averaged over every position of every block (seq_len distributions per block). The models may sit on
     different devices; logits are compared on the model's device in float32, a chunk of positions at a time.
     """
-    return kl_and_reference_perplexity(model, reference_model, blocks, batch_size, progress)[0]
+    return compare_to_reference(model, reference_model, blocks, batch_size, progress).kl
+
+
+class ReferenceComparison(NamedTuple):
+    kl: float                         # mean KL(P_reference || Q_model) per position, nats
+    perplexity: float                 # the model's, as perplexity() computes it
+    reference_perplexity: float
 
 
 @torch.no_grad()
-def kl_and_reference_perplexity(model: torch.nn.Module, reference_model: torch.nn.Module,
-                                blocks: torch.LongTensor, batch_size: int = 1,
-                                progress: bool = True) -> tuple[float, float]:
-    """(kl_to_reference, perplexity of the reference model) from one forward pass of each model per batch."""
+def compare_to_reference(model: torch.nn.Module, reference_model: torch.nn.Module, blocks: torch.LongTensor,
+                         batch_size: int = 1, progress: bool = True) -> ReferenceComparison:
+    """KL to the reference and both models' perplexities, from one forward pass of each model per batch."""
     _check_blocks(blocks)
     device, reference_device = model_device(model), model_device(reference_model)
     total_kl, total_positions = 0.0, 0
-    reference_nll, predicted_tokens = 0.0, 0
+    nll, reference_nll, predicted_tokens = 0.0, 0.0, 0
     for batch in tqdm(blocks.split(batch_size), desc="KL to reference", unit="batch", disable=not progress,
                       leave=False):
         batch = batch.to(device)
@@ -69,10 +75,14 @@ def kl_and_reference_perplexity(model: torch.nn.Module, reference_model: torch.n
             log_p = F.log_softmax(p_chunk.float(), dim=-1)
             total_kl += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
             total_positions += q_chunk.shape[0]
-        for logit_chunk, target_chunk in _position_chunks(reference_logits[:, :-1], batch[:, 1:]):
+        targets = batch[:, 1:]
+        for logit_chunk, target_chunk in _position_chunks(logits[:, :-1], targets):
+            nll += F.cross_entropy(logit_chunk.float(), target_chunk, reduction="sum").item()
+        for logit_chunk, target_chunk in _position_chunks(reference_logits[:, :-1], targets):
             reference_nll += F.cross_entropy(logit_chunk.float(), target_chunk, reduction="sum").item()
-            predicted_tokens += target_chunk.numel()
-    return total_kl / total_positions, math.exp(reference_nll / predicted_tokens)
+        predicted_tokens += targets.numel()
+    return ReferenceComparison(total_kl / total_positions, math.exp(nll / predicted_tokens),
+                               math.exp(reference_nll / predicted_tokens))
 
 
 def _position_chunks(first: torch.Tensor, second: torch.Tensor):

@@ -9,7 +9,7 @@ import torch
 
 from tyr.data import TextSource, load_text, token_blocks
 from tyr.evaluation.bigbench import default_bigbench_dir, load_task, resolve_task_names
-from tyr.evaluation.language_modeling import kl_and_reference_perplexity, model_device, perplexity
+from tyr.evaluation.language_modeling import compare_to_reference, model_device, perplexity
 from tyr.evaluation.multiple_choice import evaluate_task
 from tyr.evaluation.report import EvalResult, ParameterCount
 
@@ -41,9 +41,10 @@ def evaluate_model(model, tokenizer, model_name: str, reference_model=None, refe
     if num_blocks != 0:
         blocks = token_blocks(tokenizer, load_text(source, "validation"), seq_len, num_blocks, seed)
         result.text_source, result.seq_len, result.num_blocks = source.describe(), seq_len, blocks.shape[0]
-        result.perplexity = perplexity(model, blocks, batch_size=batch_size, progress=progress)
-        if reference_model is not None:
-            result.kl_to_reference, result.reference_perplexity = kl_and_reference_perplexity(
+        if reference_model is None:
+            result.perplexity = perplexity(model, blocks, batch_size=batch_size, progress=progress)
+        else:
+            result.kl_to_reference, result.perplexity, result.reference_perplexity = compare_to_reference(
                 model, reference_model, blocks, progress=progress)
     for name in task_names:
         task = load_task(directory / f"{name}.json", limit=limit, seed=seed)

@@ -104,7 +104,7 @@ def _slice_layer(state: dict, prefix: str, width: LayerWidth, keep: LayerKeep, h
             out[key] = state[key]
         out[f"{prefix}input_layernorm.weight"] = state[f"{prefix}input_layernorm.weight"]
     if keep_ffn:
-        index = torch.tensor(keep_ffn)
+        index = torch.tensor(keep_ffn, device=state[f"{mlp}down_proj.weight"].device)
         for name in ("gate_proj", "up_proj"):
             for kind in ("weight", "bias"):
                 if (key := f"{mlp}{name}.{kind}") in state:
