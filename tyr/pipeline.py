@@ -81,10 +81,11 @@ def run_pipeline(config: RunConfig) -> dict:
     pruned = [Candidate(label=f"tyr-{s:g}", sparsity=s, model_dir=out / f"pruned-{s:g}") for s in config.sparsities]
 
     with _timed(timings, "prune"):
-        for c in pruned:
-            _prune(config, dense_dir, c)
         # The sparsities share their first supernet (same 12.5% grid); it is not needed once all are pruned.
-        shutil.rmtree(config.out / "work" / "supernets", ignore_errors=True)
+        supernets = config.out / "work" / "supernets"
+        for c in pruned:
+            _prune(config, dense_dir, c, supernets)
+        shutil.rmtree(supernets, ignore_errors=True)
     with _timed(timings, "evaluate"):
         evaluations = _evaluate(config, dense, pruned)
     if config.vllm:
@@ -128,7 +129,7 @@ class _timed:
         self.timings[self.stage] = round(time.perf_counter() - self.started, 1)
 
 
-def _prune(config: RunConfig, dense_dir: Path, c: Candidate) -> None:
+def _prune(config: RunConfig, dense_dir: Path, c: Candidate, supernet_cache: Path) -> None:
     from tyr.compressor.prune import prune
 
     if (c.model_dir / "config.json").is_file():
@@ -137,7 +138,7 @@ def _prune(config: RunConfig, dense_dir: Path, c: Candidate) -> None:
     # One work folder per sparsity, kept under the run folder, so an interrupted prune resumes where it stopped.
     prune(str(dense_dir), sparsity=c.sparsity, recipe=config.recipe, out_dir=c.model_dir,
           work_dir=config.out / "work" / f"{c.sparsity:g}", method="tyr", seed=config.seed,
-          supernet_cache=config.out / "work" / "supernets")
+          supernet_cache=supernet_cache)
 
 
 def _evaluate(config: RunConfig, dense: Candidate, pruned: list[Candidate]) -> dict:
