@@ -127,6 +127,21 @@ def test_sparsities_on_one_grid_share_the_first_supernet(tmp_path, tyr_run, tiny
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_warm_start_scan_on_the_real_fitness(tmp_path, tyr_run, tiny_dir):
+    data = {**TINY_RECIPE, "search": {**TINY_RECIPE["search"], "scan_levels": 1}}
+    result = prune(tiny_dir, sparsity=0.5, recipe=Recipe.model_validate(data), out_dir=tmp_path / "w", progress=False)
+    report = result.report
+    assert report.nominal_sparsity == pytest.approx(0.5, abs=1e-12)
+    for iteration in report.iterations:
+        warm = iteration.warm_start
+        assert warm is not None and warm.scanned > 0 and warm.start_fitness == iteration.start_fitness
+        if warm.chosen is not None:
+            assert warm.proposals[warm.chosen].fitness == min(p.fitness for p in warm.proposals) < warm.start_fitness
+    # The scan is part of the search's identity: the same run without it starts from the uniform distribution.
+    assert tyr_run.report.iterations[0].warm_start is None
+    assert "warm start:" in (result.out_dir / "prune_report.md").read_text()
+
+
 def test_uniform_baseline_is_the_local_pruner_at_one_level(tmp_path, tiny_dir, recipe):
     result = prune(tiny_dir, sparsity=0.5, recipe=recipe, out_dir=tmp_path / "u", method="uniform", progress=False)
     model, _ = load_model(result.out_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -15,8 +16,8 @@ import torch
 from tyr.compressor.fitness import SupernetKL, dense_targets, sparse_kl
 from tyr.compressor.layerwise import DenseParts, module_weights
 from tyr.compressor.recipes import Recipe, fitness_dtype, load_recipe
-from tyr.compressor.search import (ModuleLadder, SearchSettings, SearchSpace, SharedFitness, Stage, grid_ticks,
-                                   make_offspring, mutate, run_search, staged_selection)
+from tyr.compressor.search import (ModuleLadder, SearchSettings, SearchSpace, SharedFitness, Stage, additive_optimum,
+                                   grid_ticks, make_offspring, mutate, run_search, scan_variants, staged_selection)
 from tyr.errors import TyrError
 from tyr.testing import tiny_llama
 
@@ -109,6 +110,22 @@ def test_staged_selection_keeps_the_right_survivors():
     assert survivors == [(9, 0)]
 
 
+def test_fresh_final_stage_judges_the_parent_on_tokens_no_survivor_was_selected_by():
+    # Offspring (0, 5) is lucky on batch 0, where stage 1 picked it; on the new batch 1 the parent is better.
+    def evaluate(choices, batches):
+        return [sum(c[b] for b in batches) / len(batches) for c in choices]
+
+    stages = [(Stage(1, 1, 64), [0]), (Stage(2, 1, 128), [0, 1])]
+    biased, _, _, _ = staged_selection([(0, 5), (3, 3)], (3, 2), stages, evaluate)
+    fresh, scores, parent_score, records = staged_selection([(0, 5), (3, 3)], (3, 2), stages, evaluate,
+                                                            fresh_final=True)
+    assert biased == [(0, 5)] and fresh == [(3, 2)] and scores == [2.0] and parent_score == 2.0
+    assert [r.tokens for r in records] == [64, 64]                   # the last stage scored only its new batch
+    with pytest.raises(ValueError, match="more batches"):
+        SearchSettings(generations=1, offspring=2, max_shifts=1, stages=[Stage(2, 1, 1), Stage(2, 1, 1)],
+                       pool_batches=2, seed=0, fresh_final=True)
+
+
 def test_search_improves_a_synthetic_fitness_within_budget(tmp_path):
     space = paper_like_space()
     fitness = QuadraticFitness(space)
@@ -179,6 +196,56 @@ def test_search_resume_is_bit_identical_synthetic(tmp_path):
     other = SearchSettings(generations=8, offspring=6, max_shifts=4, stages=settings.stages, pool_batches=3, seed=4)
     with pytest.raises(TyrError, match="different search"):
         run_search(space, QuadraticFitness(space), other, start, checkpoint=tmp_path / "c.json", progress=False)
+
+
+def test_additive_optimum_is_the_exact_budgeted_knapsack():
+    space = paper_like_space(layers=3)
+    start = space.choice_at([0, 8, 0, -8, 0, 0])        # not uniform: moves are relative to the start
+    rng = np.random.Generator(np.random.PCG64(5))
+    variants = scan_variants(space, start, levels=2)
+    assert len(variants) == 6 * 4 and all(abs(space.modules[m].ticks[c] - space.modules[m].ticks[start[m]]) <= 16
+                                          for m, c in variants)
+    change = {v: float(rng.normal()) for v in variants}
+    best = additive_optimum(space, start, change)
+    assert space.budget_offset(best) == 0
+    # Brute force: every combination of the scanned moves that keeps each kind's tick sum.
+    options = [[start[m]] + [c for mm, c in variants if mm == m] for m in range(len(space))]
+    feasible = [ch for ch in itertools.product(*options)
+                if all(sum(space.modules[m].ticks[ch[m]] - space.modules[m].ticks[start[m]] for m in g) == 0
+                       for g in space.groups)]
+    def value(choice, penalty=0.0):
+        moved = sum(abs(space.modules[m].ticks[c] - space.modules[m].ticks[start[m]]) // space.step
+                    for m, c in enumerate(choice))
+        return sum(change.get((m, c), 0.0) for m, c in enumerate(choice)) + penalty * moved
+
+    assert value(best) == pytest.approx(min(value(ch) for ch in feasible), abs=1e-12)
+    # A penalty per level moved keeps only the moves that pay for it.
+    cautious = additive_optimum(space, start, change, penalty=1.0)
+    assert value(cautious, 1.0) == pytest.approx(min(value(ch, 1.0) for ch in feasible), abs=1e-12)
+    assert value(cautious, 1.0) - value(cautious) < value(best, 1.0) - value(best)      # fewer levels moved
+
+
+def test_warm_start_jumps_to_the_additive_optimum_and_the_search_goes_on_from_there(tmp_path):
+    space = paper_like_space()
+    start = space.choice_at([0] * len(space))
+    settings = SearchSettings(generations=3, offspring=6, max_shifts=2, stages=[Stage(1, 2, 1), Stage(2, 1, 2)],
+                              pool_batches=3, seed=3, scan_levels=2, scan_batches=2, scan_tokens=2)
+    fitness = QuadraticFitness(space)
+    result = run_search(space, fitness, settings, start, checkpoint=tmp_path / "c.json", progress=False)
+    warm = result.warm_start
+    # The quadratic fitness is additive and noise-free: the plain optimum (no penalty) is the best budgeted choice
+    # within two levels, exactly as predicted, and penalised optima move fewer modules.
+    assert warm.scanned == len(space) * 4 and warm.chosen == 0 and warm.proposals[0].penalty == 0
+    plain = warm.proposals[0]
+    assert plain.fitness == pytest.approx(warm.start_fitness + plain.predicted_change)
+    assert plain.fitness < 0.75 * warm.start_fitness
+    assert all(p.fitness >= plain.fitness and p.moved <= plain.moved for p in warm.proposals)
+    assert result.fitness <= plain.fitness and space.budget_offset(result.choice) == 0
+    # Resuming a finished search keeps the scan's record; a search without a scan never runs one.
+    again = run_search(space, QuadraticFitness(space), settings, start, checkpoint=tmp_path / "c.json", progress=False)
+    assert again.warm_start == warm and again.choice == result.choice
+    plain = SearchSettings(generations=3, offspring=6, max_shifts=2, stages=settings.stages, pool_batches=3, seed=3)
+    assert run_search(space, QuadraticFitness(space), plain, start, progress=False).warm_start is None
 
 
 # ----- the KL fitness on a tiny model, with candidates cut from its own weights -----
@@ -377,6 +444,10 @@ def test_shipped_recipes_validate():
     ({"search": {"kl_top_k": -1}}, "kl_top_k"),
     ({"calibration": {"seq_len": 4}}, "seq_len"),
     ({"search": {"typo": True}}, "typo"),
+    ({"search": {"scan_tokens": 100}}, "scan_tokens"),
+    ({"search": {"scan_tokens": 10 ** 7}}, "scan_tokens"),
+    ({"search": {"fresh_final_stage": True, "stages": [{"tokens": 512, "survivors": 4},
+                                                       {"tokens": 512, "survivors": 1}]}}, "fresh_final_stage"),
 ])
 def test_bad_recipes_are_rejected(tmp_path, change, message):
     data = load_recipe("fast").model_dump()

@@ -298,7 +298,10 @@ def search_settings(recipe: Recipe, iteration: int, seed: int) -> SearchSettings
                           max_shifts=search.max_shifts,
                           stages=[Stage(b, s.survivors, s.tokens) for b, s in zip(search.stage_batches(), search.stages)],
                           pool_batches=search.selection_sequences // search.batch_sequences,
-                          seed=int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0]))
+                          seed=int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0]),
+                          scan_levels=search.scan_levels, scan_batches=search.scan_batches,
+                          scan_tokens=search.scan_batches * search.batch_sequences * search.seq_len,
+                          fresh_final=search.fresh_final_stage)
 
 
 def _build(model, calibration, directory: Path, target: float, unit: float, ladders: list[list[int]],
@@ -356,7 +359,8 @@ def _outcome(iteration: int, recipe: Recipe, space: SearchSpace, result: SearchR
         supernet_seconds=supernet_seconds, search_seconds=search_seconds, resumed_from_generation=result.resumed_from,
         module_evaluations=stats.module_evaluations,
         module_evaluations_without_reuse=stats.module_evaluations_without_reuse,
-        activation_reuse_saving=stats.saving, fitness_seconds=stats.seconds, fitness_dtype=stats.compute_dtype)
+        activation_reuse_saving=stats.saving, fitness_seconds=stats.seconds, fitness_dtype=stats.compute_dtype,
+        warm_start=result.warm_start)
     return IterationOutcome(ticks=space.ticks_of(result.choice), choice=result.choice, start_ticks=list(start_ticks),
                             ladders=ladders, report=report)
 

@@ -81,6 +81,16 @@ class SearchRecipe(_Strict):
                                  "every stage's sequence count (results do not depend on the stage)")
     kl_top_k: int = Field(ge=1, le=1_000_000, description="the dense model's top-k next-token log-probs kept for "
                           "the sparse KL fitness: sum over top-k of p_i (log p_i - log q_i)")
+    scan_levels: int = Field(0, ge=0, le=64, description="warm start (not in the paper; 0 = off): before evolving, "
+                             "score every single-module move of the start up to this many levels either way, "
+                             "combine the moves under the exact budget by an additive model (a knapsack solved "
+                             "exactly, with and without a penalty per level moved), and start from whichever of "
+                             "the start and those combinations scores lowest on the pool")
+    scan_tokens: int | None = Field(None, ge=16, le=100_000_000, description="selection tokens each move of the "
+                                    "warm start's scan is scored on (default: the last stage's tokens)")
+    fresh_final_stage: bool = Field(False, description="the parent meets the survivors on the last stage's new "
+                                    "tokens only (those no earlier stage selected on): a survivor's luck on the "
+                                    "tokens it was selected by then cannot carry it past a better parent")
     reuse_activations: bool = Field(True, description="restart an offspring's forward at its first mutated module "
                                     "from the parent's cached hidden states (same results, less compute)")
     activation_cache_mb: int = Field(1024, ge=0, le=10_000_000, description="memory cap of the parent's cached "
@@ -108,6 +118,12 @@ class SearchRecipe(_Strict):
             if b.survivors > a.survivors:
                 raise ValueError(f"stages[{i + 1}].survivors={b.survivors} > stages[{i}].survivors={a.survivors}")
         pool = self.pool_size
+        if self.scan_tokens is not None and (self.scan_tokens % (self.seq_len * self.batch_sequences)
+                                             or self.scan_tokens > pool):
+            raise ValueError(f"scan_tokens={self.scan_tokens} must be a whole number of batches of "
+                             f"{self.batch_sequences} x {self.seq_len} tokens, within the pool's {pool}")
+        if self.fresh_final_stage and len(self.stages) > 1 and self.stages[-1].tokens <= self.stages[-2].tokens:
+            raise ValueError("fresh_final_stage needs a last stage with more tokens than the one before it")
         if pool < self.stages[-1].tokens:
             raise ValueError(f"pool_tokens={pool} is smaller than the last stage's {self.stages[-1].tokens} tokens")
         if pool % (self.seq_len * self.batch_sequences):
@@ -126,6 +142,12 @@ class SearchRecipe(_Strict):
     def selection_sequences(self) -> int:
         """Sequences in the selection pool."""
         return self.pool_size // self.seq_len
+
+    @property
+    def scan_batches(self) -> int:
+        """Selection batches the warm start's scan scores each move on."""
+        tokens = self.scan_tokens if self.scan_tokens is not None else self.stages[-1].tokens
+        return tokens // self.seq_len // self.batch_sequences
 
     def stage_batches(self) -> list[int]:
         return [s.tokens // self.seq_len // self.batch_sequences for s in self.stages]

@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from tyr.atomic import atomic_write_json, atomic_write_text
-from tyr.compressor.search import GenerationRecord
+from tyr.compressor.search import GenerationRecord, WarmStart
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "prune_report.json", "prune_report.md", "prune_sparsity.png"
 
@@ -58,6 +58,8 @@ class IterationReport(BaseModel):
                                            "restarting offspring from the parent's cached hidden states")
     fitness_seconds: float = 0.0
     fitness_dtype: str = Field("float32", description="compute dtype of the fitness forward (recipe search.dtype)")
+    warm_start: WarmStart | None = Field(None, description="the sensitivity scan before the search, if the recipe "
+                                         "asks for one")
     selected: bool = Field(False, description="this iteration's result is the output (lowest KL of all iterations, "
                            "all measured on the same selection tokens)")
 
@@ -200,6 +202,14 @@ def render_markdown(report: PruneReport) -> str:
             lines.append(f"| {it.iteration} | {100 * it.spacing:.4g}% | {it.generations} | {it.start_fitness:.4f} | "
                          f"{it.fitness:.4f} | {100 * it.activation_reuse_saving:.1f}% | {it.supernet_seconds:.1f} | "
                          f"{it.search_seconds:.1f} | {it.fitness_dtype} | {'yes' if it.selected else ''} |")
+        for it in report.iterations:
+            if (w := it.warm_start) is not None:
+                tried = ", ".join(f"{p.fitness:.4f} (penalty {p.penalty:.2g}, {p.moved} modules moved)"
+                                  for p in w.proposals)
+                lines.append(f"- iteration {it.iteration} warm start: {w.scanned} single-module moves scored on "
+                             f"{w.tokens:,} tokens in {w.seconds:.1f} s; KL (pool) of the start {w.start_fitness:.4f}, "
+                             f"of the additive optima {tried or '-'}; the search starts from "
+                             + (f"optimum {w.chosen + 1}" if w.chosen is not None else "the start"))
         lines += ["", "Sparse KL to the dense model per generation (the winner's, on that generation's fresh last-stage "
                   "tokens; the pool values above compare across iterations):", ""]
         for it in report.iterations:

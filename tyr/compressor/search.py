@@ -12,7 +12,13 @@ mutates ``offspring`` distinct children from the parent; staged selection scores
 keeps the best, re-scores those on more tokens, and so on; the parent joins the last stage (elitism) and the
 winner becomes the next parent. As in the reference implementation, every generation draws its selection tokens
 afresh (here: batches of a pool whose dense targets were computed once), so the search does not overfit a small
-fixed token set. Everything random comes from one ``numpy.random.Generator`` whose state is checkpointed after
+fixed token set.
+
+Optionally (recipe ``search.scan_levels``, not in the paper) the search first scores every single-module move of
+its start, combines the moves under the budget by an additive model and starts from that combination if it scores
+lower: the first iteration otherwise spends many generations walking away from the uniform distribution.
+
+Everything random comes from one ``numpy.random.Generator`` whose state is checkpointed after
 every generation, so an interrupted search rerun with the same inputs ends bit-identically.
 """
 
@@ -228,7 +234,7 @@ class Fitness(Protocol):
 
 
 class StageRecord(BaseModel):
-    tokens: int
+    tokens: int = Field(description="selection tokens the stage scored its candidates on")
     candidates: int
     survivors: int
     best_fitness: float
@@ -255,28 +261,141 @@ class Stage:
 
 
 def staged_selection(offspring: list[Choice], parent: Choice, stages: list[tuple[Stage, Sequence[int]]],
-                     evaluate: Callable[[list[Choice], Sequence[int]], list[float]]
+                     evaluate: Callable[[list[Choice], Sequence[int]], list[float]], fresh_final: bool = False
                      ) -> tuple[list[Choice], list[float], float, list[StageRecord]]:
     """Score, keep the best, re-score on more tokens, ...; the parent joins the last stage (elitism).
 
     ``stages``: (stage, its batch ids); each stage's batches should start with the previous stage's, so results
-    can be reused. Returns the last stage's survivors best first, their fitnesses, the parent's fitness there,
-    and one record per stage. Ties keep the earlier candidate (a stable sort): the parent, appended last, wins a
-    tie only if no offspring matches it.
+    can be reused. ``fresh_final``: the last stage scores only its batches that no earlier stage selected on, so
+    the survivors' luck there does not count against the parent. Returns the last stage's survivors best first,
+    their fitnesses, the parent's fitness there, and one record per stage. Ties keep the earlier candidate (a
+    stable sort): the parent, appended last, wins a tie only if no offspring matches it.
     """
     pool, records, fitness = list(offspring), [], []
     parent_fitness = float("nan")
     for i, (stage, batches) in enumerate(stages):
         if i == len(stages) - 1 and parent not in pool:
             pool.append(parent)
+        tokens = stage.tokens
+        if fresh_final and i == len(stages) - 1 and i > 0:
+            seen = set(stages[i - 1][1])
+            tokens = stage.tokens * (len(batches) - len(seen)) // len(batches)
+            batches = [b for b in batches if b not in seen]
         fitness = evaluate(pool, batches)
         if i == len(stages) - 1:
             parent_fitness = fitness[pool.index(parent)]
         order = sorted(range(len(pool)), key=lambda j: fitness[j])[:stage.survivors]
-        records.append(StageRecord(tokens=stage.tokens, candidates=len(pool), survivors=len(order),
+        records.append(StageRecord(tokens=tokens, candidates=len(pool), survivors=len(order),
                                    best_fitness=fitness[order[0]]))
         pool, fitness = [pool[j] for j in order], [fitness[j] for j in order]
     return pool, fitness, parent_fitness, records
+
+
+# ----- warm start: an additive model of single-module sensitivities -----
+
+class WarmStartProposal(BaseModel):
+    """One optimum of the additive model, at one penalty per level moved."""
+
+    penalty: float = Field(description="KL charged per level a module moves (0: the plain additive optimum)")
+    moved: int = Field(description="modules whose level it changes")
+    predicted_change: float = Field(description="the additive model's KL change: the sum of the moves' own changes")
+    fitness: float = Field(description="its KL on the whole selection pool")
+
+
+class WarmStart(BaseModel):
+    """The sensitivity scan that may replace the start of a search (recipe ``search.scan_levels``)."""
+
+    scanned: int = Field(description="single-module moves of the start that were scored")
+    tokens: int = Field(description="selection tokens each move was scored on (the same for all)")
+    start_fitness: float = Field(description="the start's KL on the whole selection pool")
+    proposals: list[WarmStartProposal]
+    chosen: int | None = Field(description="the proposal the search starts from (None: the start scored lowest)")
+    seconds: float
+
+
+# Penalties per level moved, in units of the scan's median |change|: the plain optimum trusts every scanned change,
+# noise included; penalised ones keep only the moves that clearly pay, and also step less far from the start,
+# where interactions between modules (which the additive model ignores) stay small.
+WARM_START_PENALTIES = (0.0, 0.5, 1.0)
+
+
+def scan_variants(space: SearchSpace, start: Choice, levels: int) -> list[tuple[int, int]]:
+    """(module, candidate) for every candidate within ``levels`` steps of the start's level, the start excluded."""
+    variants = []
+    for m, c in enumerate(start):
+        for direction in (space.down, space.up):
+            candidate = c
+            for _ in range(levels):
+                candidate = direction(m, candidate)
+                if candidate is None:
+                    break
+                variants.append((m, candidate))
+    return variants
+
+
+def additive_optimum(space: SearchSpace, start: Choice, change: dict[tuple[int, int], float],
+                     penalty: float = 0.0) -> Choice:
+    """The choice that minimises Σ_m (change[(m, c_m)] + penalty · levels moved) under the exact budget (a
+    module at the start's candidate costs 0; candidates missing from ``change`` are not considered).
+
+    Each group of equal-size modules keeps its tick sum, as sparsity shifts do, so the budget stays exact. Per
+    group this is a knapsack over the running tick offset, solved exactly by dynamic programming.
+    """
+    best = list(start)
+    for group in space.groups:
+        base = {m: space.modules[m].ticks[start[m]] for m in group}
+        # offset -> (total cost, candidates so far); offsets in ticks relative to the start
+        table: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
+        for m in group:
+            options = [(start[m], 0.0)] + [
+                (c, v + penalty * abs(space.modules[m].ticks[c] - base[m]) / space.step)
+                for (mm, c), v in change.items() if mm == m]
+            step: dict[int, tuple[float, tuple[int, ...]]] = {}
+            for offset, (total, picked) in table.items():
+                for c, v in options:
+                    key = offset + space.modules[m].ticks[c] - base[m]
+                    if key not in step or total + v < step[key][0]:
+                        step[key] = (total + v, picked + (c,))
+            table = step
+        for m, c in zip(group, table[0][1]):
+            best[m] = c
+    return tuple(best)
+
+
+def warm_start(space: SearchSpace, fitness: Fitness, start: Choice, levels: int, batches: Sequence[int],
+               everything: Sequence[int], tokens: int, progress: bool = True) -> tuple[Choice, WarmStart]:
+    """Score every single-module move of ``start`` (up to ``levels`` steps) on ``batches``, combine the moves by
+    the additive model at each of ``WARM_START_PENALTIES``, and start from whichever of the start and those
+    optima scores lowest on ``everything``. ``tokens``: how many selection tokens ``batches`` hold (for the record).
+
+    Moves are scored with the start as the parent, so each restarts from its cached states at its own module.
+    """
+    started = time.perf_counter()
+    fitness.set_parent(start)
+    variants = scan_variants(space, start, levels)
+    choices = [tuple(c if i != m else candidate for i, c in enumerate(start)) for m, candidate in variants]
+    scores = []
+    for i in tqdm(range(0, len(choices), 16), desc="sensitivity scan", unit="x16", disable=not progress,
+                  leave=False):
+        scores += fitness.evaluate(choices[i:i + 16], batches)
+    base = fitness.evaluate([start], batches)[0]
+    change = {v: s - base for v, s in zip(variants, scores)}
+    scale = float(np.median(np.abs(list(change.values())))) if change else 0.0
+    optima: dict[Choice, float] = {}           # distinct feasible proposals, by their smallest penalty
+    for weight in WARM_START_PENALTIES:
+        proposal = additive_optimum(space, start, change, weight * scale)
+        if proposal != start and space.feasible(proposal):
+            optima.setdefault(proposal, weight * scale)
+    start_fitness, *fitnesses = fitness.evaluate([start, *optima], everything)
+    proposals = [WarmStartProposal(penalty=penalty, moved=sum(a != b for a, b in zip(start, proposal)),
+                                   predicted_change=sum(change.get((m, c), 0.0) for m, c in enumerate(proposal)),
+                                   fitness=value)
+                 for (proposal, penalty), value in zip(optima.items(), fitnesses)]
+    best = min(range(len(proposals)), key=lambda i: proposals[i].fitness, default=None)
+    chosen = best if best is not None and proposals[best].fitness < start_fitness else None
+    record = WarmStart(scanned=len(variants), tokens=tokens, start_fitness=start_fitness, proposals=proposals,
+                       chosen=chosen, seconds=time.perf_counter() - started)
+    return (list(optima)[chosen] if chosen is not None else start), record
 
 
 # ----- the search loop, checkpointed -----
@@ -291,6 +410,7 @@ class SearchCheckpoint(BaseModel):
     history: list[GenerationRecord]
     rng_state: dict
     seconds: float = 0.0
+    warm_start: WarmStart | None = None
     complete: bool = False
     fitness: float | None = Field(None, description="the result's fitness on the whole pool, once complete")
 
@@ -302,6 +422,7 @@ class SearchResult(BaseModel):
     start_fitness: float = Field(description="the start's fitness on the whole selection pool")
     history: list[GenerationRecord]
     seconds: float
+    warm_start: WarmStart | None = Field(None, description="the sensitivity scan, when the recipe asks for one")
     resumed_from: int = Field(0, description="generations restored from a checkpoint")
 
 
@@ -313,8 +434,16 @@ class SearchSettings:
     stages: list[Stage]
     pool_batches: int     # selection batches available; every generation draws its stages' batches from them
     seed: int
+    scan_levels: int = 0  # > 0: warm-start from the additive model of single-module moves up to this many steps
+    scan_batches: int = 0  # selection batches the scan scores each move on
+    scan_tokens: int = 0   # for reports: the tokens those batches hold
+    fresh_final: bool = False  # the parent meets the survivors on the last stage's new batches only
 
     def __post_init__(self):
+        if self.scan_levels and not 0 < self.scan_batches <= self.pool_batches:
+            raise ValueError(f"the scan needs 1 to {self.pool_batches} batches, got {self.scan_batches}")
+        if self.fresh_final and len(self.stages) > 1 and self.stages[-1].batches <= self.stages[-2].batches:
+            raise ValueError("with fresh_final the last stage needs more batches than the one before it")
         if self.stages[-1].batches > self.pool_batches:
             raise ValueError(f"the last stage needs {self.stages[-1].batches} batches; the pool has {self.pool_batches}")
 
@@ -349,11 +478,18 @@ def run_search(space: SearchSpace, fitness: Fitness, settings: SearchSettings, s
     resumed = state.generations_done if state else 0
     if state is None:
         started = time.perf_counter()
-        fitness.set_parent(start)
-        start_fitness = fitness.evaluate([start], everything)[0]
-        state = SearchCheckpoint(fingerprint=fingerprint, generations_done=0, parent=list(start),
+        parent, warm = start, None
+        if settings.scan_levels:
+            batches = [int(b) for b in rng.permutation(settings.pool_batches)[:settings.scan_batches]]
+            parent, warm = warm_start(space, fitness, start, settings.scan_levels, batches, everything,
+                                      settings.scan_tokens, progress)
+            start_fitness = warm.start_fitness
+        else:
+            fitness.set_parent(start)
+            start_fitness = fitness.evaluate([start], everything)[0]
+        state = SearchCheckpoint(fingerprint=fingerprint, generations_done=0, parent=list(parent),
                                  start_fitness=start_fitness, history=[], rng_state=rng.bit_generator.state,
-                                 seconds=time.perf_counter() - started)
+                                 seconds=time.perf_counter() - started, warm_start=warm)
         _save_checkpoint(checkpoint, state)
     else:
         rng.bit_generator.state = state.rng_state
@@ -373,7 +509,8 @@ def run_search(space: SearchSpace, fitness: Fitness, settings: SearchSettings, s
         batches = draw_batches(rng, settings)
         stages = [(Stage(s.batches, min(s.survivors, len(children)), s.tokens), b)
                   for s, b in zip(settings.stages, batches)]
-        survivors, scores, parent_score, records = staged_selection(children, parent, stages, fitness.evaluate)
+        survivors, scores, parent_score, records = staged_selection(children, parent, stages, fitness.evaluate,
+                                                                    settings.fresh_final)
         improved = survivors[0] != parent
         parent = survivors[0]
         record = GenerationRecord(generation=generation + 1, fitness=scores[0], parent_fitness=parent_score,
@@ -397,12 +534,17 @@ def run_search(space: SearchSpace, fitness: Fitness, settings: SearchSettings, s
         _save_checkpoint(checkpoint, state)
     return SearchResult(choice=list(parent), levels=space.levels(parent), fitness=state.fitness,
                         start_fitness=state.start_fitness, history=state.history, seconds=state.seconds,
-                        resumed_from=resumed)
+                        warm_start=state.warm_start, resumed_from=resumed)
 
 
 def _fingerprint(space: SearchSpace, settings: SearchSettings, start: Choice) -> str:
     data = [space.fingerprint(), settings.generations, settings.offspring, settings.max_shifts,
             [(s.batches, s.survivors) for s in settings.stages], settings.pool_batches, settings.seed, list(start)]
+    # Appended only when set, so checkpoints written without them stay valid.
+    if settings.scan_levels:
+        data += [settings.scan_levels, settings.scan_batches]
+    if settings.fresh_final:
+        data.append("fresh_final")
     return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
 
 
