@@ -246,6 +246,11 @@ def test_warm_start_jumps_to_the_additive_optimum_and_the_search_goes_on_from_th
     assert again.warm_start == warm and again.choice == result.choice
     plain = SearchSettings(generations=3, offspring=6, max_shifts=2, stages=settings.stages, pool_batches=3, seed=3)
     assert run_search(space, QuadraticFitness(space), plain, start, progress=False).warm_start is None
+    # One penalty, one proposal: the plain optimum the full family found first.
+    only_plain = SearchSettings(generations=0, offspring=6, max_shifts=2, stages=settings.stages, pool_batches=3,
+                                seed=3, scan_levels=2, scan_batches=2, scan_tokens=2, scan_penalties=(0.0,))
+    single = run_search(space, QuadraticFitness(space), only_plain, start, progress=False).warm_start
+    assert len(single.proposals) == 1 and single.proposals[0] == warm.proposals[0] and single.chosen == 0
 
 
 # ----- the KL fitness on a tiny model, with candidates cut from its own weights -----
@@ -427,6 +432,8 @@ def test_shipped_recipes_validate():
     assert paper.calibration.tokens == 4 * 2 ** 20
     assert [paper.spacing(i) for i in range(4)] == [0.125, 0.0625, 0.03125, 0.015625]
     assert fast.iterations >= 1 and fast.search.selection_sequences >= 1
+    scan = load_recipe("fast-scan")
+    assert scan.search.scan_levels == 2 and scan.search.scan_penalties == [0.0] and scan.search.scan_batches == 4
     gpu = load_recipe("gpu")       # fast's calibration and pruner with a larger search
     assert gpu.calibration == fast.calibration and gpu.local_pruner == fast.local_pruner
     assert gpu.search.offspring > fast.search.offspring and gpu.search.pool_size > fast.search.pool_size
@@ -446,6 +453,7 @@ def test_shipped_recipes_validate():
     ({"search": {"typo": True}}, "typo"),
     ({"search": {"scan_tokens": 100}}, "scan_tokens"),
     ({"search": {"scan_tokens": 10 ** 7}}, "scan_tokens"),
+    ({"search": {"scan_penalties": [-1.0]}}, "scan_penalties"),
     ({"search": {"fresh_final_stage": True, "stages": [{"tokens": 512, "survivors": 4},
                                                        {"tokens": 512, "survivors": 1}]}}, "fresh_final_stage"),
 ])

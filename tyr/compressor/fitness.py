@@ -55,9 +55,8 @@ def dense_targets(model, ids: torch.LongTensor, top_k: int, batch_sequences: int
     """Run the dense model once over ``ids`` and keep its top-k log-probs per position."""
     device = next(model.parameters()).device
     top_k = min(top_k, model.config.vocab_size)
-    # Filled in place, and the LM head runs a few positions at a time: small kept tensors allocated between
-    # vocab-sized transient ones fragment the heap, which glibc then never returns (a 16K-token pool grew the RSS
-    # by 2.6 GB that way).
+    # Filled in place, with the LM head a few positions at a time (as in sparse_kl): no vocab-sized logits for a
+    # whole batch, and no small kept tensors allocated between large transient ones, which fragments the heap.
     top_logp = torch.empty(*ids.shape, top_k)
     top_index = torch.empty(*ids.shape, top_k, dtype=torch.int32)
     step = max(1, POSITIONS_PER_CHUNK // batch_sequences)

@@ -301,7 +301,7 @@ def search_settings(recipe: Recipe, iteration: int, seed: int) -> SearchSettings
                           seed=int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0]),
                           scan_levels=search.scan_levels, scan_batches=search.scan_batches,
                           scan_tokens=search.scan_batches * search.batch_sequences * search.seq_len,
-                          fresh_final=search.fresh_final_stage)
+                          scan_penalties=tuple(search.scan_penalties), fresh_final=search.fresh_final_stage)
 
 
 def _build(model, calibration, directory: Path, target: float, unit: float, ladders: list[list[int]],

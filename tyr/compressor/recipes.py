@@ -1,4 +1,5 @@
-"""Budgets of a Týr-the-Pruner run as validated recipes (YAML or JSON files; `paper`, `gpu` and `fast` ship).
+"""Budgets of a Týr-the-Pruner run as validated recipes (YAML or JSON files; `paper`, `gpu`, `fast` and the
+experimental `fast-scan` ship).
 
 A recipe fixes everything about *how much work* the compressor does: calibration tokens for the supernet,
 iterations of the coarse-to-fine loop, generations and offspring of the evolutionary search, and the staged
@@ -88,6 +89,9 @@ class SearchRecipe(_Strict):
                              "the start and those combinations scores lowest on the pool")
     scan_tokens: int | None = Field(None, ge=16, le=100_000_000, description="selection tokens each move of the "
                                     "warm start's scan is scored on (default: the last stage's tokens)")
+    scan_penalties: list[float] = Field([0.0, 0.5, 1.0], min_length=1, max_length=16, description="the warm "
+                                        "start's knapsack is solved once per penalty per level moved (in units of "
+                                        "the scan's median |change|; 0 = trust every scanned change)")
     fresh_final_stage: bool = Field(False, description="the parent meets the survivors on the last stage's new "
                                     "tokens only (those no earlier stage selected on): a survivor's luck on the "
                                     "tokens it was selected by then cannot carry it past a better parent")
@@ -117,6 +121,8 @@ class SearchRecipe(_Strict):
                                  "later stages score the survivors on more tokens")
             if b.survivors > a.survivors:
                 raise ValueError(f"stages[{i + 1}].survivors={b.survivors} > stages[{i}].survivors={a.survivors}")
+        if any(not 0 <= penalty <= 100 for penalty in self.scan_penalties):
+            raise ValueError(f"scan_penalties={self.scan_penalties} must lie in [0, 100]")
         pool = self.pool_size
         if self.scan_tokens is not None and (self.scan_tokens % (self.seq_len * self.batch_sequences)
                                              or self.scan_tokens > pool):

@@ -363,9 +363,10 @@ def additive_optimum(space: SearchSpace, start: Choice, change: dict[tuple[int, 
 
 
 def warm_start(space: SearchSpace, fitness: Fitness, start: Choice, levels: int, batches: Sequence[int],
-               everything: Sequence[int], tokens: int, progress: bool = True) -> tuple[Choice, WarmStart]:
+               everything: Sequence[int], tokens: int, penalties: Sequence[float] = WARM_START_PENALTIES,
+               progress: bool = True) -> tuple[Choice, WarmStart]:
     """Score every single-module move of ``start`` (up to ``levels`` steps) on ``batches``, combine the moves by
-    the additive model at each of ``WARM_START_PENALTIES``, and start from whichever of the start and those
+    the additive model at each of ``penalties`` (per level moved, in units of the median |change|), and start from whichever of the start and those
     optima scores lowest on ``everything``. ``tokens``: how many selection tokens ``batches`` hold (for the record).
 
     Moves are scored with the start as the parent, so each restarts from its cached states at its own module.
@@ -382,7 +383,7 @@ def warm_start(space: SearchSpace, fitness: Fitness, start: Choice, levels: int,
     change = {v: s - base for v, s in zip(variants, scores)}
     scale = float(np.median(np.abs(list(change.values())))) if change else 0.0
     optima: dict[Choice, float] = {}           # distinct feasible proposals, by their smallest penalty
-    for weight in WARM_START_PENALTIES:
+    for weight in penalties:
         proposal = additive_optimum(space, start, change, weight * scale)
         if proposal != start and space.feasible(proposal):
             optima.setdefault(proposal, weight * scale)
@@ -437,6 +438,7 @@ class SearchSettings:
     scan_levels: int = 0  # > 0: warm-start from the additive model of single-module moves up to this many steps
     scan_batches: int = 0  # selection batches the scan scores each move on
     scan_tokens: int = 0   # for reports: the tokens those batches hold
+    scan_penalties: tuple[float, ...] = WARM_START_PENALTIES
     fresh_final: bool = False  # the parent meets the survivors on the last stage's new batches only
 
     def __post_init__(self):
@@ -482,7 +484,7 @@ def run_search(space: SearchSpace, fitness: Fitness, settings: SearchSettings, s
         if settings.scan_levels:
             batches = [int(b) for b in rng.permutation(settings.pool_batches)[:settings.scan_batches]]
             parent, warm = warm_start(space, fitness, start, settings.scan_levels, batches, everything,
-                                      settings.scan_tokens, progress)
+                                      settings.scan_tokens, settings.scan_penalties, progress)
             start_fitness = warm.start_fitness
         else:
             fitness.set_parent(start)
@@ -543,6 +545,8 @@ def _fingerprint(space: SearchSpace, settings: SearchSettings, start: Choice) ->
     # Appended only when set, so checkpoints written without them stay valid.
     if settings.scan_levels:
         data += [settings.scan_levels, settings.scan_batches]
+        if tuple(settings.scan_penalties) != WARM_START_PENALTIES:
+            data.append(list(settings.scan_penalties))
     if settings.fresh_final:
         data.append("fresh_final")
     return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
