@@ -366,8 +366,9 @@ def warm_start(space: SearchSpace, fitness: Fitness, start: Choice, levels: int,
                everything: Sequence[int], tokens: int, penalties: Sequence[float] = WARM_START_PENALTIES,
                progress: bool = True) -> tuple[Choice, WarmStart]:
     """Score every single-module move of ``start`` (up to ``levels`` steps) on ``batches``, combine the moves by
-    the additive model at each of ``penalties`` (per level moved, in units of the median |change|), and start from whichever of the start and those
-    optima scores lowest on ``everything``. ``tokens``: how many selection tokens ``batches`` hold (for the record).
+    the additive model at each of ``penalties`` (per level moved, in units of the median |change|), and start
+    from whichever of the start and those optima scores lowest on ``everything``. ``tokens``: how many selection
+    tokens ``batches`` hold (for the record).
 
     Moves are scored with the start as the parent, so each restarts from its cached states at its own module.
     """
