@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from tyr.compressor.layerwise import DenseParts, attention_delta, heads_of, mlp_delta, rms_norm
+from tyr.compressor.layerwise import DenseParts, attention_delta, heads_of, mlp_delta
 from tyr.compressor.search import Choice
 
 # Positions per LM-head chunk of the fitness (see sparse_kl).
@@ -136,8 +136,7 @@ class SupernetKL:
         self._weights = weights
         self.device, self.dtype = torch.device(device), dtype
         self.compute_dtype = compute_dtype or dtype
-        self.final_norm = parts.norm.to(self.device, self.compute_dtype)
-        self.lm_head = parts.lm_head.to(self.device, self.compute_dtype)
+        self.head_parts = parts.with_head_on(self.device, self.compute_dtype)
         self.batch = batch_sequences
         self.num_modules = len(kinds)
         self.seq_len = targets.ids.shape[1]
@@ -239,7 +238,7 @@ class SupernetKL:
         return sparse_kl(x, self._head, self.targets.top_logp[rows], self.targets.top_index[rows]).cpu()
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(rms_norm(x.to(self.compute_dtype), self.final_norm, self.parts.eps), self.lm_head)
+        return self.head_parts.logits(x.to(self.compute_dtype))
 
     def _maybe_refresh(self, b: int, todo: list[Choice]) -> None:
         """Recompute the anchor's states of batch ``b`` from its last valid boundary, if that saves work."""

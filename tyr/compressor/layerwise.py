@@ -143,5 +143,11 @@ class DenseParts:
         return cos[0].to(dtype), sin[0].to(dtype)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head: hidden states [B, T, hidden] -> logits [B, T, vocab]."""
-        return F.linear(rms_norm(x, self.norm.to(x.device), self.eps), self.lm_head.to(x.device))
+        """Final norm + LM head in ``x``'s dtype: hidden states [B, T, hidden] -> logits [B, T, vocab]."""
+        return F.linear(rms_norm(x, self.norm.to(x.device, x.dtype), self.eps), self.lm_head.to(x.device, x.dtype))
+
+    def with_head_on(self, device: str | torch.device, dtype: torch.dtype) -> "DenseParts":
+        """A copy whose final norm and LM head already sit on ``device`` in ``dtype``, so ``logits`` on such
+        inputs casts nothing per call."""
+        return DenseParts(self.embed_tokens, self.norm.to(device, dtype), self.lm_head.to(device, dtype),
+                          self.rotary_emb, self.head_dim, self.eps, self.num_heads, self.num_kv_heads, self.num_layers)
