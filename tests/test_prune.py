@@ -128,18 +128,22 @@ def test_sparsities_on_one_grid_share_the_first_supernet(tmp_path, tyr_run, tiny
 
 
 def test_warm_start_scan_on_the_real_fitness(tmp_path, tyr_run, tiny_dir):
-    data = {**TINY_RECIPE, "search": {**TINY_RECIPE["search"], "scan_levels": 1}}
+    data = {**TINY_RECIPE, "search": {**TINY_RECIPE["search"], "scan_levels": 1, "scan_every": 2}}
     result = prune(tiny_dir, sparsity=0.5, recipe=Recipe.model_validate(data), out_dir=tmp_path / "w", progress=False)
     report = result.report
     assert report.nominal_sparsity == pytest.approx(0.5, abs=1e-12)
     for iteration in report.iterations:
         warm = iteration.warm_start
         assert warm is not None and warm.scanned > 0 and warm.start_fitness == iteration.start_fitness
-        if warm.chosen is not None:
-            assert warm.proposals[warm.chosen].fitness == min(p.fitness for p in warm.proposals) < warm.start_fitness
+        assert [scan.generation for scan in iteration.rescans] == [2]        # 3 generations, a rescan every 2
+        for scan in [warm, *iteration.rescans]:
+            if scan.chosen is not None:
+                assert scan.proposals[scan.chosen].fitness == min(p.fitness for p in scan.proposals) \
+                    < scan.start_fitness
     # The scan is part of the search's identity: the same run without it starts from the uniform distribution.
     assert tyr_run.report.iterations[0].warm_start is None
-    assert "warm start:" in (result.out_dir / "prune_report.md").read_text()
+    markdown = (result.out_dir / "prune_report.md").read_text()
+    assert "warm start:" in markdown and "scan after generation 2:" in markdown
 
 
 def test_uniform_baseline_is_the_local_pruner_at_one_level(tmp_path, tiny_dir, recipe):

@@ -301,7 +301,8 @@ def search_settings(recipe: Recipe, iteration: int, seed: int) -> SearchSettings
                           seed=int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0]),
                           scan_levels=search.scan_levels, scan_batches=search.scan_batches,
                           scan_tokens=search.scan_batches * search.batch_sequences * search.seq_len,
-                          scan_penalties=tuple(search.scan_penalties), fresh_final=search.fresh_final_stage)
+                          scan_penalties=tuple(search.scan_penalties), fresh_final=search.fresh_final_stage,
+                          rescore_every=search.pool_rescore_every, scan_every=search.scan_every)
 
 
 def _build(model, calibration, directory: Path, target: float, unit: float, ladders: list[list[int]],
@@ -360,7 +361,7 @@ def _outcome(iteration: int, recipe: Recipe, space: SearchSpace, result: SearchR
         module_evaluations=stats.module_evaluations,
         module_evaluations_without_reuse=stats.module_evaluations_without_reuse,
         activation_reuse_saving=stats.saving, fitness_seconds=stats.seconds, fitness_dtype=stats.compute_dtype,
-        warm_start=result.warm_start)
+        warm_start=result.warm_start, rescans=result.rescans, pool_scores=result.pool_scores)
     return IterationOutcome(ticks=space.ticks_of(result.choice), choice=result.choice, start_ticks=list(start_ticks),
                             ladders=ladders, report=report)
 

@@ -1,5 +1,4 @@
-"""Budgets of a Týr-the-Pruner run as validated recipes (YAML or JSON files; `paper`, `gpu`, `fast` and the
-experimental `fast-scan` ship).
+"""Budgets of a Týr-the-Pruner run as validated recipes (YAML or JSON files; `paper`, `gpu` and `fast` ship).
 
 A recipe fixes everything about *how much work* the compressor does: calibration tokens for the supernet,
 iterations of the coarse-to-fine loop, generations and offspring of the evolutionary search, and the staged
@@ -92,9 +91,15 @@ class SearchRecipe(_Strict):
     scan_penalties: list[float] = Field([0.0, 0.5, 1.0], min_length=1, max_length=16, description="the warm "
                                         "start's knapsack is solved once per penalty per level moved (in units of "
                                         "the scan's median |change|; 0 = trust every scanned change)")
+    scan_every: int = Field(0, ge=0, le=1_000_000, description="with scan_levels: scan again from the parent "
+                            "every this many generations (0 = only the warm start)")
     fresh_final_stage: bool = Field(False, description="the parent meets the survivors on the last stage's new "
                                     "tokens only (those no earlier stage selected on): a survivor's luck on the "
                                     "tokens it was selected by then cannot carry it past a better parent")
+    pool_rescore_every: int = Field(0, ge=0, le=1_000_000, description="not in the paper (0 = off): every this "
+                                    "many generations, score the parent on the whole pool, and end the iteration "
+                                    "at the lowest parent so scored (the start included) rather than the last one: "
+                                    "selection on a few fresh tokens can accept lucky, slightly worse children")
     reuse_activations: bool = Field(True, description="restart an offspring's forward at its first mutated module "
                                     "from the parent's cached hidden states (same results, less compute)")
     activation_cache_mb: int = Field(1024, ge=0, le=10_000_000, description="memory cap of the parent's cached "
@@ -128,6 +133,8 @@ class SearchRecipe(_Strict):
                                              or self.scan_tokens > pool):
             raise ValueError(f"scan_tokens={self.scan_tokens} must be a whole number of batches of "
                              f"{self.batch_sequences} x {self.seq_len} tokens, within the pool's {pool}")
+        if self.scan_every and not self.scan_levels:
+            raise ValueError(f"scan_every={self.scan_every} repeats the scan, but scan_levels=0 turns it off")
         if self.fresh_final_stage and len(self.stages) > 1 and self.stages[-1].tokens <= self.stages[-2].tokens:
             raise ValueError("fresh_final_stage needs a last stage with more tokens than the one before it")
         if pool < self.stages[-1].tokens:

@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from tyr.atomic import atomic_write_json, atomic_write_text
-from tyr.compressor.search import GenerationRecord, WarmStart
+from tyr.compressor.search import GenerationRecord, PoolScore, WarmStart
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "prune_report.json", "prune_report.md", "prune_sparsity.png"
 
@@ -60,6 +60,9 @@ class IterationReport(BaseModel):
     fitness_dtype: str = Field("float32", description="compute dtype of the fitness forward (recipe search.dtype)")
     warm_start: WarmStart | None = Field(None, description="the sensitivity scan before the search, if the recipe "
                                          "asks for one")
+    rescans: list[WarmStart] = Field([], description="later scans from the parent (search.scan_every)")
+    pool_scores: list[PoolScore] = Field([], description="the parent's KL on the whole pool every "
+                                         "search.pool_rescore_every generations, when set")
     selected: bool = Field(False, description="this iteration's result is the output (lowest KL of all iterations, "
                            "all measured on the same selection tokens)")
 
@@ -203,13 +206,20 @@ def render_markdown(report: PruneReport) -> str:
                          f"{it.fitness:.4f} | {100 * it.activation_reuse_saving:.1f}% | {it.supernet_seconds:.1f} | "
                          f"{it.search_seconds:.1f} | {it.fitness_dtype} | {'yes' if it.selected else ''} |")
         for it in report.iterations:
-            if (w := it.warm_start) is not None:
+            for w in ([it.warm_start] if it.warm_start is not None else []) + it.rescans:
                 tried = ", ".join(f"{p.fitness:.4f} (penalty {p.penalty:.2g}, {p.moved} modules moved)"
                                   for p in w.proposals)
-                lines.append(f"- iteration {it.iteration} warm start: {w.scanned} single-module moves scored on "
-                             f"{w.tokens:,} tokens in {w.seconds:.1f} s; KL (pool) of the start {w.start_fitness:.4f}, "
-                             f"of the additive optima {tried or '-'}; the search starts from "
-                             + (f"optimum {w.chosen + 1}" if w.chosen is not None else "the start"))
+                where = f"scan after generation {w.generation}" if w.generation else "warm start"
+                lines.append(f"- iteration {it.iteration} {where}: {w.scanned} single-module moves scored on "
+                             f"{w.tokens:,} tokens in {w.seconds:.1f} s; KL (pool) of the parent {w.start_fitness:.4f}, "
+                             f"of the additive optima {tried or '-'}; the search goes on from "
+                             + (f"optimum {w.chosen + 1}" if w.chosen is not None else "the parent"))
+        for it in report.iterations:
+            if it.pool_scores:
+                best = min(it.pool_scores, key=lambda score: score.fitness)
+                values = ", ".join(f"{score.generation}: {score.fitness:.4f}" for score in it.pool_scores)
+                lines.append(f"- iteration {it.iteration} parent's KL on the pool by generation: {values}; the "
+                             f"result is the parent after generation {best.generation}")
         lines += ["", "Sparse KL to the dense model per generation (the winner's, on that generation's fresh last-stage "
                   "tokens; the pool values above compare across iterations):", ""]
         for it in report.iterations:

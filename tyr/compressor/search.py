@@ -305,6 +305,7 @@ class WarmStartProposal(BaseModel):
 class WarmStart(BaseModel):
     """The sensitivity scan that may replace the start of a search (recipe ``search.scan_levels``)."""
 
+    generation: int = Field(0, description="generations evolved before this scan (0: the warm start itself)")
     scanned: int = Field(description="single-module moves of the start that were scored")
     tokens: int = Field(description="selection tokens each move was scored on (the same for all)")
     start_fitness: float = Field(description="the start's KL on the whole selection pool")
@@ -402,6 +403,13 @@ def warm_start(space: SearchSpace, fitness: Fitness, start: Choice, levels: int,
 
 # ----- the search loop, checkpointed -----
 
+class PoolScore(BaseModel):
+    """The parent after ``generation`` generations, scored on the whole selection pool."""
+
+    generation: int
+    fitness: float
+
+
 class SearchCheckpoint(BaseModel):
     """Everything needed to continue a search exactly where it stopped (written after every generation)."""
 
@@ -413,6 +421,10 @@ class SearchCheckpoint(BaseModel):
     rng_state: dict
     seconds: float = 0.0
     warm_start: WarmStart | None = None
+    rescans: list[WarmStart] = Field([], description="later scans from the parent (search.scan_every)")
+    pool_scores: list[PoolScore] = Field([], description="the parent's whole-pool fitness every rescore_every "
+                                         "generations (empty when off)")
+    best: list[int] | None = Field(None, description="the lowest of those parents, when rescoring")
     complete: bool = False
     fitness: float | None = Field(None, description="the result's fitness on the whole pool, once complete")
 
@@ -425,6 +437,9 @@ class SearchResult(BaseModel):
     history: list[GenerationRecord]
     seconds: float
     warm_start: WarmStart | None = Field(None, description="the sensitivity scan, when the recipe asks for one")
+    rescans: list[WarmStart] = Field([], description="later scans from the parent (search.scan_every)")
+    pool_scores: list[PoolScore] = Field([], description="the parent's whole-pool fitness every rescore_every "
+                                         "generations; the result is the lowest of them")
     resumed_from: int = Field(0, description="generations restored from a checkpoint")
 
 
@@ -441,6 +456,8 @@ class SearchSettings:
     scan_tokens: int = 0   # for reports: the tokens those batches hold
     scan_penalties: tuple[float, ...] = WARM_START_PENALTIES
     fresh_final: bool = False  # the parent meets the survivors on the last stage's new batches only
+    rescore_every: int = 0  # > 0: score the parent on the whole pool this often; end at the best one so scored
+    scan_every: int = 0     # > 0 (with scan_levels): scan again from the parent every this many generations
 
     def __post_init__(self):
         if self.scan_levels and not 0 < self.scan_batches <= self.pool_batches:
@@ -490,9 +507,14 @@ def run_search(space: SearchSpace, fitness: Fitness, settings: SearchSettings, s
         else:
             fitness.set_parent(start)
             start_fitness = fitness.evaluate([start], everything)[0]
+        rescored: list[PoolScore] = []
+        if settings.rescore_every:
+            chosen = warm.proposals[warm.chosen].fitness if warm and warm.chosen is not None else start_fitness
+            rescored = [PoolScore(generation=0, fitness=chosen)]
         state = SearchCheckpoint(fingerprint=fingerprint, generations_done=0, parent=list(parent),
                                  start_fitness=start_fitness, history=[], rng_state=rng.bit_generator.state,
-                                 seconds=time.perf_counter() - started, warm_start=warm)
+                                 seconds=time.perf_counter() - started, warm_start=warm, pool_scores=rescored,
+                                 best=list(parent) if rescored else None)
         _save_checkpoint(checkpoint, state)
     else:
         rng.bit_generator.state = state.rng_state
@@ -503,6 +525,11 @@ def run_search(space: SearchSpace, fitness: Fitness, settings: SearchSettings, s
     for generation in range(state.generations_done, settings.generations):
         if state.complete:
             break
+        if settings.scan_levels and settings.scan_every and generation % settings.scan_every == 0 \
+                and generation > 0 and all(scan.generation != generation for scan in state.rescans):
+            state = _rescan(state, space, fitness, settings, rng, parent, generation, everything, progress)
+            _save_checkpoint(checkpoint, state)
+            parent = tuple(state.parent)
         started = time.perf_counter()
         fitness.set_parent(parent)
         children = make_offspring(parent, space, rng, settings.offspring, settings.max_shifts)
@@ -519,9 +546,13 @@ def run_search(space: SearchSpace, fitness: Fitness, settings: SearchSettings, s
         record = GenerationRecord(generation=generation + 1, fitness=scores[0], parent_fitness=parent_score,
                                   improved=improved, offspring=len(children), stages=records,
                                   seconds=time.perf_counter() - started)
-        state = state.model_copy(update=dict(
-            generations_done=generation + 1, parent=list(parent), history=state.history + [record],
-            rng_state=rng.bit_generator.state, seconds=state.seconds + record.seconds))
+        update = dict(generations_done=generation + 1, parent=list(parent), history=state.history + [record],
+                      rng_state=rng.bit_generator.state)
+        if settings.rescore_every and (generation + 1) % settings.rescore_every == 0 \
+                and generation + 1 < settings.generations:
+            update.update(_rescore(state, fitness, parent, generation + 1, everything))
+        update["seconds"] = state.seconds + time.perf_counter() - started
+        state = state.model_copy(update=update)
         _save_checkpoint(checkpoint, state)
         bar.update(1)
         bar.set_postfix(kl=f"{scores[0]:.4f}")
@@ -530,14 +561,57 @@ def run_search(space: SearchSpace, fitness: Fitness, settings: SearchSettings, s
     bar.close()
     if state.fitness is None:
         started = time.perf_counter()
-        fitness.set_parent(parent)
-        final = fitness.evaluate([parent], everything)[0]
-        state = state.model_copy(update=dict(complete=True, fitness=final,
+        if settings.rescore_every:
+            update = _rescore(state, fitness, parent, state.generations_done, everything)
+            parent = tuple(update["best"])
+            final = min(score.fitness for score in update["pool_scores"])
+        else:
+            fitness.set_parent(parent)
+            final, update = fitness.evaluate([parent], everything)[0], {}
+        state = state.model_copy(update=dict(update, complete=True, fitness=final, parent=list(parent),
                                              seconds=state.seconds + time.perf_counter() - started))
         _save_checkpoint(checkpoint, state)
     return SearchResult(choice=list(parent), levels=space.levels(parent), fitness=state.fitness,
                         start_fitness=state.start_fitness, history=state.history, seconds=state.seconds,
-                        warm_start=state.warm_start, resumed_from=resumed)
+                        warm_start=state.warm_start, rescans=state.rescans, pool_scores=state.pool_scores,
+                        resumed_from=resumed)
+
+
+def _rescan(state: SearchCheckpoint, space: SearchSpace, fitness: Fitness, settings: SearchSettings,
+            rng: np.random.Generator, parent: Choice, generation: int, everything: Sequence[int],
+            progress: bool) -> SearchCheckpoint:
+    """Scan again from the evolved parent: the additive model is re-linearised where the search now is."""
+    started = time.perf_counter()
+    batches = [int(b) for b in rng.permutation(settings.pool_batches)[:settings.scan_batches]]
+    chosen, scan = warm_start(space, fitness, parent, settings.scan_levels, batches, everything,
+                              settings.scan_tokens, settings.scan_penalties, progress)
+    scan = scan.model_copy(update=dict(generation=generation))
+    update = dict(parent=list(chosen), rescans=state.rescans + [scan], rng_state=rng.bit_generator.state,
+                  seconds=state.seconds + time.perf_counter() - started)
+    if settings.rescore_every:     # the scan scored the parent and its proposals on the whole pool
+        value = scan.proposals[scan.chosen].fitness if scan.chosen is not None else scan.start_fitness
+        best = min(state.pool_scores, key=lambda score: score.fitness)
+        # The parent after `generation` generations is now the scan's choice (it replaces a rescore made just before).
+        scores = [score for score in state.pool_scores if score.generation != generation]
+        update.update(pool_scores=scores + [PoolScore(generation=generation, fitness=value)],
+                      best=state.best if best.fitness <= value else list(chosen))
+    return state.model_copy(update=update)
+
+
+def _rescore(state: SearchCheckpoint, fitness: Fitness, parent: Choice, generation: int,
+             everything: Sequence[int]) -> dict:
+    """Score ``parent`` on the whole pool and keep it as the best if it is lowest so far (the fields to update).
+
+    Per-generation selection on a few fresh tokens lets a lucky, slightly worse child replace its parent; over
+    many generations such steps can add up, so the search may end worse than an earlier parent. All rescores use
+    the same pool, so they compare exactly.
+    """
+    fitness.set_parent(parent)
+    value = fitness.evaluate([parent], everything)[0]
+    best = min(state.pool_scores, key=lambda score: score.fitness, default=None)
+    keep = best is not None and best.fitness <= value
+    return dict(pool_scores=state.pool_scores + [PoolScore(generation=generation, fitness=value)],
+                best=state.best if keep else list(parent))
 
 
 def _fingerprint(space: SearchSpace, settings: SearchSettings, start: Choice) -> str:
@@ -550,6 +624,10 @@ def _fingerprint(space: SearchSpace, settings: SearchSettings, start: Choice) ->
             data.append(list(settings.scan_penalties))
     if settings.fresh_final:
         data.append("fresh_final")
+    if settings.rescore_every:
+        data.append(["rescore_every", settings.rescore_every])
+    if settings.scan_levels and settings.scan_every:
+        data.append(["scan_every", settings.scan_every])
     return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
 
 
