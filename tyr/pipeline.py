@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class RunConfig(BaseModel):
-    """Everything `tyr run` does, with defaults sized for two CPU cores (about 28 minutes on a quiet two-core
+    """Everything `tyr run` does, with defaults sized for two CPU cores (about 36 minutes on a quiet two-core
     machine: two `fast` prunes sharing their first supernet, then evaluation, exports and benchmarks)."""
 
     model_config = ConfigDict(extra="forbid")
