@@ -49,6 +49,21 @@ class QuadraticFitness:
         return [sum(w * lvl ** 2 for w, lvl in zip(self.weights, self.space.levels(c))) for c in choices]
 
 
+def resume_after(generation: int, space, make_fitness, settings, start, checkpoint: Path):
+    """Run the search until ``generation`` is checkpointed, interrupt it there, and return the resumed result."""
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(record):
+        if record.generation == generation:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_search(space, make_fitness(), settings, start, checkpoint=checkpoint, on_generation=stop, progress=False)
+    return run_search(space, make_fitness(), settings, start, checkpoint=checkpoint, progress=False)
+
+
 def test_grid_ladders():
     assert grid_ticks(0.5, 1 / 64, 8, 0, None) == tuple(range(-32, 33, 8))          # 0 .. 1 in 12.5% steps
     assert grid_ticks(0.5, 1 / 64, 4, -8, 4) == tuple(range(-24, 9, 4))             # 9 levels at 6.25% around 37.5%
@@ -179,17 +194,7 @@ def test_search_resume_is_bit_identical_synthetic(tmp_path):
                               pool_batches=3, seed=3)
     straight = run_search(space, QuadraticFitness(space), settings, start, progress=False)
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_3(record):
-        if record.generation == 3:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        run_search(space, QuadraticFitness(space), settings, start, checkpoint=tmp_path / "c.json",
-                   on_generation=stop_after_3, progress=False)
-    resumed = run_search(space, QuadraticFitness(space), settings, start, checkpoint=tmp_path / "c.json", progress=False)
+    resumed = resume_after(3, space, lambda: QuadraticFitness(space), settings, start, tmp_path / "c.json")
     assert resumed.resumed_from == 3
     assert resumed.choice == straight.choice and resumed.fitness == straight.fitness
     assert [h.model_dump(exclude={"seconds"}) for h in resumed.history] == \
@@ -292,18 +297,7 @@ def test_pool_rescoring_ends_at_the_best_parent_scored_on_the_whole_pool(tmp_pat
     assert NoisyFitness(space, 0.5, 8).evaluate([tuple(rescored.choice)], range(8))[0] == rescored.fitness
     assert space.budget_offset(rescored.choice) == 0
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_7(record):
-        if record.generation == 7:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        run_search(space, NoisyFitness(space, 0.5, 8), settings, start, checkpoint=tmp_path / "c.json",
-                   on_generation=stop_after_7, progress=False)
-    resumed = run_search(space, NoisyFitness(space, 0.5, 8), settings, start, checkpoint=tmp_path / "c.json",
-                         progress=False)
+    resumed = resume_after(7, space, lambda: NoisyFitness(space, 0.5, 8), settings, start, tmp_path / "c.json")
     assert resumed.resumed_from == 7 and resumed.choice == rescored.choice
     assert resumed.pool_scores == rescored.pool_scores
 
@@ -319,9 +313,8 @@ def test_rescans_restart_the_additive_model_from_the_evolved_parent(tmp_path):
     assert straight.warm_start is not None and [scan.generation for scan in straight.rescans] == [4, 8]
     assert [score.generation for score in straight.pool_scores] == [0, 4, 8, 9]
     for scan in straight.rescans:
-        chosen = scan.proposals[scan.chosen].fitness if scan.chosen is not None else scan.start_fitness
-        assert chosen <= scan.start_fitness
-        assert next(s for s in straight.pool_scores if s.generation == scan.generation).fitness == chosen
+        assert scan.result_fitness <= scan.start_fitness
+        assert next(s for s in straight.pool_scores if s.generation == scan.generation).fitness == scan.result_fitness
     assert space.budget_offset(straight.choice) == 0
     # The noise is small here: re-linearising where the search is beats evolution alone on the same generations
     # (on average over seeds; a single seed can go either way).
@@ -331,18 +324,7 @@ def test_rescans_restart_the_additive_model_from_the_evolved_parent(tmp_path):
                           progress=False).fitness for seed in range(4)]
     assert np.mean(gains) > 0.02
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_4(record):
-        if record.generation == 4:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        run_search(space, NoisyFitness(space, 0.05, 8), settings, start, checkpoint=tmp_path / "c.json",
-                   on_generation=stop_after_4, progress=False)
-    resumed = run_search(space, NoisyFitness(space, 0.05, 8), settings, start, checkpoint=tmp_path / "c.json",
-                         progress=False)
+    resumed = resume_after(4, space, lambda: NoisyFitness(space, 0.05, 8), settings, start, tmp_path / "c.json")
     assert resumed.resumed_from == 4 and resumed.choice == straight.choice
     assert [scan.model_dump(exclude={"seconds"}) for scan in resumed.rescans] == \
            [scan.model_dump(exclude={"seconds"}) for scan in straight.rescans]
@@ -462,15 +444,7 @@ def test_kl_search_resume_is_bit_identical(tiny_kl_setup, tmp_path):
                               pool_batches=4, seed=5)
     straight = run_search(space, make_kl(tiny_kl_setup, True), settings, start, progress=False)
 
-    def stop_after_2(record):
-        if record.generation == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_search(space, make_kl(tiny_kl_setup, True), settings, start, checkpoint=tmp_path / "c.json",
-                   on_generation=stop_after_2, progress=False)
-    resumed = run_search(space, make_kl(tiny_kl_setup, True), settings, start, checkpoint=tmp_path / "c.json",
-                         progress=False)
+    resumed = resume_after(2, space, lambda: make_kl(tiny_kl_setup, True), settings, start, tmp_path / "c.json")
     assert resumed.resumed_from == 2
     assert resumed.choice == straight.choice
     assert [h.fitness for h in resumed.history] == [h.fitness for h in straight.history]

@@ -313,6 +313,11 @@ class WarmStart(BaseModel):
     chosen: int | None = Field(description="the proposal the search starts from (None: the start scored lowest)")
     seconds: float
 
+    @property
+    def result_fitness(self) -> float:
+        """The pool KL of what the search goes on from: the chosen proposal, or the start."""
+        return self.proposals[self.chosen].fitness if self.chosen is not None else self.start_fitness
+
 
 # Penalties per level moved, in units of the scan's median |change|: the plain optimum trusts every scanned change,
 # noise included; penalised ones keep only the moves that clearly pay, and also step less far from the start,
@@ -509,8 +514,7 @@ def run_search(space: SearchSpace, fitness: Fitness, settings: SearchSettings, s
             start_fitness = fitness.evaluate([start], everything)[0]
         rescored: list[PoolScore] = []
         if settings.rescore_every:
-            chosen = warm.proposals[warm.chosen].fitness if warm and warm.chosen is not None else start_fitness
-            rescored = [PoolScore(generation=0, fitness=chosen)]
+            rescored = [PoolScore(generation=0, fitness=warm.result_fitness if warm else start_fitness)]
         state = SearchCheckpoint(fingerprint=fingerprint, generations_done=0, parent=list(parent),
                                  start_fitness=start_fitness, history=[], rng_state=rng.bit_generator.state,
                                  seconds=time.perf_counter() - started, warm_start=warm, pool_scores=rescored,
@@ -589,12 +593,7 @@ def _rescan(state: SearchCheckpoint, space: SearchSpace, fitness: Fitness, setti
     update = dict(parent=list(chosen), rescans=state.rescans + [scan], rng_state=rng.bit_generator.state,
                   seconds=state.seconds + time.perf_counter() - started)
     if settings.rescore_every:     # the scan scored the parent and its proposals on the whole pool
-        value = scan.proposals[scan.chosen].fitness if scan.chosen is not None else scan.start_fitness
-        best = min(state.pool_scores, key=lambda score: score.fitness)
-        # The parent after `generation` generations is now the scan's choice (it replaces a rescore made just before).
-        scores = [score for score in state.pool_scores if score.generation != generation]
-        update.update(pool_scores=scores + [PoolScore(generation=generation, fitness=value)],
-                      best=state.best if best.fitness <= value else list(chosen))
+        update.update(_pool_scored(state, chosen, generation, scan.result_fitness))
     return state.model_copy(update=update)
 
 
@@ -607,10 +606,16 @@ def _rescore(state: SearchCheckpoint, fitness: Fitness, parent: Choice, generati
     the same pool, so they compare exactly.
     """
     fitness.set_parent(parent)
-    value = fitness.evaluate([parent], everything)[0]
-    best = min(state.pool_scores, key=lambda score: score.fitness, default=None)
+    return _pool_scored(state, parent, generation, fitness.evaluate([parent], everything)[0])
+
+
+def _pool_scored(state: SearchCheckpoint, parent: Choice, generation: int, value: float) -> dict:
+    """Record ``parent``'s pool KL ``value`` after ``generation`` generations (replacing an earlier score of that
+    generation: a rescan's choice follows a rescore made just before it) and keep it if it is the lowest."""
+    scores = [score for score in state.pool_scores if score.generation != generation]
+    best = min(scores, key=lambda score: score.fitness, default=None)
     keep = best is not None and best.fitness <= value
-    return dict(pool_scores=state.pool_scores + [PoolScore(generation=generation, fitness=value)],
+    return dict(pool_scores=scores + [PoolScore(generation=generation, fitness=value)],
                 best=state.best if keep else list(parent))
 
 
