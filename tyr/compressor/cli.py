@@ -43,7 +43,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
     from tyr.compressor.prune import LatencyBudget, prune
     from tyr.errors import TyrError
-    from tyr.serving.latency_table import LatencyTable
+    from tyr.compressor.latency import LatencyTable
 
     if (args.latency_table is None) != (args.max_latency_ms is None):
         raise TyrError("--latency-table and --max-latency-ms go together")

@@ -1,4 +1,4 @@
-"""Prefill and per-token decode latency of exported models in onnxruntime, dense against pruned.
+"""`tyr bench onnx`: prefill and per-token decode latency of exported models in onnxruntime, dense against pruned.
 
 Each run is one prefill of ``prompt_tokens`` followed by ``decode_tokens`` cached decode steps per model, and the
 models take turns at every call (prefill A, prefill B, step A, step B, ...; with more models A B C ...), so that
@@ -17,8 +17,14 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
+from tyr.atomic import atomic_write_json, atomic_write_text
+from tyr.benchmarking.platform_info import detect_platform
+from tyr.benchmarking.results import BenchResult, LatencyStats, param_counts, write_result, write_results_csv
+from tyr.benchmarking.stats import summarize
 from tyr.errors import TyrError
+from tyr.exporters.onnx.export import load_export_info
 from tyr.exporters.onnx.runner import OptLevel, OrtCausalLM
+
 
 class ModelTiming(BaseModel):
     label: str
@@ -103,8 +109,6 @@ def _one_round(runners: list[OrtCausalLM], prompt: np.ndarray, decode_tokens: in
 
 
 def _matmul_params(source_model: str) -> int | None:
-    from tyr.serving.results import param_counts
-
     try:
         return param_counts(source_model).matmul if Path(source_model).is_dir() else None
     except TyrError:
@@ -115,8 +119,6 @@ def time_models(export_dirs: list[Path], labels: list[str], threads: int, opt_le
                 prompt_tokens: int, decode_tokens: int, runs: int, warmup_runs: int,
                 progress: bool = True) -> list[ModelTiming]:
     from tqdm import tqdm
-
-    from tyr.exporters.onnx.export import load_export_info
 
     infos = [load_export_info(d) for d in export_dirs]
     runners = [OrtCausalLM(d / info.model_file, opt_level=opt_level or info.opt_level, threads=threads)
@@ -178,12 +180,8 @@ def bench_onnx(export_dirs: list[str | Path], labels: list[str] | None = None, t
                            comparisons=comparisons)
 
 
-def bench_results(report: OnnxBenchReport) -> list:
-    """One tyr.serving.results.BenchResult per (model, thread count): prefill as ttft, decode step as tpot."""
-    from tyr.serving.platform_info import detect_platform
-    from tyr.serving.results import BenchResult, LatencyStats
-    from tyr.serving.stats import summarize
-
+def bench_results(report: OnnxBenchReport) -> list[BenchResult]:
+    """One BenchResult per (model, thread count): prefill as ttft, decode step as tpot."""
     platform = detect_platform()
     results = []
     for threads, timings in report.timings.items():
@@ -201,9 +199,6 @@ def bench_results(report: OnnxBenchReport) -> list:
 def write_report(report: OnnxBenchReport, table: str, out: Path) -> Path:
     """Each model's result.json (the BenchResult format `tyr bench vllm` writes too), results.csv, and the report
     as onnx_bench.json and onnx_bench.md (``table``) under ``out``; returns the JSON's path."""
-    from tyr.atomic import atomic_write_json, atomic_write_text
-    from tyr.serving.results import write_result, write_results_csv
-
     results = bench_results(report)
     for result in results:
         write_result(result, out / result.label.replace("@", "-") / "result.json")

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from tyr.atomic import atomic_write_json, atomic_write_text
 from tyr.errors import TyrError
-from tyr.serving.platform_info import PlatformInfo
+from tyr.benchmarking.platform_info import PlatformInfo
 
 SCHEMA_VERSION = 1
 Runtime = Literal["vllm", "onnxruntime"]

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tyr.errors import TyrError
-from tyr.serving.platform_info import Accelerator
+from tyr.benchmarking.platform_info import Accelerator
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 CPU_DTYPES = ("float32", "bfloat16")

@@ -16,13 +16,13 @@ from pydantic import BaseModel, Field
 
 from tyr.atomic import atomic_write_json
 from tyr.errors import TyrError
-from tyr.serving.config import BenchConfig
-from tyr.serving.load import first_errors, run_load
-from tyr.serving.offline import run_offline_throughput
-from tyr.serving.platform_info import PlatformInfo, detect_platform
-from tyr.serving.prompts import random_prompts
-from tyr.serving.results import BenchResult, load_result, param_counts, write_result, write_results_csv
-from tyr.serving.server import ServerError, VLLMServer, http_get, log_tail
+from tyr.benchmarking.config import BenchConfig
+from tyr.benchmarking.load import first_errors, run_load
+from tyr.benchmarking.offline import run_offline_throughput
+from tyr.benchmarking.platform_info import PlatformInfo, detect_platform
+from tyr.benchmarking.prompts import random_prompts
+from tyr.benchmarking.results import BenchResult, load_result, param_counts, write_result, write_results_csv
+from tyr.benchmarking.server import ServerError, VLLMServer, http_get, log_tail
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def bench_vllm(models: list[str | Path], config: BenchConfig, out_dir: str | Pat
 
 def write_run(run: BenchRun, out_dir: str | Path) -> dict[str, Path]:
     """results.json (results + failures), results.csv (one row per result) and report.html."""
-    from tyr.serving.report import write_html_report
+    from tyr.benchmarking.report import write_html_report
 
     out_dir = Path(out_dir)
     paths = {"json": atomic_write_json(out_dir / "results.json", run.model_dump(mode="json")),
