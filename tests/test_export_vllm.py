@@ -250,7 +250,7 @@ def test_tokens_agree_only_exactly_or_at_a_near_tie():
     assert len(problems) == 3 and "part at generated token 1" in problems[2]
 
 
-# --- the default SmolLM2 pruned to 50% (no pruner yet: magnitude-chosen heads and channels) ---
+# --- the default SmolLM2 pruned to 50% (magnitude-chosen heads and channels: serving depends on the shapes) ---
 
 def half_pruned_keeps(model, target: float = 0.5) -> list[LayerKeep]:
     """GQA-consistent keep sets by weight magnitude, about ``target`` of the decoder-layer parameters, with widths

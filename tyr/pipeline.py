@@ -73,7 +73,8 @@ def run_pipeline(config: RunConfig) -> dict:
     pruned = [Candidate(label=f"tyr-{s:g}", sparsity=s, model_dir=out / f"pruned-{s:g}") for s in config.sparsities]
 
     with _timed(timings, "prune"):
-        # The sparsities share their first supernet (same 12.5% grid); it is not needed once all are pruned.
+        # The sparsities share their first supernet (the first iteration's grid is the same for all); it is not
+        # needed once all are pruned.
         supernets = config.out / "work" / "supernets"
         for c in pruned:
             _prune(config, dense_dir, c, supernets)

@@ -22,7 +22,7 @@ class ServerConfig(BaseModel):
     # "auto": float32 on CPU (vLLM's CPU backend runs float32 or bfloat16), the model's own dtype on GPUs.
     dtype: Dtype = "auto"
     max_model_len: int = Field(512, ge=16, le=1_048_576)
-    # None: eager on CPU (torch.compile costs 1-2 extra minutes per engine start there), compiled + graphs on GPU.
+    # None: eager on CPU (where torch.compile lengthens every engine start), compiled + graphs on GPU.
     compile: bool | None = None
     kv_cache_space_gib: int = Field(1, ge=1, le=1024)  # CPU only: VLLM_CPU_KVCACHE_SPACE
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)  # GPUs only; None keeps vLLM's default
@@ -71,7 +71,7 @@ class OfflineConfig(BaseModel):
     prompt_tokens: int = Field(64, ge=1, le=131_072)
     output_tokens: int = Field(64, ge=1, le=131_072)
     repeats: int = Field(3, ge=1, le=100, description="timed batches in the same engine; the median counts (one "
-                         "batch on a shared CPU varies by 15% or more)")
+                         "batch on a shared CPU is noisy)")
     timeout_s: float = Field(1800, gt=0, le=86_400)
     seed: int = 0
 
