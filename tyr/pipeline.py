@@ -177,8 +177,8 @@ def _export_onnx(c: Candidate, out: Path) -> Path:
 
 
 def _bench_vllm(config: RunConfig, dense: Candidate, pruned: list[Candidate]) -> list:
-    from tyr.benchmarking.vllm_bench import bench_vllm, load_run
     from tyr.benchmarking.config import BenchConfig, LoadConfig, OfflineConfig
+    from tyr.benchmarking.vllm_bench import bench_vllm, load_run
 
     out = config.out / "bench-vllm"
     if not (out / "results.json").is_file():
@@ -210,9 +210,9 @@ def _bench_onnx(config: RunConfig, dense: Candidate, pruned: list[Candidate]) ->
 
 def _select(config: RunConfig, dense: Candidate, pruned: list[Candidate], evaluations: dict, results: list,
             speeds: dict[str, dict[str, float]]) -> dict:
-    from tyr.benchmarking.report import write_selection_report
     from tyr.benchmarking.results import matmul_params
-    from tyr.selection.selection import Measurement, Targets, select
+    from tyr.selection.report import write_selection_report
+    from tyr.selection.selection import Measurement, select
 
     measurements = [
         Measurement(label=c.label, model=str(c.model_dir), baseline=c is dense, sparsity=c.sparsity,
