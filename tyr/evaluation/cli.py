@@ -23,8 +23,8 @@ def add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default="all",
                         help="BIG-bench tasks: 'all', 'none' or comma-separated names (task file stems)")
     parser.add_argument("--bigbench-dir", default=None,
-                        help="folder of BIG-bench task .json files (default: $TYR_BIGBENCH_DIR, else "
-                             "../shared/data/bigbench beside the repository)")
+                        help="folder of BIG-bench task .json files (default: $TYR_BIGBENCH_DIR, else the "
+                             "four tasks shipped with tyr)")
     parser.add_argument("--limit", type=int, default=100, help="examples per task (a seeded sample; 0 = all)")
     parser.add_argument("--seed", type=int, default=0, help="seed for block and example sampling")
     parser.add_argument("--batch-size", type=int, default=4, help="blocks per forward pass for perplexity")
