@@ -1,4 +1,5 @@
-"""What a user's machine needs: the BIG-bench tasks inside the package (a clean clone with nothing beside it)."""
+"""What a user's machine needs: the BIG-bench tasks inside the package (a clean clone with nothing beside it), the
+accelerator used when there is one (torch device, vLLM dtype and compile mode, onnxruntime provider)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from tyr.cli import main
+from tyr.device import resolve_device
 from tyr.errors import TyrError
 from tyr.evaluation.bigbench import BIGBENCH_DIR_ENV, PACKAGED_TASKS_DIR, available_tasks, default_bigbench_dir
+from tyr.serving.config import ServerConfig, compiled_by_default, serving_dtype
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TASKS = {"cause_and_effect_one_sentence", "goal_step_wikihow_goal_inference", "physical_intuition", "winowhy"}
@@ -67,3 +72,60 @@ def test_a_clean_clone_evaluates_the_default_tasks(tmp_path, tiny_dir):
     tasks = json.loads(out.read_text())["tasks"]
     assert set(tasks) == DEFAULT_TASKS
     assert all(task["num_examples"] == 2 for task in tasks.values())
+
+
+# ---- the device: the accelerator when there is one, an explicit --device overrides ----
+
+def test_device_defaults_to_the_accelerator_and_an_explicit_one_is_checked():
+    assert resolve_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(TyrError, match="unknown device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        for name in ("cuda", "cuda:0", "rocm"):  # ROCm builds of torch call AMD GPUs "cuda" too
+            with pytest.raises(TyrError, match="torch sees no GPU"):
+                resolve_device(name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a GPU that is not there")
+def test_commands_refuse_a_missing_gpu_before_writing(tmp_path, tiny_dir):
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(tiny_dir), "--sparsity", "0.5", "--out", str(out), "--device", "cuda"]) == 2
+    assert main(["run", "--model", str(tiny_dir), "--out", str(out), "--device", "cuda"]) == 2
+    assert main(["select", "--prune-base", str(tiny_dir), "--prune-sparsities", "0.5", "--max-ppl-increase", "1",
+                 "--min-speedup", "1", "--out", str(out), "--device", "cuda"]) == 2
+    assert main(["eval", "--model", str(tiny_dir), "--device", "cuda", "--tasks", "none"]) == 2
+    assert not out.exists() and not Path(f"{out}.work").exists()
+
+
+# ---- vLLM: bfloat16 and compiled (torch.compile + CUDA graphs) on GPUs unless the user picks ----
+
+def test_gpu_serving_defaults_to_bfloat16_and_compiled():
+    for gpu in ("cuda", "rocm"):
+        assert serving_dtype("auto", gpu) == "bfloat16"
+        assert serving_dtype("auto", gpu, gpu_bf16=False) == "float16"  # e.g. V100 / T4: no bfloat16
+        assert serving_dtype("float32", gpu) == "float32"
+        assert compiled_by_default(gpu)
+        assert not ServerConfig().eager(gpu) and ServerConfig(compile=False).eager(gpu)
+    assert serving_dtype("auto", "cpu") == "float32" and serving_dtype("bfloat16", "cpu") == "bfloat16"
+    assert not compiled_by_default("cpu")
+    assert ServerConfig().eager("cpu") and not ServerConfig(compile=True).eager("cpu")
+
+
+# ---- onnxruntime: the GPU provider where this build has it, recorded with every timing ----
+
+def test_onnxruntime_runs_on_the_gpu_provider_when_installed_and_records_it(tmp_path, tiny_dir):
+    import onnxruntime as ort
+
+    from tyr.exporters.onnx import export_onnx
+    from tyr.exporters.onnx.bench import bench_onnx, bench_results, report_table
+
+    export = export_onnx(tiny_dir, tmp_path / "onnx", dtype="fp32", validate_steps=2, check_genai=False)
+    expected = "CUDAExecutionProvider" if "CUDAExecutionProvider" in ort.get_available_providers() \
+        else "CPUExecutionProvider"
+    report = bench_onnx([export.out_dir], threads=[1], prompt_tokens=4, decode_tokens=2, runs=1, warmup_runs=0,
+                        progress=False)
+    (timing,) = report.timings[1]
+    assert timing.provider == expected
+    (result,) = bench_results(report)
+    assert result.config["provider"] == expected and expected in report_table(report)

@@ -42,6 +42,7 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from tyr.data import TextSource
+    from tyr.device import resolve_device
     from tyr.evaluation.run import evaluate_model
     from tyr.models.io import load_model
 
@@ -53,7 +54,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise TyrError("nothing to evaluate: --blocks 0 and --tasks none")
     if args.reference and args.blocks == 0:
         raise TyrError("--reference needs perplexity blocks for the KL (--blocks > 0)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir():

@@ -29,9 +29,9 @@ def add_bench(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("server")
     server.add_argument("--max-model-len", type=int, help="vLLM --max-model-len (default 512)")
     server.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="default auto: float32 on CPU, the model's dtype on GPUs")
+                        help="default auto: float32 on CPU, bfloat16 on GPUs (float16 where a GPU lacks bfloat16)")
     server.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile/graphs (default: off on CPU, on for GPUs)")
+                        help="torch.compile and CUDA graphs (default: on for GPUs, off on CPU; --no-compile: eager)")
     server.add_argument("--kv-cache-gib", type=int, help="CPU only: VLLM_CPU_KVCACHE_SPACE (default 1)")
     server.add_argument("--startup-timeout", type=float, help="seconds to wait for /health (default 600)")
     server.add_argument("--trust-remote-code", action="store_true", default=None)
@@ -133,6 +133,8 @@ def add_select(parser: argparse.ArgumentParser) -> None:
                         "--runtime (the `tyr run` stages; rerunning with the same --out resumes)")
     parser.add_argument("--prune-sparsities", type=float, nargs="+", metavar="S", help="sparsities to prune at")
     parser.add_argument("--recipe", default="fast", help="pruning recipe for --prune-base: fast, paper or a file")
+    parser.add_argument("--device", help="torch device for --prune-base's pruning and evaluation (default: cuda if "
+                                         "available, else cpu)")
 
 
 def run_select(args: argparse.Namespace) -> int:
@@ -172,7 +174,8 @@ def _prune_and_measure(args: argparse.Namespace, out: Path) -> Path:
         config = RunConfig(model=args.prune_base, sparsities=args.prune_sparsities, recipe=args.recipe, out=out,
                            max_ppl_increase=args.max_ppl_increase,
                            min_accuracy_retention=args.min_accuracy_retention, min_speedup=args.min_speedup,
-                           runtime=args.runtime, vllm=args.runtime == "vllm", onnx=args.runtime == "onnx")
+                           runtime=args.runtime, vllm=args.runtime == "vllm", onnx=args.runtime == "onnx",
+                           device=args.device)
     except ValueError as err:
         raise TyrError(f"bad --prune-* settings: {err}") from err
     run_pipeline(config)
