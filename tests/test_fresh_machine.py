@@ -129,3 +129,43 @@ def test_onnxruntime_runs_on_the_gpu_provider_when_installed_and_records_it(tmp_
     assert timing.provider == expected
     (result,) = bench_results(report)
     assert result.config["provider"] == expected and expected in report_table(report)
+
+
+# ---- benchmarks/gpu_check.sh: the GPU check, dry-run on the CPU ----
+
+GPU_CHECK = REPO_ROOT / "benchmarks" / "gpu_check.sh"
+
+
+def _gpu_check(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(["bash", str(GPU_CHECK), "--python", sys.executable, *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_gpu_check_refuses_unknown_arguments(tmp_path):
+    assert _gpu_check("--device", "tpu", "--out", str(tmp_path / "x")).returncode == 2
+    assert _gpu_check("--sparsity", "0.5").returncode == 2
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """The whole script on the CPU, shrunk: prune, evaluate, ONNX, vLLM export, server and offline benchmarks."""
+    out = tmp_path / "gpu-check"
+    completed = _gpu_check("--device", "cpu", "--out", str(out), timeout=3600)
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    run = json.loads((out / "bench-vllm" / "results.json").read_text())
+    assert [r["label"] for r in run["results"]] == ["dense", "tyr-0.5"] and not run["failures"]
+    for result in run["results"]:
+        assert result["offline"]["output_tokens_per_s"] > 0 and result["throughput"]["output_tokens_per_s"] > 0
+        assert result["config"]["engine"] == {"dtype": "float32", "eager": True}  # the CPU defaults
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    assert [row["label"] for row in summary["models"]] == ["dense", "tyr-0.5"]
+    assert summary["models"][1]["ideal_speedup"] > 1 and summary["models"][1]["onnx_tokens_per_s"] > 0
+    report = (out / "gpu_check.md").read_text()
+    assert report.strip() in completed.stdout
+    pruned_row = next(line for line in report.splitlines() if line.startswith("| tyr-0.5 |"))
+    assert "—" not in pruned_row  # every ratio and latency was measured
+    assert "vLLM engine: float32, eager; onnxruntime: CPUExecutionProvider" in report
+    for stage in ("platform", "tyr run", "tyr export vllm", "tyr bench vllm", "inside tyr run: prune"):
+        assert stage in report, stage

@@ -288,6 +288,8 @@ def add_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runtime", choices=["vllm", "onnx"], default=defaults.runtime)
     parser.add_argument("--no-vllm", dest="vllm", action="store_false")
     parser.add_argument("--no-onnx", dest="onnx", action="store_false")
+    parser.add_argument("--eval-blocks", type=int, help=RunConfig.model_fields["eval_blocks"].description)
+    parser.add_argument("--eval-limit", type=int, help=RunConfig.model_fields["eval_limit"].description)
     parser.add_argument("--device", help=RunConfig.model_fields["device"].description)
     parser.add_argument("--seed", type=int, default=0)
 
