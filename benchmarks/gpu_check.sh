@@ -62,14 +62,14 @@ if [ "$DRY_RUN" = 1 ]; then
   BENCH=(--users 2 --duration 3 --prompt-tokens 16 --output-tokens 8 --num-prompts 8 --max-model-len 128
          --offline-prompts 4 --offline-output-tokens 8)
   EXPORT_CHECK=(--no-check)
-  EVAL=(--eval-blocks 2 --eval-limit 4)
+  EVAL_ARGS=(--eval-blocks 2 --eval-limit 4)
 else
   SPARSITIES=(0.25 0.5)
   RECIPE="${RECIPE:-gpu}"
   BENCH=(--users 32 --duration 60 --prompt-tokens 128 --output-tokens 128 --num-prompts 256 --max-model-len 512
          --offline-prompts 512 --offline-output-tokens 256)
   EXPORT_CHECK=()
-  EVAL=()
+  EVAL_ARGS=()
 fi
 
 platform() {
@@ -106,6 +106,8 @@ except ImportError:
     print("onnxruntime: not installed")
 EOF
 }
+
+record_platform() { platform | tee "$OUT/platform.txt"; }
 
 tiny_model() {  # the dry run's dense model: a random Llama with SmolLM2's tokenizer (head_dim 32 for vLLM's CPU backend)
   [ -f "$OUT/tiny/config.json" ] && return 0
@@ -160,7 +162,7 @@ bench_vllm() {
   tyr bench vllm "${models[@]}" "${BENCH[@]}" --out "$OUT/bench-vllm" || echo "tyr bench vllm: some models failed"
 }
 
-stage platform platform | tee "$OUT/platform.txt"
+stage platform record_platform
 if [ "$DRY_RUN" = 1 ]; then
   stage "tiny model" tiny_model
   MODEL="$OUT/tiny"
@@ -168,7 +170,7 @@ else
   MODEL=default
 fi
 DENSE="$("$PY" -c 'import sys; from tyr.models.io import resolve_model_path; print(resolve_model_path(sys.argv[1]))' "$MODEL")"
-RUN_ARGS=(--model "$MODEL" --recipe "$RECIPE" --device "$DEVICE" --out "$OUT/run" --no-vllm --runtime onnx "${EVAL[@]}")
+RUN_ARGS=(--model "$MODEL" --recipe "$RECIPE" --device "$DEVICE" --out "$OUT/run" --no-vllm --runtime onnx "${EVAL_ARGS[@]}")
 for s in "${SPARSITIES[@]}"; do RUN_ARGS+=(--sparsity "$s"); done
 stage "tyr run (prune, evaluate, export and time ONNX)" tyr run "${RUN_ARGS[@]}"
 stage "tyr export vllm" export_vllm
