@@ -11,13 +11,8 @@ import torch
 from tyr.compressor import supernet as supernet_module
 from tyr.compressor.layerwise import DenseParts, attention_delta, heads_of, mlp_delta, module_weights
 from tyr.compressor.local_pruner import gqa_targets
-from tyr.compressor.supernet import (
-    DEFAULT_LADDER,
-    LocalPruneSettings,
-    Supernet,
-    SupernetManifest,
-    build_supernet,
-)
+from tyr.compressor.recipes import LocalPrunerRecipe
+from tyr.compressor.supernet import DEFAULT_LADDER, Supernet, SupernetManifest, build_supernet
 from tyr.errors import TyrError
 from tyr.models.io import load_model, save_model
 from tyr.models.slicing import LayerKeep, LayerWidth, layer_params, slice_model
@@ -253,7 +248,7 @@ def test_disk_full_is_reported_and_leaves_finished_modules_valid(tiny, ids, tmp_
 def test_custom_ladders_and_bad_inputs(tiny, ids, tmp_path):
     ladders = [[0.25, 0.3125, 0.375], [0.0, 0.0625, 1.0]] * 3
     manifest = build_supernet(tiny, ids, tmp_path / "sn", ladders, eea="current",
-                              current_levels=[0.3125, 0.0] * 3, settings=LocalPruneSettings(channel_step=5),
+                              current_levels=[0.3125, 0.0] * 3, settings=LocalPrunerRecipe(channel_step=5),
                               progress=False)
     assert [m.levels for m in manifest.modules] == ladders
     assert manifest.modules[1].widths == [[128], [120], [0]]

@@ -21,7 +21,6 @@ states; rerunning with the same inputs continues after the last finished module 
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import tempfile
@@ -41,21 +40,14 @@ from tyr.atomic import atomic_write_json
 from tyr.compressor import calibration
 from tyr.compressor.layerwise import DenseParts, attention_heads, mlp_hidden, module_weights
 from tyr.compressor.local_pruner import PrunedLinear, gqa_targets, prune_columns_progressively, prune_heads_gqa
+from tyr.compressor.recipes import EEAMode, LocalPrunerRecipe
 from tyr.errors import TyrError
+from tyr.fingerprint import fingerprint
 from tyr.models.slicing import LayerKeep, LayerWidth, layer_params, layer_widths, slice_model
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DEFAULT_LADDER = [i / 8 for i in range(9)]
-EEA = Literal["expectation", "current", "none"]
-
-
-class LocalPruneSettings(BaseModel):
-    damp: float = Field(0.01, gt=0, description="Hessian damping, as a fraction of its mean diagonal")
-    head_step: int = Field(1, ge=1, description="query heads per KV group dropped per step (only 1 is implemented)")
-    channel_step: int = Field(16, ge=1, description="FFN channels removed per OBS step")
-    refit: bool = Field(True, description="least-squares refit of the kept columns after the OBS path")
-    solver_dtype: Literal["float32", "float64"] = Field("float32", description="precision of the OBS solver")
 
 
 class ModuleCandidates(BaseModel):
@@ -79,9 +71,9 @@ class SupernetManifest(BaseModel):
     num_key_value_heads: int
     intermediate_size: int
     dtype: str
-    eea: EEA
+    eea: EEAMode
     current_levels: list[float] | None = None
-    settings: LocalPruneSettings
+    settings: LocalPrunerRecipe
     calibration: dict
     fingerprint: str = Field(description="SHA-256 of everything that determines the result (inputs and weights)")
     modules: list[ModuleCandidates] = Field(description="finished modules: layer0.attn, layer0.mlp, layer1.attn, ...")
@@ -129,12 +121,6 @@ def _mixture(eea: str, levels: list[float], current: float | None) -> list[float
     return [k / total if total > 0 else 0.0 for k in keep]
 
 
-def _fingerprint(parts: dict) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, done: int, out_dir: Path) -> None:
     """Write safetensors atomically (temp file + fsync + rename); a full disk becomes a clear TyrError."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +154,7 @@ def _write_manifest(manifest: SupernetManifest, out_dir: Path) -> None:
 
 
 def _prune_module(kind: str, W: torch.Tensor, H: torch.Tensor, levels: list[float], model_config,
-                  settings: LocalPruneSettings) -> list[PrunedLinear]:
+                  settings: LocalPrunerRecipe) -> list[PrunedLinear]:
     dtype = getattr(torch, settings.solver_dtype)
     if kind == "attn":
         targets = [gqa_targets(model_config.num_attention_heads, model_config.num_key_value_heads, s) for s in levels]
@@ -208,8 +194,8 @@ def _columns(kind: str, keep: list[int], head_dim: int, device) -> torch.Tensor:
 
 @torch.no_grad()
 def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, ladders: list[list[float]],
-                   eea: EEA = "expectation", current_levels: list[float] | None = None,
-                   settings: LocalPruneSettings = LocalPruneSettings(), device: str | torch.device | None = None,
+                   eea: EEAMode = "expectation", current_levels: list[float] | None = None,
+                   settings: LocalPrunerRecipe = LocalPrunerRecipe(), device: str | torch.device | None = None,
                    progress: bool = True, *, model_name: str | None = None, calibration_meta: dict | None = None,
                    on_module_done: Callable[[int, torch.Tensor], None] | None = None) -> SupernetManifest:
     """Build (or finish building) the supernet of a dense Llama-style ``model`` in ``out_dir``.
@@ -228,8 +214,6 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
     for m, ladder in enumerate(ladders):
         if not ladder or any(not 0 <= s <= 1 for s in ladder):
             raise TyrError(f"ladder of module {m} must be a non-empty list of levels in [0, 1], got {ladder}")
-    if settings.head_step != 1:
-        raise TyrError(f"head_step={settings.head_step}: only one query head per group per step is implemented")
     if eea not in ("expectation", "current", "none"):
         raise TyrError(f"eea must be expectation, current or none, got {eea!r}")
     if eea == "current":
@@ -253,7 +237,7 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
     num_sequences, seq_len = calibration_ids.shape
     calib = {"sequences": num_sequences, "seq_len": seq_len, "tokens": num_sequences * seq_len,
              "sha256": calibration.ids_digest(calibration_ids)} | dict(calibration_meta or {})
-    fingerprint = _fingerprint({
+    digest = fingerprint({
         "version": FORMAT_VERSION, "config": {k: v for k, v in config.to_dict().items()
                                               if k not in ("_name_or_path", "transformers_version", "architectures",
                                                            "auto_map")},
@@ -265,7 +249,7 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
         head_dim=head_dim, num_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_key_value_heads, intermediate_size=config.intermediate_size,
         dtype=str(dtype).removeprefix("torch."), eea=eea, current_levels=current_levels, settings=settings,
-        calibration=calib, fingerprint=fingerprint, modules=[])
+        calibration=calib, fingerprint=digest, modules=[])
 
     hidden = None
     if (out_dir / MANIFEST).is_file():
@@ -274,7 +258,7 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
         except ValueError as err:
             raise TyrError(f"{out_dir / MANIFEST} is not a readable supernet manifest ({err}); "
                            "remove the folder or choose another") from err
-        if found.fingerprint != fingerprint:
+        if found.fingerprint != digest:
             raise TyrError(f"{out_dir} holds a supernet built from different inputs (model weights, calibration "
                            "data, ladders, EEA mode or settings); remove it or choose another folder")
         if found.complete:
