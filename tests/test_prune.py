@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from tyr.cli import main as tyr_main
-from tyr.compressor.baselines import flap_prune, magnitude_keeps
+from tyr.compressor.baselines import flap_prune, uniform_magnitude_keeps
 from tyr.compressor.prune import LatencyBudget, prune
 from tyr.compressor.recipes import Recipe
 from tyr.errors import TyrError
@@ -175,7 +175,7 @@ def test_magnitude_keeps_the_largest_heads_and_channels():
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[:, 5] *= 100      # one dominant channel
         model.model.layers[0].self_attn.o_proj.weight[:, 3 * 16:4 * 16] *= 100   # head 3 (group 1) dominant
-    keep = magnitude_keeps(model, 0.5)[0]
+    keep = uniform_magnitude_keeps(model, 0.5)[0]
     assert 5 in keep.keep_ffn and len(keep.keep_ffn) == 16
     assert 3 in keep.keep_heads and set(keep.keep_heads) <= {2, 3}
 

@@ -10,12 +10,12 @@ import torch
 
 from tyr.compressor import supernet as supernet_module
 from tyr.compressor.layerwise import DenseParts, attention_delta, heads_of, mlp_delta, module_weights
-from tyr.compressor.local_pruner import gqa_targets
 from tyr.compressor.recipes import LocalPrunerRecipe
 from tyr.compressor.supernet import DEFAULT_LADDER, Supernet, SupernetManifest, build_supernet
 from tyr.errors import TyrError
 from tyr.models.io import load_model, save_model
-from tyr.models.slicing import LayerKeep, LayerWidth, layer_params, slice_model
+from tyr.models.facts import LayerWidth, gqa_widths, layer_params
+from tyr.models.slicing import LayerKeep, slice_model
 from tyr.testing import tiny_llama
 
 
@@ -85,7 +85,7 @@ def test_functional_layers_match_hf_layers(tiny, ids, sliced):
 def expected_widths(level: float, kind: str, heads: int = 6, kv: int = 3, ffn: int = 128) -> list[int]:
     if kind == "mlp":
         return [int((1 - level) * ffn + 0.5)]
-    g, r = gqa_targets(heads, kv, level)[0]
+    g, r = gqa_widths(heads, kv, level)[0]
     return [g * r, g]
 
 
@@ -105,7 +105,7 @@ def test_candidates_have_the_specified_widths_and_params(tiny, built):
     for m in manifest.modules:
         for level, width, params, keep, error in zip(m.levels, m.widths, m.params, m.keep, m.errors):
             if m.kind == "attn":
-                configs = gqa_targets(6, 3, level)
+                configs = gqa_widths(6, 3, level)
                 groups = {h // 2 for h in keep}
                 assert (len(groups), len(keep) // max(len(groups), 1)) in configs
                 assert width == [len(keep), len(groups)]

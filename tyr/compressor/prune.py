@@ -31,6 +31,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from tyr.atomic import atomic_write_json
+from tyr.compressor.layerwise import KINDS
 from tyr.compressor.recipes import Recipe, fitness_dtype, load_recipe
 from tyr.compressor.report import (IterationReport, LayerReport, PruneReport, StageMeter, max_rss_mb,
                                    write_report)
@@ -38,6 +39,7 @@ from tyr.compressor.search import (GenerationRecord, ModuleLadder, SearchResult,
                                    grid_ticks, level_of, run_search, tick_of)
 from tyr.errors import TyrError
 from tyr.fingerprint import fingerprint
+from tyr.models.facts import layer_widths, module_params, total_params
 from tyr.serving.latency_table import LatencyTable
 
 if TYPE_CHECKING:
@@ -46,7 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METHODS = ("tyr", "uniform", "magnitude", "flap")
-KINDS = ("attn", "mlp")
 
 
 @dataclass
@@ -243,8 +244,8 @@ def _prune_tyr(job: PruneJob) -> Pruned:
         table = job.latency.table
         pruned.notes.append(f"latency budget {job.latency.max_ms:.3f} ms per decode step ({table.method}, "
                             f"{table.device_name}); predicted for the output: "
-                            f"{table.predict_latency(_layer_widths(pruned.model)):.3f} ms, dense "
-                            f"{table.predict_latency(_layer_widths(job.model)):.3f} ms")
+                            f"{table.predict_latency(layer_widths(pruned.model.config)):.3f} ms, dense "
+                            f"{table.predict_latency(layer_widths(job.model.config)):.3f} ms")
     return pruned
 
 
@@ -413,8 +414,8 @@ def _first_supernet_key(job: PruneJob, calibration, levels: list[list[float]]) -
 
     recipe, model = job.recipe, job.model
     current = [round(job.sparsity, 9)] * len(levels) if recipe.eea == "current" else None
-    parts = {"model": getattr(model.config, "_name_or_path", ""), "layers": [list(w) for w in _layer_widths(model)],
-             "ids": ids_digest(calibration), "levels": [[round(level, 9) for level in ladder] for ladder in levels],
+    parts = {"model": getattr(model.config, "_name_or_path", ""),
+             "layers": [list(w) for w in layer_widths(model.config)], "ids": ids_digest(calibration), "levels": [[round(level, 9) for level in ladder] for ladder in levels],
              "eea": recipe.eea, "current": current, "settings": recipe.local_pruner.model_dump()}
     return "iter0-" + fingerprint(parts, 16)
 
@@ -437,28 +438,9 @@ def _space(manifest, modules, target: float, unit: float, step: int,
 
 # ----- shared helpers -----
 
-def _layer_widths(model) -> list[tuple[int, int, int]]:
-    from tyr.models.slicing import layer_widths
-
-    if getattr(model.config, "per_layer_config", None) is None:
-        c = model.config
-        return [(c.num_attention_heads, c.num_key_value_heads, c.intermediate_size)] * c.num_hidden_layers
-    return [(w.num_attention_heads, w.num_key_value_heads, w.intermediate_size) for w in layer_widths(model.config)]
-
-
-def _module_params(model) -> list[tuple[int, int]]:
-    """(attention, MLP) parameters of every decoder layer, norms included, as the modules hold them."""
-    out = []
-    for layer in model.model.layers:
-        attn = sum(p.numel() for m in (layer.self_attn, layer.input_layernorm) if m is not None for p in m.parameters())
-        mlp = sum(p.numel() for m in (layer.mlp, layer.post_attention_layernorm) if m is not None for p in m.parameters())
-        out.append((attn, mlp))
-    return out
-
-
 def _module_list(model) -> list[tuple[int, str, int]]:
     """(layer, kind, dense parameters) of every prunable module, in supernet order."""
-    return [(i, kind, params) for i, pair in enumerate(_module_params(model)) for kind, params in zip(KINDS, pair)]
+    return [(i, kind, params) for i, pair in enumerate(module_params(model)) for kind, params in zip(KINDS, pair)]
 
 
 def _claim_work_dir(job: PruneJob) -> None:
@@ -466,7 +448,7 @@ def _claim_work_dir(job: PruneJob) -> None:
     identity = dict(method=job.method, model=job.model_name, sparsity=job.sparsity, seed=job.seed,
                     text=job.text.model_dump(),
                     recipe=job.recipe.model_dump() if job.method in ("tyr", "uniform", "flap") else None,
-                    layers=[list(w) for w in _layer_widths(job.model)])
+                    layers=[list(w) for w in layer_widths(job.model.config)])
     if job.latency is not None:
         identity["latency"] = job.latency.model_dump(mode="json")
     path = job.work_dir / "run.json"
@@ -484,13 +466,11 @@ def _claim_work_dir(job: PruneJob) -> None:
 
 
 def _report(job: PruneJob, pruned: Pruned) -> PruneReport:
-    from tyr.evaluation.run import count_parameters
-
-    dense_modules, pruned_modules = _module_params(job.model), _module_params(pruned.model)
+    dense_modules, pruned_modules = module_params(job.model), module_params(pruned.model)
     levels = pruned.levels
     layers = []
     for i, ((da, dm), (pa, pm), (h, kv, ffn)) in enumerate(zip(dense_modules, pruned_modules,
-                                                               _layer_widths(pruned.model))):
+                                                               layer_widths(pruned.model.config))):
         layers.append(LayerReport(layer=i, heads=h, kv_heads=kv, ffn=ffn, attn_params=pa, mlp_params=pm,
                                   attn_sparsity=1 - pa / da if da else 0.0, mlp_sparsity=1 - pm / dm if dm else 0.0,
                                   attn_level=levels[2 * i] if levels else None,
@@ -501,7 +481,7 @@ def _report(job: PruneJob, pruned: Pruned) -> PruneReport:
         method=job.method, model=job.model_name, out_dir=str(job.out_dir), target_sparsity=job.sparsity,
         achieved_sparsity=1 - pruned_decoder / dense_decoder, nominal_sparsity=pruned.nominal,
         dense_decoder_params=dense_decoder, pruned_decoder_params=pruned_decoder,
-        dense_total_params=count_parameters(job.model).total, pruned_total_params=count_parameters(pruned.model).total,
+        dense_total_params=total_params(job.model), pruned_total_params=total_params(pruned.model),
         recipe=job.recipe.model_dump() if job.method != "magnitude" else None, seed=job.seed, device=str(job.device),
         text_source=job.text.describe(), calibration_tokens=pruned.calibration_tokens,
         selection_tokens=pruned.selection_tokens, layers=layers, iterations=pruned.iterations, notes=pruned.notes)
