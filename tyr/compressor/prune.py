@@ -6,8 +6,9 @@ Týr (method "tyr"), per iteration i of the recipe:
      ``ladder_size`` levels centred on its current level, clipped to [0, 1];
   2. build the supernet for those ladders (local OBS pruning with expectation error accumulation; resumable);
   3. evolutionary search from the current distribution (the uniform one at first), checkpointed every generation.
-The last iteration's supernet assembles the pruned model. Everything lands in ``work_dir`` (supernets, search
-checkpoints, per-iteration results), so rerunning the same command after a crash continues where it stopped.
+The best iteration's supernet (lowest KL on the selection pool) assembles the pruned model. Everything lands in
+``work_dir`` (supernets, search checkpoints, per-iteration results), so rerunning the same command after a crash
+continues where it stopped.
 
 Sparsity counts decoder-layer parameters (attention and MLP blocks with their norms); embeddings and the LM head
 are excluded, as in the paper.
