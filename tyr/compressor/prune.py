@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from tyr.atomic import atomic_write_json
+from tyr.atomic import atomic_write_json, check_output_path, exclusive
 from tyr.compressor.recipes import Recipe, fitness_dtype, load_recipe
 from tyr.compressor.report import (IterationReport, LayerReport, PruneReport, StageMeter, max_rss_mb,
                                    write_report)
@@ -101,9 +101,12 @@ def prune(model=None, sparsity: float = 0.5, recipe: str | Path | Recipe = "fast
     work_dir = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + ".work")
     if out_dir.exists() and not overwrite:
         raise TyrError(f"{out_dir} already exists; choose another output folder or pass overwrite (--overwrite)")
+    check_output_path(out_dir)
+    check_output_path(work_dir)
     try:
-        return _prune(model, float(sparsity), recipe, out_dir, work_dir, text, method, seed, device, tokenizer,
-                      progress, on_generation, keep_model, latency, supernet_cache)
+        with exclusive(out_dir), exclusive(work_dir):
+            return _prune(model, float(sparsity), recipe, out_dir, work_dir, text, method, seed, device, tokenizer,
+                          progress, on_generation, keep_model, latency, supernet_cache, overwrite)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise TyrError(f"the disk is full ({err}); free space under {work_dir} / {out_dir.parent} and rerun the "
@@ -112,7 +115,8 @@ def prune(model=None, sparsity: float = 0.5, recipe: str | Path | Recipe = "fast
 
 
 def _prune(model, sparsity, recipe, out_dir, work_dir, text, method, seed, device, tokenizer, progress,
-           on_generation, keep_model, latency, supernet_cache) -> PruneResult:
+           on_generation, keep_model, latency, supernet_cache, overwrite) -> PruneResult:
+    from tyr.compressor.calibration import ids_digest
     from tyr.data import TextSource
     from tyr.models.io import load_model
 
@@ -128,12 +132,22 @@ def _prune(model, sparsity, recipe, out_dir, work_dir, text, method, seed, devic
             model_name = getattr(model.config, "_name_or_path", "") or "in-memory model"
             model = model.to(device).eval()
     source = TextSource.parse(text)
-    identity = dict(method=method, model=model_name, sparsity=sparsity, seed=seed, text=source.model_dump(),
+    calibration = selection = None
+    if method != "magnitude":  # read and tokenize the text before anything is written: a bad file fails here
+        with meter.stage("calibration data"):
+            calibration = _blocks(tokenizer, source, recipe.calibration.seq_len, recipe.calibration.num_sequences,
+                                  seed, "calibration")
+        if method == "tyr":
+            selection = _blocks(tokenizer, source, recipe.search.seq_len, recipe.search.selection_sequences,
+                                seed + 1, "selection")
+    # Earlier work is reused only when made from the same contents: model weights and the tokens drawn from the text.
+    identity = dict(method=method, weights=_model_digest(model), sparsity=sparsity, seed=seed,
                     recipe=recipe.model_dump() if method in ("tyr", "uniform", "flap") else None,
-                    layers=[list(w) for w in _layer_widths(model)])
+                    calibration=ids_digest(calibration) if calibration is not None else None,
+                    selection=ids_digest(selection) if selection is not None else None)
     if latency is not None:
         identity["latency"] = latency.model_dump(mode="json")
-    _claim_work_dir(work_dir, identity)
+    _claim_work_dir(work_dir, identity, dict(model=model_name, text=source.describe()), overwrite)
     notes: list[str] = []
     calibration_tokens = selection_tokens = 0
     iterations: list[IterationReport] = []
@@ -146,9 +160,6 @@ def _prune(model, sparsity, recipe, out_dir, work_dir, text, method, seed, devic
             with meter.stage("magnitude pruning"):
                 pruned = magnitude_prune(model, sparsity)
         else:
-            with meter.stage("calibration data"):
-                calibration = _blocks(tokenizer, source, recipe.calibration.seq_len, recipe.calibration.num_sequences,
-                                      seed, "calibration")
             calibration_tokens = calibration.numel()
             if method == "flap":
                 from tyr.compressor.baselines import flap_prune
@@ -161,8 +172,6 @@ def _prune(model, sparsity, recipe, out_dir, work_dir, text, method, seed, devic
             elif method == "uniform":
                 pruned, levels = _prune_uniform(model, calibration, sparsity, recipe, work_dir, device, meter, progress)
             else:
-                selection = _blocks(tokenizer, source, recipe.search.seq_len, recipe.search.selection_sequences,
-                                    seed + 1, "selection")
                 selection_tokens = selection.numel()
                 pruned, levels, iterations, nominal = _prune_tyr(model, calibration, selection, sparsity, recipe,
                                                                  work_dir, seed, device, meter, progress,
@@ -285,7 +294,7 @@ def _first_supernet_key(model, calibration, target: float, unit: float, ladders:
 
     levels = [[round(level_of(target, unit, t), 9) for t in ladder] for ladder in ladders]
     current = [round(target, 9)] * len(ladders) if recipe.eea == "current" else None
-    parts = {"model": getattr(model.config, "_name_or_path", ""), "layers": [list(w) for w in _layer_widths(model)],
+    parts = {"model": _model_digest(model), "layers": [list(w) for w in _layer_widths(model)],
              "ids": ids_digest(calibration), "levels": levels, "eea": recipe.eea, "current": current,
              "settings": recipe.local_pruner.model_dump()}
     return "iter0-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
@@ -402,8 +411,20 @@ def _blocks(tokenizer, source, seq_len: int, num_blocks: int, seed: int, purpose
         raise TyrError(f"{purpose} text ({source.describe()}): {err}") from err
 
 
-def _claim_work_dir(work_dir: Path, identity: dict) -> None:
-    """Record what this work directory is for; refuse to mix two different runs in one."""
+def _model_digest(model) -> str:
+    """SHA-256 of what the model computes: its config (names aside) and every weight's bytes."""
+    from tyr.compressor.calibration import tensors_digest
+
+    config = {k: v for k, v in model.config.to_dict().items()
+              if k not in ("_name_or_path", "transformers_version", "architectures", "auto_map")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(tensors_digest(model.state_dict().values()).encode())
+    return digest.hexdigest()
+
+
+def _claim_work_dir(work_dir: Path, identity: dict, about: dict, overwrite: bool) -> None:
+    """Record what this work directory is for (``identity``: the contents its work depends on; ``about``: names for
+    people). Work from other inputs is discarded with overwrite, else refused."""
     path = work_dir / "run.json"
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     if path.is_file():
@@ -411,11 +432,16 @@ def _claim_work_dir(work_dir: Path, identity: dict) -> None:
             stored = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             stored = {}
-        if stored.get("digest") != digest:
-            raise TyrError(f"work directory {work_dir} holds a different run (model, sparsity, recipe, method, seed "
-                           "or text differ); pass another --work-dir or delete it")
-        return
-    atomic_write_json(path, {"digest": digest, **identity})
+        if stored.get("digest") == digest:
+            return
+        if not overwrite:
+            raise TyrError(f"work directory {work_dir} holds a different run (model weights, sparsity, recipe, "
+                           "method, seed or calibration text differ); pass --overwrite to discard it, another "
+                           "--work-dir, or delete it")
+        log.warning("discarding the earlier work in %s: it was made from different inputs (model weights, sparsity, "
+                    "recipe, method, seed or calibration text)", work_dir)
+        shutil.rmtree(work_dir)
+    atomic_write_json(path, {"digest": digest, **about, **identity})
 
 
 def _report(dense, pruned, model_name, out_dir, method, target, recipe, seed, device, source, calibration_tokens,

@@ -54,7 +54,8 @@ def _parse(data, where: str, measurements: list[Measurement], results: list[Benc
         else:
             measurements.append(Measurement.model_validate((defaults or {}) | data))
     except ValueError as err:
-        raise TyrError(f"{where} is neither a measurement nor a benchmark result: {err}") from err
+        label = f" (candidate {data['label']!r})" if isinstance(data.get("label"), str) else ""
+        raise TyrError(f"{where}{label} is neither a valid measurement nor a benchmark result: {err}") from err
 
 
 def read_candidates(paths: list[str | Path], runtime: str = "vllm", speed_source: SpeedSource = "auto"

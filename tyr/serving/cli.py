@@ -137,12 +137,13 @@ def add_select(parser: argparse.ArgumentParser) -> None:
 
 def run_select(args: argparse.Namespace) -> int:
     """Pick the fastest model meeting a quality and a speed-up target (Pareto front, report); exit 1 if none."""
+    from tyr.atomic import check_output_path
     from tyr.serving.candidates import read_candidates
     from tyr.serving.report import write_selection_report
     from tyr.serving.selection import Targets, select
     from tyr.serving.tables import selection_table
 
-    out = Path(args.out or _default_out("select"))
+    out = check_output_path(args.out or _default_out("select"))
     candidates = list(args.candidates)
     if args.prune_sparsities or args.prune_base:
         if not (args.prune_sparsities and args.prune_base):
