@@ -120,7 +120,7 @@ def _try_writing_in(directory: Path, target: Path) -> None:
     try:
         fd, probe = tempfile.mkstemp(prefix=".tyr-write-check-", dir=directory)
     except OSError as err:
-        raise TyrError(f"cannot write {target}: no write permission in {directory} ({err.strerror})") from err
+        raise TyrError(f"cannot write {target}: cannot create files in {directory} ({err.strerror})") from err
     os.close(fd)
     os.unlink(probe)
 
