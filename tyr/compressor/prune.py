@@ -24,6 +24,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from tyr.atomic import atomic_write_json
+from tyr.atomic import atomic_write_json, check_output_path, exclusive
 from tyr.compressor.layerwise import KINDS
 from tyr.compressor.recipes import Recipe, fitness_dtype, load_recipe
 from tyr.compressor.report import (IterationReport, LayerReport, PruneReport, StageMeter, max_rss_mb,
@@ -92,12 +93,32 @@ class PruneJob:
     on_generation: Callable[[int, GenerationRecord], None] | None = None
     latency: LatencyBudget | None = None
     supernet_cache: Path | None = None
+    overwrite: bool = False
+    calibration: torch.LongTensor | None = None   # drawn by draw_tokens() before anything is written
+    selection: torch.LongTensor | None = None
 
-    def blocks(self, seq_len: int, num_blocks: int, seed: int, purpose: str) -> torch.LongTensor:
-        """``num_blocks`` token blocks of ``seq_len`` from the job's text (calibration split)."""
+    @cached_property
+    def model_digest(self) -> str:
+        """SHA-256 of what the dense model computes: its config (names aside) and every weight's bytes."""
+        from tyr.compressor.calibration import tensors_digest
+
+        config = {k: v for k, v in self.model.config.to_dict().items()
+                  if k not in ("_name_or_path", "transformers_version", "architectures", "auto_map")}
+        return fingerprint({"config": config, "weights": tensors_digest(self.model.state_dict().values())})
+
+    def draw_tokens(self) -> None:
+        """Read and tokenize the text the method needs, so a bad text file fails before the work folder is claimed."""
         from tyr.compressor.calibration import calibration_ids
 
-        return calibration_ids(self.tokenizer, self.text, num_blocks, seq_len, seed, purpose)
+        if self.method == "magnitude":
+            return
+        calibration, search = self.recipe.calibration, self.recipe.search
+        with self.meter.stage("calibration data"):
+            self.calibration = calibration_ids(self.tokenizer, self.text, calibration.num_sequences,
+                                               calibration.seq_len, self.seed, "calibration")
+            if self.method == "tyr":
+                self.selection = calibration_ids(self.tokenizer, self.text, search.selection_sequences,
+                                                 search.seq_len, self.seed + 1, "selection")
 
 
 @dataclass
@@ -150,16 +171,21 @@ def prune(model=None, sparsity: float = 0.5, recipe: str | Path | Recipe = "fast
     work_dir = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + ".work")
     if out_dir.exists() and not overwrite:
         raise TyrError(f"{out_dir} already exists; choose another output folder or pass overwrite (--overwrite)")
+    check_output_path(out_dir)
+    check_output_path(work_dir)
     try:
-        started, meter = time.perf_counter(), StageMeter(device)
-        with meter.stage("load model"):
-            model, tokenizer, model_name = _load(model, tokenizer, device)
-        job = PruneJob(model=model, tokenizer=tokenizer, model_name=model_name, method=method,
-                       sparsity=float(sparsity), recipe=recipe, text=TextSource.parse(text), out_dir=out_dir,
-                       work_dir=work_dir, seed=seed, device=device, meter=meter, progress=progress,
-                       on_generation=on_generation, latency=latency,
-                       supernet_cache=Path(supernet_cache) if supernet_cache is not None else None)
-        return _run(job, started, keep_model)
+        with exclusive(out_dir), exclusive(work_dir):
+            started, meter = time.perf_counter(), StageMeter(device)
+            with meter.stage("load model"):
+                model, tokenizer, model_name = _load(model, tokenizer, device)
+            job = PruneJob(model=model, tokenizer=tokenizer, model_name=model_name, method=method,
+                           sparsity=float(sparsity), recipe=recipe, text=TextSource.parse(text), out_dir=out_dir,
+                           work_dir=work_dir, seed=seed, device=device, meter=meter, progress=progress,
+                           on_generation=on_generation, latency=latency,
+                           supernet_cache=Path(supernet_cache) if supernet_cache is not None else None,
+                           overwrite=overwrite)
+            job.draw_tokens()
+            return _run(job, started, keep_model)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise TyrError(f"the disk is full ({err}); free space under {work_dir} / {out_dir.parent} and rerun the "
@@ -196,9 +222,7 @@ def _run(job: PruneJob, started: float, keep_model: bool) -> PruneResult:
 # ----- the methods -----
 
 def _calibration(job: PruneJob) -> torch.LongTensor:
-    calibration = job.recipe.calibration
-    with job.meter.stage("calibration data"):
-        return job.blocks(calibration.seq_len, calibration.num_sequences, job.seed, "calibration")
+    return job.calibration
 
 
 def _prune_magnitude(job: PruneJob) -> Pruned:
@@ -237,8 +261,7 @@ def _prune_uniform(job: PruneJob) -> Pruned:
 
 def _prune_tyr(job: PruneJob) -> Pruned:
     calibration = _calibration(job)
-    search = job.recipe.search
-    selection = job.blocks(search.seq_len, search.selection_sequences, job.seed + 1, "selection")
+    selection = job.selection
     pruned = _CoarseToFine(job, calibration, selection).run()
     pruned.calibration_tokens, pruned.selection_tokens = calibration.numel(), selection.numel()
     if job.latency is not None:
@@ -415,8 +438,8 @@ def _first_supernet_key(job: PruneJob, calibration, levels: list[list[float]]) -
 
     recipe, model = job.recipe, job.model
     current = [round(job.sparsity, 9)] * len(levels) if recipe.eea == "current" else None
-    parts = {"model": getattr(model.config, "_name_or_path", ""),
-             "layers": [list(w) for w in layer_widths(model.config)], "ids": ids_digest(calibration), "levels": [[round(level, 9) for level in ladder] for ladder in levels],
+    parts = {"model": job.model_digest, "layers": [list(w) for w in layer_widths(model.config)],
+             "ids": ids_digest(calibration), "levels": [[round(level, 9) for level in ladder] for ladder in levels],
              "eea": recipe.eea, "current": current, "settings": recipe.local_pruner.model_dump()}
     return "iter0-" + fingerprint(parts, 16)
 
@@ -445,11 +468,15 @@ def _module_list(model) -> list[tuple[int, str, int]]:
 
 
 def _claim_work_dir(job: PruneJob) -> None:
-    """Record what this work directory is for; refuse to mix two different runs in one."""
-    identity = dict(method=job.method, model=job.model_name, sparsity=job.sparsity, seed=job.seed,
-                    text=job.text.model_dump(),
+    """Record what this work directory is for. Its work is reused only when made from the same contents (model
+    weights, the tokens drawn from the text, settings); work from other inputs is discarded with overwrite, else
+    refused."""
+    from tyr.compressor.calibration import ids_digest
+
+    identity = dict(method=job.method, weights=job.model_digest, sparsity=job.sparsity, seed=job.seed,
                     recipe=job.recipe.model_dump() if job.method in ("tyr", "uniform", "flap") else None,
-                    layers=[list(w) for w in layer_widths(job.model.config)])
+                    calibration=ids_digest(job.calibration) if job.calibration is not None else None,
+                    selection=ids_digest(job.selection) if job.selection is not None else None)
     if job.latency is not None:
         identity["latency"] = job.latency.model_dump(mode="json")
     path = job.work_dir / "run.json"
@@ -459,11 +486,16 @@ def _claim_work_dir(job: PruneJob) -> None:
             stored = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             stored = {}
-        if stored.get("digest") != digest:
-            raise TyrError(f"work directory {job.work_dir} holds a different run (model, sparsity, recipe, method, "
-                           "seed or text differ); pass another --work-dir or delete it")
-        return
-    atomic_write_json(path, {"digest": digest, **identity})
+        if stored.get("digest") == digest:
+            return
+        if not job.overwrite:
+            raise TyrError(f"work directory {job.work_dir} holds a different run (model weights, sparsity, recipe, "
+                           "method, seed or calibration text differ); pass --overwrite to discard it, another "
+                           "--work-dir, or delete it")
+        log.warning("discarding the earlier work in %s: it was made from different inputs (model weights, sparsity, "
+                    "recipe, method, seed or calibration text)", job.work_dir)
+        shutil.rmtree(job.work_dir)
+    atomic_write_json(path, {"digest": digest, "model": job.model_name, "text": job.text.describe(), **identity})
 
 
 def _report(job: PruneJob, pruned: Pruned) -> PruneReport:
