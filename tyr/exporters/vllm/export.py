@@ -25,7 +25,6 @@ from pydantic import BaseModel, Field
 from tyr.atomic import atomic_dir
 from tyr.errors import TyrError
 from tyr.exporters.vllm.check import DEFAULT_PROMPTS, CheckResult, check_folder
-from tyr.exporters.vllm.plugin import ARCHITECTURE as TYR_ARCHITECTURE
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +96,7 @@ def export_vllm(model_dir: str | Path, out_dir: str | Path, check: bool = True, 
     """
     import torch
 
+    from tyr.models.families import family_of
     from tyr.models.io import load_model, resolve_model_path, save_model
     from tyr.models.slicing import to_tyr
 
@@ -122,10 +122,13 @@ def export_vllm(model_dir: str | Path, out_dir: str | Path, check: bool = True, 
     if fmt == "deci":
         from tyr.exporters.vllm.deci import ARCHITECTURE as DECI_ARCHITECTURE, block_configs
 
+        if (family := family_of(model.config).name) != "llama":
+            raise TyrError(f"the DeciLM (nemotron-nas) format holds Llama layers only, not {family} ones (q/k/v "
+                           "biases, q/k norms): export it with format 'tyr' instead")
         block_configs(model.config)  # refuse before writing anything
         architecture, trust_remote_code, transformers_backend = DECI_ARCHITECTURE, True, False
     else:
-        architecture, trust_remote_code = TYR_ARCHITECTURE, False
+        architecture, trust_remote_code = family_of(model.config).architecture, False
         transformers_backend = all(heads > 0 for heads, _, _ in widths)
     result = ExportResult(out_dir=str(out_dir), fmt=fmt, source=str(source), architecture=architecture,
                           layer_widths=widths, needs_trust_remote_code=trust_remote_code,
