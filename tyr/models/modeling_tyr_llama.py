@@ -48,6 +48,7 @@ class HeterogeneousWidths:
 
 class TyrLlamaConfig(HeterogeneousWidths, LlamaConfig):
     model_type = "tyr_llama"
+    __init__ = HeterogeneousWidths.__init__  # in the class body: transformers' config dataclass would replace it
 
 
 def validate_layer_widths(config: HeterogeneousWidths) -> None:

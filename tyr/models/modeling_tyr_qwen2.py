@@ -16,6 +16,7 @@ from .modeling_tyr_llama import HeterogeneousWidths, TyrLlamaDecoderLayer, TyrLl
 
 class TyrQwen2Config(HeterogeneousWidths, Qwen2Config):
     model_type = "tyr_qwen2"
+    __init__ = HeterogeneousWidths.__init__  # in the class body: transformers' config dataclass would replace it
 
 
 class TyrQwen2DecoderLayer(TyrLlamaDecoderLayer):

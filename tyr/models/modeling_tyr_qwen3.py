@@ -18,6 +18,7 @@ from .modeling_tyr_llama import HeterogeneousWidths, TyrLlamaDecoderLayer, TyrLl
 
 class TyrQwen3Config(HeterogeneousWidths, Qwen3Config):
     model_type = "tyr_qwen3"
+    __init__ = HeterogeneousWidths.__init__  # in the class body: transformers' config dataclass would replace it
 
 
 class TyrQwen3DecoderLayer(TyrLlamaDecoderLayer):
