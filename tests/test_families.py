@@ -202,12 +202,14 @@ def test_tyr_prune_and_eval_end_to_end(family, tmp_path, tokenizer):
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, result.model(input_ids=ids).logits)
     text = tmp_path / "text.txt"
-    text.write_text("Structured pruning removes whole attention heads and channels of the feed-forward network. " * 40)
+    text.write_text("".join(f"Line {i}: structured pruning removes whole attention heads and channels.\n"
+                            for i in range(200)))
     report = tmp_path / "eval.json"
     assert tyr_main(["eval", "--model", str(result.out_dir), "--reference", str(src), "--text", str(text),
                      "--tasks", "none", "--seq-len", "32", "--blocks", "4", "--no-progress",
                      "--out", str(report)]) == 0
-    assert report.is_file()
+    evaluated = json.loads(report.read_text())
+    assert evaluated["perplexity"] > 1 and evaluated["kl_to_reference"] > 0
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama3-rope"])
@@ -258,3 +260,10 @@ def test_onnxruntime_genai_runs_the_export(family, tmp_path, tokenizer):
         expected = pruned.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
                                    min_new_tokens=10)[0, len(prompt):].tolist()
     assert tokens == expected[:len(tokens)] and len(tokens) > 0
+
+
+def test_flap_refuses_qwen2_whose_attention_has_no_output_bias():
+    from tyr.compressor.baselines import flap_prune
+
+    with pytest.raises(TyrError, match="Qwen2 attention does not have"):
+        flap_prune(tiny("qwen2"), IDS, 0.5, progress=False)

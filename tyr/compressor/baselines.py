@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from tyr.compressor.local_pruner import gqa_targets
 from tyr.errors import TyrError
+from tyr.models.families import family_of
 from tyr.models.slicing import LayerKeep, layer_widths, slice_model, to_tyr
 
 
@@ -125,6 +126,9 @@ def flap_prune(model, calibration_ids: torch.LongTensor, level: float, batch_seq
     The result carries biases (config attention_bias and mlp_bias; q/k/v/gate/up biases are zero), which the
     tyr_llama format and its loaders support.
     """
+    if family_of(model.config).name == "qwen2":
+        raise TyrError("FLAP compensates pruned heads with an o_proj bias, which Qwen2 attention does not have: "
+                       "use method tyr, uniform or magnitude for Qwen2 models")
     model = to_tyr(model)
     head_dim = model.config.head_dim
     stats: dict[tuple[int, str], _InputStats] = {}
