@@ -267,3 +267,30 @@ def test_flap_refuses_qwen2_whose_attention_has_no_output_bias():
 
     with pytest.raises(TyrError, match="Qwen2 attention does not have"):
         flap_prune(tiny("qwen2"), IDS, 0.5, progress=False)
+
+
+def test_a_gguf_file_that_transformers_cannot_read_gets_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TYR_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(TyrError, match="cannot read the GGUF file"):
+        load_model(bad)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("config.json"))
+
+
+@pytest.mark.slow
+def test_a_gguf_file_loads_as_its_dequantized_model(tmp_path, monkeypatch, smollm2):
+    """The SmolLM2 GGUF given as a path: converted once into the cache, then the same model as the default one."""
+    from tyr.models.default import gguf_path
+
+    monkeypatch.setenv("TYR_CACHE", str(tmp_path / "cache"))
+    model, tokenizer = load_model(gguf_path())
+    converted = list((tmp_path / "cache" / "models" / "gguf").iterdir())
+    assert len(converted) == 1 and (converted[0] / "config.json").is_file()
+    reference, _ = smollm2
+    ids = tokenizer(["The capital of France is"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    stamp = (converted[0] / "config.json").stat().st_mtime_ns
+    load_model(gguf_path())  # the second load reuses the converted folder
+    assert (converted[0] / "config.json").stat().st_mtime_ns == stamp

@@ -20,12 +20,18 @@ SUPPORTED_ARCHITECTURES = supported_model_types()
 
 
 def resolve_model_path(spec: str | Path | None) -> str:
-    """None or "default" -> the embedded SmolLM2 folder; an existing folder -> itself; anything else: a hub id."""
+    """None or "default" -> the embedded SmolLM2 folder; an existing folder -> itself; a .gguf file -> its
+    dequantized HF folder (converted once, cached by contents); anything else: a hub id."""
     if spec is None or str(spec) == "default":
         from tyr.models.default import default_model_dir
 
         return str(default_model_dir())
     path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        from tyr.models.default import cache_dir
+        from tyr.models.gguf import gguf_model_dir
+
+        return str(gguf_model_dir(path, cache_dir() / "models" / "gguf", check=check_supported))
     if path.exists():
         if not path.is_dir():
             raise TyrError(f"{path} is not a model folder (expected a directory with config.json and *.safetensors)")
