@@ -94,7 +94,8 @@ def test_pruned_matches_masked_dense(family):
         assert attention.o_proj.bias is None
     if FAMILIES[family][0] == "qwen3":  # one q/k norm over head_dim, shared by the heads, kept whole
         assert sliced.model.layers[3].self_attn.q_norm.weight.shape == (32,)
-        assert torch.equal(sliced.model.layers[3].self_attn.k_norm.weight, dense.model.layers[3].self_attn.k_norm.weight)
+        kept_norm, dense_norm = sliced.model.layers[3].self_attn.k_norm, dense.model.layers[3].self_attn.k_norm
+        assert torch.equal(kept_norm.weight, dense_norm.weight)
     with torch.no_grad():
         assert (sliced(IDS).logits - masked(IDS).logits).abs().max() <= 1e-5
         a = sliced.generate(IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=8, do_sample=False)

@@ -123,7 +123,8 @@ def _slice_layer(state: dict, prefix: str, width: LayerWidth, keep: LayerKeep, h
 
 
 def slice_model(model, keeps: list[LayerKeep]) -> TyrLlamaForCausalLM:
-    """A new, physically smaller tyr model of the same family keeping ``keeps[i]`` of layer i (indices into its current widths)."""
+    """A new, physically smaller tyr model of the same family keeping ``keeps[i]`` of layer i (indices into its
+    current widths)."""
     config = model.config
     widths = layer_widths(config)
     if len(keeps) != len(widths):
