@@ -295,3 +295,12 @@ def test_a_gguf_file_loads_as_its_dequantized_model(tmp_path, monkeypatch, smoll
     stamp = (converted[0] / "config.json").stat().st_mtime_ns
     load_model(gguf_path())  # the second load reuses the converted folder
     assert (converted[0] / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_deci_format_refuses_qwen_layers(tmp_path, tokenizer):
+    from tyr.exporters.vllm import export_vllm
+
+    src = save_model(to_tyr(tiny("qwen3")), tokenizer, tmp_path / "src")
+    with pytest.raises(TyrError, match="holds Llama layers only, not qwen3 ones"):
+        export_vllm(src, tmp_path / "deci", fmt="deci")
+    assert not (tmp_path / "deci").exists()
