@@ -363,3 +363,26 @@ def test_family_export_matches_transformers(family, tokenizer, tmp_path):
     assert result.check.kv_cache_layers == {"model.layers.1.self_attn.attn": 2, "model.layers.2.self_attn.attn": 1,
                                             "model.layers.3.self_attn.attn": 1}
     assert [p.vllm_tokens for p in result.check.prompts] == greedy(pruned, tokenizer)
+
+
+@pytest.mark.slow
+def test_trust_remote_code_serves_qwen3_without_tyr(tokenizer, tmp_path):
+    """vLLM's Transformers backend on a pruned Qwen3 folder with tyr unavailable: transformers resolves the Qwen3
+    modeling file's relative import of the shared Llama layer, and the q/k norms run (one engine start)."""
+    from tyr.testing import tiny_llama
+
+    dense = tiny_llama("qwen3", vocab_size=VOCAB, hidden=HIDDEN, layers=3, heads=4, kv_heads=2, ffn=96, seed=2,
+                       head_dim=64)
+    model = slice_model(dense, [LayerKeep(keep_heads=[0, 1, 2, 3], keep_ffn=list(range(96))),
+                                LayerKeep(keep_heads=[2, 3], keep_ffn=[]),
+                                LayerKeep(keep_heads=[0, 2], keep_ffn=list(range(0, 96, 2)))])
+    out = export_vllm(save_model(model, tokenizer, tmp_path / "src"), tmp_path / "out", check=False)
+    assert out.transformers_backend
+    (tmp_path / "no_tyr.py").write_text(NO_TYR)
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    request = GreedyRequest(model=out.out_dir, prompts=prompts, max_tokens=NEW_TOKENS, trust_remote_code=True)
+    result = run_vllm_greedy(request, env={"VLLM_PLUGINS": "none"}, wrapper=[str(tmp_path / "no_tyr.py")])
+    assert result.model_class == "TransformersForCausalLM" and not result.tyr_imported
+    assert {k: v.num_kv_heads for k, v in result.kv_cache.items()} == {
+        f"model.layers.{i}.self_attn.attn": kv for i, kv in enumerate([2, 1, 2])}
+    assert result.tokens == greedy(model, tokenizer)
