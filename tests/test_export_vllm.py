@@ -336,7 +336,8 @@ def test_smollm2_pruned_to_half_matches_transformers(smollm2, tmp_path):
 # Llama 3.x rope_scaling "llama3"; tiny random models from transformers' own classes (one engine start each) ---
 
 FAMILY_MODELS = {
-    "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
+    "qwen2-tied": ("qwen2", {"tie_word_embeddings": True, "use_sliding_window": False, "sliding_window": 32768,
+                             "max_window_layers": 2}),
     "qwen3": ("qwen3", {"head_dim": 64}),
     "llama3-rope": ("llama", {"rope_theta": 500000.0, "rope_scaling": {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

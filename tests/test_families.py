@@ -26,9 +26,11 @@ from tyr.testing import tiny_llama
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
+# As in released Qwen2.5 config.json files: sliding window off, with a window size and max_window_layers set.
+QWEN25_WINDOW = {"use_sliding_window": False, "sliding_window": 32768, "max_window_layers": 2}
 # family -> (arch for tiny_llama, config overrides). Qwen3's head_dim (32) is not hidden / heads (16).
 FAMILIES = {
-    "qwen2": ("qwen2", {}),
+    "qwen2": ("qwen2", QWEN25_WINDOW),
     "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
     "qwen3": ("qwen3", {"head_dim": 32}),
     "qwen3-tied": ("qwen3", {"head_dim": 32, "tie_word_embeddings": True}),
