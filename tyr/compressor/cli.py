@@ -1,4 +1,4 @@
-"""`tyr prune`: Týr-the-Pruner (or a baseline) from a dense model to a pruned tyr_llama / tyr_qwen2 / tyr_qwen3 folder."""
+"""`tyr prune`: Týr-the-Pruner (or a baseline) from a dense model to a pruned folder (tyr_llama/_qwen2/_qwen3)."""
 
 from __future__ import annotations
 
