@@ -302,3 +302,60 @@ def test_smollm2_pruned_to_half_matches_transformers(smollm2, tmp_path):
         reference = reference_greedy(pruned, [p.prompt_ids for p in result.check.prompts], 16)[0]
     exact = [p.vllm_tokens == r for p, r in zip(result.check.prompts, reference)]
     assert sum(exact) >= len(exact) - 1
+
+
+# --- other families: Qwen2 (q/k/v biases, tied embeddings), Qwen3 (q/k norms, head_dim != hidden / heads),
+# Llama 3.x rope_scaling "llama3"; tiny random models from transformers' own classes (one engine start each) ---
+
+FAMILY_MODELS = {
+    "qwen2-tied": ("qwen2", {"tie_word_embeddings": True, "use_sliding_window": False, "sliding_window": 32768,
+                             "max_window_layers": 2}),
+    "qwen3": ("qwen3", {"head_dim": 64}),
+    "llama3-rope": ("llama", {"rope_theta": 500000.0, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILY_MODELS)
+def test_family_export_matches_transformers(family, tokenizer, tmp_path):
+    """Layer 0 without attention, layer 2 without MLP, heads 0/2/2/1 and KV heads 0/2/1/1 of 4/2."""
+    from tyr.testing import tiny_llama
+
+    arch, overrides = FAMILY_MODELS[family]
+    dense = tiny_llama(arch, vocab_size=VOCAB, hidden=HIDDEN, layers=4, heads=4, kv_heads=2, ffn=96, seed=2,
+                       **overrides)
+    keeps = [LayerKeep(keep_heads=heads, keep_ffn=[] if i == 2 else list(range(0, 96, 1 + i)))
+             for i, heads in enumerate([[], [0, 2], [2, 3], [1]])]
+    pruned = slice_model(dense, keeps)
+    result = export_vllm(save_model(pruned, tokenizer, tmp_path / "src"), tmp_path / "out", prompts=PROMPTS,
+                         max_new_tokens=NEW_TOKENS)
+    architecture = {"qwen2": "TyrQwen2ForCausalLM", "qwen3": "TyrQwen3ForCausalLM", "llama": "TyrLlamaForCausalLM"}
+    assert result.check.passed and result.check.model_class == architecture[arch]
+    assert result.check.kv_cache_layers == {"model.layers.1.self_attn.attn": 2, "model.layers.2.self_attn.attn": 1,
+                                            "model.layers.3.self_attn.attn": 1}
+    assert [p.vllm_tokens for p in result.check.prompts] == greedy(pruned, tokenizer)
+
+
+@pytest.mark.slow
+def test_trust_remote_code_serves_qwen3_without_tyr(tokenizer, tmp_path):
+    """vLLM's Transformers backend on a pruned Qwen3 folder with tyr unavailable: transformers resolves the Qwen3
+    modeling file's relative import of the shared Llama layer, and the q/k norms run (one engine start)."""
+    from tyr.testing import tiny_llama
+
+    dense = tiny_llama("qwen3", vocab_size=VOCAB, hidden=HIDDEN, layers=3, heads=4, kv_heads=2, ffn=96, seed=2,
+                       head_dim=64)
+    model = slice_model(dense, [LayerKeep(keep_heads=[0, 1, 2, 3], keep_ffn=list(range(96))),
+                                LayerKeep(keep_heads=[2, 3], keep_ffn=[]),
+                                LayerKeep(keep_heads=[0, 2], keep_ffn=list(range(0, 96, 2)))])
+    out = export_vllm(save_model(model, tokenizer, tmp_path / "src"), tmp_path / "out", check=False)
+    assert out.transformers_backend
+    (tmp_path / "no_tyr.py").write_text(NO_TYR)
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    request = GreedyRequest(model=out.out_dir, prompts=prompts, max_tokens=NEW_TOKENS, trust_remote_code=True)
+    result = run_vllm_greedy(request, env={"VLLM_PLUGINS": "none"}, wrapper=[str(tmp_path / "no_tyr.py")])
+    assert result.model_class == "TransformersForCausalLM" and not result.tyr_imported
+    assert {k: v.num_kv_heads for k, v in result.kv_cache.items()} == {
+        f"model.layers.{i}.self_attn.attn": kv for i, kv in enumerate([2, 1, 2])}
+    assert result.tokens == greedy(model, tokenizer)

@@ -40,17 +40,20 @@ def _randomize(model, seed: int):
 
 def tiny_llama(arch: str = "llama", vocab_size: int = 256, hidden: int = 64, layers: int = 4, heads: int = 4,
                kv_heads: int = 2, ffn: int = 96, seed: int = 0, **overrides):
-    """A random dense model of ``arch`` ("llama" or "mistral") small enough for unit tests."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    """A random dense model of ``arch`` ("llama", "mistral", "qwen2" or "qwen3"), built with transformers' own
+    config and model classes, small enough for unit tests. ``overrides`` go to the config (e.g. head_dim,
+    tie_word_embeddings, rope_scaling)."""
+    import transformers
 
+    classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+    if arch not in classes:
+        raise ValueError(f"unknown tiny architecture {arch!r}: {', '.join(classes)}")
     kwargs = _dense_kwargs(vocab_size, hidden, layers, heads, kv_heads, ffn) | overrides
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**kwargs))
-    elif arch == "mistral":
-        model = MistralForCausalLM(MistralConfig(sliding_window=None, **kwargs))
-    else:
-        raise ValueError(f"unknown tiny architecture {arch!r}: llama or mistral")
-    return _randomize(model, seed)
+    if arch == "mistral":
+        kwargs.setdefault("sliding_window", None)
+    config_class, model_class = (getattr(transformers, name) for name in classes[arch])
+    return _randomize(model_class(config_class(**kwargs)), seed)
 
 
 def tiny_hetero(vocab_size: int = 256, hidden: int = 64, heads: int = 4, kv_heads: int = 2, ffn: int = 96,

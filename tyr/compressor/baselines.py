@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from tyr.errors import TyrError
 from tyr.models.facts import ffn_width, gqa_widths, layer_widths
+from tyr.models.families import family_of
 from tyr.models.slicing import LayerKeep, slice_model, to_tyr
 
 
@@ -108,6 +109,9 @@ def flap_prune(model, calibration_ids: torch.LongTensor, level: float, batch_seq
     The result carries biases (config attention_bias and mlp_bias; q/k/v/gate/up biases are zero), which the
     tyr_llama format and its loaders support.
     """
+    if family_of(model.config).name == "qwen2":
+        raise TyrError("FLAP compensates pruned heads with an o_proj bias, which Qwen2 attention does not have: "
+                       "use method tyr, uniform or magnitude for Qwen2 models")
     model = to_tyr(model)
     stats = _output_projection_inputs(model, calibration_ids, batch_sequences, progress)
     head_dim = model.config.head_dim

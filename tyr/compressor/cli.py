@@ -1,4 +1,4 @@
-"""`tyr prune`: Týr-the-Pruner (or a baseline) from a dense model to a pruned tyr_llama folder."""
+"""`tyr prune`: Týr-the-Pruner (or a baseline) from a dense model to a pruned folder (tyr_llama/_qwen2/_qwen3)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ METHOD_HELP = ("tyr (supernet + coarse-to-fine search), uniform (the same local 
 
 def add_prune(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default",
-                        help="dense model folder, hub id, or 'default' (the embedded SmolLM2-135M-Instruct)")
+                        help="dense model folder, .gguf file, hub id, or 'default' (the embedded "
+                             "SmolLM2-135M-Instruct)")
     parser.add_argument("--sparsity", type=float, required=True,
                         help="fraction of decoder-layer parameters to remove, in (0, 1) (embeddings and LM head "
                              "excluded)")

@@ -1,10 +1,10 @@
 """Functional Llama decoder pieces that run one module from a weight dict, without building a model.
 
 The supernet builder and the search evaluate arbitrary combinations of candidates this way: a module is a dict
-of tensors (attention: q_proj, k_proj, v_proj, o_proj, input_layernorm; MLP: gate_proj, up_proj, down_proj,
-post_attention_layernorm; optional biases as "<name>.bias"), and an empty dict is a removed module. The math is
-the HF Llama layer's (RMSNorm in fp32, rotary embedding, causal SDPA with GQA, SiLU-gated MLP), so the result
-matches ``LlamaDecoderLayer`` to fp32 rounding.
+of tensors (attention: q_proj, k_proj, v_proj, o_proj, input_layernorm, and Qwen3's per-head q_norm / k_norm; MLP:
+gate_proj, up_proj, down_proj, post_attention_layernorm; optional biases as "<name>.bias", e.g. Qwen2's q/k/v), and
+an empty dict is a removed module. The math is the HF Llama / Qwen2 / Qwen3 layer's (RMSNorm in fp32, rotary
+embedding, causal SDPA with GQA, SiLU-gated MLP), so the result matches their decoder layers to fp32 rounding.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tyr.errors import TyrError
 
 ATTENTION_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj", "input_layernorm")
+HEAD_NORM_KEYS = ("q_norm", "k_norm")  # Qwen3: RMSNorm over head_dim of every query / key head, before RoPE
 MLP_KEYS = ("gate_proj", "up_proj", "down_proj", "post_attention_layernorm")
 ModuleKind = Literal["attn", "mlp"]
 KINDS: tuple[ModuleKind, ...] = ("attn", "mlp")      # the order of a layer's modules everywhere (supernet, search)
@@ -52,8 +53,11 @@ def attention_heads(x: torch.Tensor, w: dict[str, torch.Tensor], n_heads: int, n
         raise TyrError(f"attention weights have {w['q_proj'].shape[0] // head_dim} query / "
                        f"{w['k_proj'].shape[0] // head_dim} KV heads, expected {n_heads} / {n_kv_heads}")
     h = rms_norm(x, w["input_layernorm"], eps)
-    q = _linear(h, w, "q_proj").view(batch, seq, n_heads, head_dim).transpose(1, 2)
-    k = _linear(h, w, "k_proj").view(batch, seq, n_kv_heads, head_dim).transpose(1, 2)
+    q = _linear(h, w, "q_proj").view(batch, seq, n_heads, head_dim)
+    k = _linear(h, w, "k_proj").view(batch, seq, n_kv_heads, head_dim)
+    if "q_norm" in w:
+        q, k = rms_norm(q, w["q_norm"], eps), rms_norm(k, w["k_norm"], eps)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     v = _linear(h, w, "v_proj").view(batch, seq, n_kv_heads, head_dim).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=head_dim ** -0.5,
@@ -99,6 +103,9 @@ def module_weights(model, layer: int, kind: ModuleKind) -> dict[str, torch.Tenso
         if linear.bias is not None:
             w[f"{name}.bias"] = linear.bias.detach()
     w[ATTENTION_KEYS[4] if kind == "attn" else MLP_KEYS[3]] = norm.weight.detach()
+    for name in HEAD_NORM_KEYS if kind == "attn" else ():
+        if (head_norm := getattr(block, name, None)) is not None:
+            w[name] = head_norm.weight.detach()
     return w
 
 

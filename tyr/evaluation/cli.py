@@ -10,7 +10,7 @@ from tyr.errors import TyrError
 
 def add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default",
-                        help="model folder, hub id, or 'default' (the embedded SmolLM2-135M-Instruct)")
+                        help="model folder, .gguf file, hub id, or 'default' (the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--reference", default=None,
                         help="dense reference model (folder, hub id or 'default'): adds KL(reference || model)")
     parser.add_argument("--text", default=None,

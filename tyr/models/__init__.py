@@ -4,12 +4,15 @@ from tyr.models.modeling_tyr_llama import TyrLlamaConfig, TyrLlamaForCausalLM, T
 
 
 def register_auto_classes() -> None:
-    """Let transformers' Auto classes load tyr_llama folders without trust_remote_code."""
+    """Let transformers' Auto classes load tyr_llama / tyr_qwen2 / tyr_qwen3 folders without trust_remote_code."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    AutoConfig.register(TyrLlamaConfig.model_type, TyrLlamaConfig, exist_ok=True)
-    AutoModel.register(TyrLlamaConfig, TyrLlamaModel, exist_ok=True)
-    AutoModelForCausalLM.register(TyrLlamaConfig, TyrLlamaForCausalLM, exist_ok=True)
+    from tyr.models.families import FAMILIES
+
+    for family in FAMILIES:
+        AutoConfig.register(family.model_type, family.config_class, exist_ok=True)
+        AutoModel.register(family.config_class, family.model_class, exist_ok=True)
+        AutoModelForCausalLM.register(family.config_class, family.causal_lm_class, exist_ok=True)
 
 
 __all__ = ["TyrLlamaConfig", "TyrLlamaForCausalLM", "TyrLlamaModel", "register_auto_classes"]

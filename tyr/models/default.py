@@ -10,7 +10,6 @@ import importlib.util
 import os
 from pathlib import Path
 
-from tyr.atomic import atomic_dir
 from tyr.errors import TyrError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -38,20 +37,6 @@ def default_model_dir() -> Path:
     final = cache_dir() / "models" / DEFAULT_MODEL_NAME
     if (final / "config.json").is_file():
         return final
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from tyr.models.gguf import convert_gguf
 
-    gguf = gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # save_pretrained refuses a model "quantized with gguf": copy the dequantized weights into a clean one.
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(quantized.state_dict())
-    model.generation_config = quantized.generation_config
-    with atomic_dir(final, overwrite=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    return final
+    return convert_gguf(gguf_path(), final)

@@ -11,31 +11,28 @@ from safetensors import SafetensorError
 
 from tyr.atomic import atomic_dir
 from tyr.errors import TyrError
-from tyr.models import modeling_tyr_llama, register_auto_classes
-from tyr.models.modeling_tyr_llama import TyrLlamaConfig, TyrLlamaForCausalLM
+from tyr.models import register_auto_classes
+from tyr.models.families import TYR_CAUSAL_LM_CLASSES, family_of, supported_model_types
+from tyr.models.modeling_tyr_llama import TyrLlamaForCausalLM
 
-# Dense architectures whose decoder layers are Llama layers (same tensor names and math).
-SUPPORTED_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM (Llama 2/3.x, SmolLM, TinyLlama)",
-    "mistral": "MistralForCausalLM (sliding_window null or at least the sequence length used)",
-    TyrLlamaConfig.model_type: "TyrLlamaForCausalLM (a model pruned by tyr)",
-}
-MODELING_FILE = Path(modeling_tyr_llama.__file__).name
-AUTO_MAP = {
-    "AutoConfig": f"{MODELING_FILE[:-3]}.TyrLlamaConfig",
-    "AutoModel": f"{MODELING_FILE[:-3]}.TyrLlamaModel",
-    "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.TyrLlamaForCausalLM",
-}
+# Dense architectures whose decoder layers are Llama-style layers (same tensor names), and tyr's pruned formats.
+SUPPORTED_ARCHITECTURES = supported_model_types()
 
 
 def resolve_model_path(spec: str | Path | None) -> str:
-    """None or "default" -> the embedded SmolLM2 folder; an existing folder -> itself; a path that does not exist ->
-    TyrError; anything else: a hub id."""
+    """None or "default" -> the embedded SmolLM2 folder; an existing folder -> itself; a .gguf file -> its
+    dequantized HF folder (converted once, cached by contents); a path that does not exist -> TyrError; anything
+    else: a hub id."""
     if spec is None or str(spec) == "default":
         from tyr.models.default import default_model_dir
 
         return str(default_model_dir())
     path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        from tyr.models.default import cache_dir
+        from tyr.models.gguf import gguf_model_dir
+
+        return str(gguf_model_dir(path, cache_dir() / "models" / "gguf", check=check_supported))
     if path.exists():
         if not path.is_dir():
             raise TyrError(f"{path} is not a model folder (expected a directory with config.json and *.safetensors)")
@@ -65,6 +62,9 @@ def check_supported(config_dict: dict, where: str) -> None:
     if model_type == "mistral" and config_dict.get("sliding_window") not in (None, 0):
         if config_dict["sliding_window"] < config_dict.get("max_position_embeddings", 0):
             raise TyrError(f"{where}: Mistral sliding_window={config_dict['sliding_window']} is not supported")
+    if family_of(config_dict).name in ("qwen2", "qwen3") and config_dict.get("use_sliding_window"):
+        raise TyrError(f"{where}: {model_type} with use_sliding_window=true is not supported (tyr supports Qwen "
+                       "models with full attention in every layer, as released)")
 
 
 def load_model(spec: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -90,16 +90,19 @@ def load_model(spec: str | Path | None = None, dtype: torch.dtype = torch.float3
 
 def save_model(model: TyrLlamaForCausalLM, tokenizer, out_dir: str | Path, overwrite: bool = False,
                extra_files: dict[str, str] | None = None) -> Path:
-    """Write a pruned model as an HF folder that loads with or without tyr (auto_map + modeling file)."""
-    if not isinstance(model, TyrLlamaForCausalLM):
-        raise TyrError(f"save_model expects a TyrLlamaForCausalLM, got {type(model).__name__} (use slicing.to_tyr)")
-    model.config.architectures = ["TyrLlamaForCausalLM"]
-    model.config.auto_map = dict(AUTO_MAP)
+    """Write a pruned model as an HF folder that loads with or without tyr (auto_map + modeling files)."""
+    if not isinstance(model, TYR_CAUSAL_LM_CLASSES):
+        raise TyrError(f"save_model expects a tyr model ({', '.join(c.__name__ for c in TYR_CAUSAL_LM_CLASSES)}), "
+                       f"got {type(model).__name__} (use slicing.to_tyr)")
+    family = family_of(model.config)
+    model.config.architectures = [family.architecture]
+    model.config.auto_map = family.auto_map()
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        shutil.copy(modeling_tyr_llama.__file__, tmp / MODELING_FILE)
+        for path in family.modeling_files:
+            shutil.copy(path, tmp / path.name)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return Path(out_dir)

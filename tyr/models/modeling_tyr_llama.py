@@ -31,8 +31,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 PER_LAYER_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
 
-class TyrLlamaConfig(LlamaConfig):
-    model_type = "tyr_llama"
+class HeterogeneousWidths:
+    """Config mixin: ``per_layer_config`` holds each layer's widths (shared by every tyr family's config)."""
 
     def __init__(self, per_layer_config: dict | None = None, **kwargs):
         # Per-layer sizes vary by design; code that reads the global (dense) value knows what it gets.
@@ -46,7 +46,12 @@ class TyrLlamaConfig(LlamaConfig):
         return [tuple(getattr(layer, f) for f in PER_LAYER_FIELDS) for layer in self.per_layer_config]
 
 
-def validate_layer_widths(config: TyrLlamaConfig) -> None:
+class TyrLlamaConfig(HeterogeneousWidths, LlamaConfig):
+    model_type = "tyr_llama"
+    __init__ = HeterogeneousWidths.__init__  # in the class body: transformers' config dataclass would replace it
+
+
+def validate_layer_widths(config: HeterogeneousWidths) -> None:
     """Raise ValueError naming the field when a layer's widths cannot run in standard GQA kernels."""
     dense_heads, dense_kv = config.num_attention_heads, config.num_key_value_heads
     for i, layer in enumerate(config.per_layer_config):
@@ -71,17 +76,21 @@ class TyrLlamaDecoderLayer(LlamaDecoderLayer):
 
     ``cache_slot`` is this layer's index among the layers that keep attention: the KV cache holds only those, so
     ``DynamicCache.get_seq_length()`` (which reads slot 0) stays right when layer 0 has no attention.
+    Other families (Qwen2, Qwen3) subclass it with their own attention, MLP and norm classes.
     """
+
+    attention_class, mlp_class, norm_class = LlamaAttention, LlamaMLP, LlamaRMSNorm
 
     def __init__(self, config: LlamaConfig, cache_slot: int | None):
         GradientCheckpointingLayer.__init__(self)
         self.hidden_size = config.hidden_size
         has_attention = config.num_attention_heads > 0
         has_mlp = config.intermediate_size > 0
-        self.self_attn = LlamaAttention(config=config, layer_idx=cache_slot) if has_attention else None
-        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if has_attention else None
-        self.mlp = LlamaMLP(config) if has_mlp else None
-        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if has_mlp else None
+        norm = self.norm_class
+        self.self_attn = self.attention_class(config=config, layer_idx=cache_slot) if has_attention else None
+        self.input_layernorm = norm(config.hidden_size, eps=config.rms_norm_eps) if has_attention else None
+        self.mlp = self.mlp_class(config) if has_mlp else None
+        self.post_attention_layernorm = norm(config.hidden_size, eps=config.rms_norm_eps) if has_mlp else None
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=False, position_embeddings=None, **kwargs) -> torch.Tensor:
@@ -104,6 +113,8 @@ class TyrLlamaPreTrainedModel(LlamaPreTrainedModel):
 
 
 class TyrLlamaModel(TyrLlamaPreTrainedModel, LlamaModel):
+    decoder_layer_class, norm_class, rotary_class = TyrLlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
     def __init__(self, config: TyrLlamaConfig):
         TyrLlamaPreTrainedModel.__init__(self, config)
         self.padding_idx = config.pad_token_id
@@ -112,11 +123,11 @@ class TyrLlamaModel(TyrLlamaPreTrainedModel, LlamaModel):
         layers, next_slot = [], 0
         for layer_config in config.per_layer_config:
             has_attention = layer_config.num_attention_heads > 0
-            layers.append(TyrLlamaDecoderLayer(layer_config, next_slot if has_attention else None))
+            layers.append(self.decoder_layer_class(layer_config, next_slot if has_attention else None))
             next_slot += has_attention
         self.layers = nn.ModuleList(layers)
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.norm = self.norm_class(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = self.rotary_class(config=config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -124,9 +135,11 @@ class TyrLlamaModel(TyrLlamaPreTrainedModel, LlamaModel):
 
 
 class TyrLlamaForCausalLM(TyrLlamaPreTrainedModel, LlamaForCausalLM):
+    base_model_class = TyrLlamaModel
+
     def __init__(self, config: TyrLlamaConfig):
         TyrLlamaPreTrainedModel.__init__(self, config)
-        self.model = TyrLlamaModel(config)
+        self.model = self.base_model_class(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
@@ -134,4 +147,4 @@ class TyrLlamaForCausalLM(TyrLlamaPreTrainedModel, LlamaForCausalLM):
     # forward and generate: LlamaForCausalLM's, unchanged.
 
 
-__all__ = ["TyrLlamaConfig", "TyrLlamaModel", "TyrLlamaForCausalLM", "TyrLlamaPreTrainedModel"]
+__all__ = ["HeterogeneousWidths", "TyrLlamaConfig", "TyrLlamaModel", "TyrLlamaForCausalLM", "TyrLlamaPreTrainedModel"]

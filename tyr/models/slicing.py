@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from tyr.errors import TyrError
 from tyr.models.facts import LayerWidth, layer_params, layer_widths  # noqa: F401 (layer_params: callers import it from here)
+from tyr.models.families import TYR_CAUSAL_LM_CLASSES, family_of
 from tyr.models.modeling_tyr_llama import TyrLlamaConfig, TyrLlamaForCausalLM
 
 # Config fields that describe the dense architecture and are carried over into a TyrLlamaConfig.
@@ -41,19 +42,20 @@ def kept_groups(keep_heads: list[int], heads_per_group: int, where: str) -> list
 
 
 def tyr_config(config, widths: list[LayerWidth]) -> TyrLlamaConfig:
-    """A TyrLlamaConfig with the dense sizes global and ``widths`` per layer."""
+    """The family's tyr config (TyrLlamaConfig, TyrQwen2Config, ...) with the dense sizes global and ``widths`` per
+    layer."""
     base = {k: v for k, v in config.to_dict().items() if k not in _NOT_CARRIED}
     base.setdefault("head_dim", base["hidden_size"] // base["num_attention_heads"])
     per_layer = {i: w._asdict() for i, w in enumerate(widths)}
     try:
-        return TyrLlamaConfig(**base, per_layer_config=per_layer)
+        return family_of(config).config_class(**base, per_layer_config=per_layer)
     except ValueError as err:
         raise TyrError(str(err)) from err
 
 
 def to_tyr(model) -> TyrLlamaForCausalLM:
-    """The same network as a TyrLlamaForCausalLM (a dense Llama or Mistral keeps all its widths)."""
-    if isinstance(model, TyrLlamaForCausalLM):
+    """The same network as its family's tyr model (a dense Llama, Mistral, Qwen2 or Qwen3 keeps all its widths)."""
+    if isinstance(model, TYR_CAUSAL_LM_CLASSES):
         return model
     full = [LayerKeep(keep_heads=list(range(w.num_attention_heads)), keep_ffn=list(range(w.intermediate_size)))
             for w in layer_widths(model.config)]
@@ -85,6 +87,9 @@ def _slice_layer(state: dict, prefix: str, width: LayerWidth, keep: LayerKeep, h
         if (key := f"{attn}o_proj.bias") in state:
             out[key] = state[key]
         out[f"{prefix}input_layernorm.weight"] = state[f"{prefix}input_layernorm.weight"]
+        for norm in ("q_norm", "k_norm"):  # Qwen3: one weight over head_dim, shared by every head
+            if (key := f"{attn}{norm}.weight") in state:
+                out[key] = state[key]
     if keep_ffn:
         index = torch.tensor(keep_ffn, device=state[f"{mlp}down_proj.weight"].device)
         for name in ("gate_proj", "up_proj"):
@@ -100,7 +105,8 @@ def _slice_layer(state: dict, prefix: str, width: LayerWidth, keep: LayerKeep, h
 
 
 def slice_model(model, keeps: list[LayerKeep]) -> TyrLlamaForCausalLM:
-    """A new, physically smaller TyrLlamaForCausalLM keeping ``keeps[i]`` of layer i (indices into its current widths)."""
+    """A new, physically smaller tyr model of the same family keeping ``keeps[i]`` of layer i (indices into its
+    current widths)."""
     config = model.config
     widths = layer_widths(config)
     if len(keeps) != len(widths):
@@ -114,7 +120,7 @@ def slice_model(model, keeps: list[LayerKeep]) -> TyrLlamaForCausalLM:
         new_widths.append(new_width)
     new_config = tyr_config(config, new_widths)
     param = next(model.parameters())
-    pruned = TyrLlamaForCausalLM(new_config).to(dtype=param.dtype, device=param.device)
+    pruned = family_of(config).causal_lm_class(new_config).to(dtype=param.dtype, device=param.device)
     missing, unexpected = pruned.load_state_dict(new_state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and new_config.tie_word_embeddings)]
     if missing or unexpected:

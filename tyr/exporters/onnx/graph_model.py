@@ -79,12 +79,17 @@ class ExportAttention(nn.Module):
         self.v_proj, self.o_proj = attention.v_proj, attention.o_proj
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.scaling = attention.scaling
+        # Qwen3: RMSNorm over head_dim of every query / key head, before RoPE (None for Llama and Qwen2).
+        self.q_norm, self.k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
 
     def forward(self, hidden: torch.Tensor, rope: Rope, bias: torch.Tensor, past_key: torch.Tensor,
                 past_value: torch.Tensor):
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
-        query = reshape(self.q_proj(hidden), 0, -1, heads, head_dim).transpose(1, 2)  # [b, h, s, d]
-        key = reshape(self.k_proj(hidden), 0, -1, kv_heads, head_dim).transpose(1, 2)  # [b, kv, s, d]
+        query = reshape(self.q_proj(hidden), 0, -1, heads, head_dim)  # [b, s, h, d]
+        key = reshape(self.k_proj(hidden), 0, -1, kv_heads, head_dim)  # [b, s, kv, d]
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)  # [b, h, s, d], [b, kv, s, d]
         value = reshape(self.v_proj(hidden), 0, -1, kv_heads, head_dim).transpose(1, 2)
         query, key = rope(query), rope(key)
         key = torch.cat([past_key, key], dim=2)  # [b, kv, total, d]: the present cache

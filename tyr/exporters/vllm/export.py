@@ -1,9 +1,10 @@
 """Export a dense or pruned model as a folder vLLM serves: ``export_vllm(model_dir, out_dir) -> ExportResult``.
 
 Formats:
-- "tyr": the tyr_llama folder (per_layer_config, standard Llama tensor names). Served at native speed by vLLM with tyr
-  installed (its plugin registers the model class); without tyr, by vLLM's Transformers backend with
-  --trust-remote-code, as long as every layer keeps its attention (that backend needs an attention in every layer).
+- "tyr": the tyr_llama / tyr_qwen2 / tyr_qwen3 folder (per_layer_config, standard tensor names). Served at native
+  speed by vLLM with tyr installed (its plugin registers the model class); without tyr, by vLLM's Transformers
+  backend with --trust-remote-code, as long as every layer keeps its attention (that backend needs an attention in
+  every layer).
 - "deci": DeciLM / nemotron-nas block configs, served by stock vLLM's DeciLMForCausalLM with --trust-remote-code;
   only for models that keep every query head (KV groups, FFN widths and removed blocks may vary).
 
@@ -24,7 +25,6 @@ from pydantic import BaseModel, Field
 from tyr.atomic import atomic_dir, check_output_path, exclusive
 from tyr.errors import TyrError
 from tyr.exporters.vllm.check import DEFAULT_PROMPTS, CheckResult, check_folder
-from tyr.exporters.vllm.plugin import ARCHITECTURE as TYR_ARCHITECTURE
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,8 @@ def _write_deci(model, tokenizer, folder: Path) -> None:
 def export_vllm(model_dir: str | Path, out_dir: str | Path, check: bool = True, fmt: Format = "tyr",
                 overwrite: bool = False, prompts: list[str] | None = None, max_new_tokens: int = 16,
                 timeout: float = 1200) -> ExportResult:
-    """Write ``model_dir`` (a tyr_llama or dense Llama/Mistral folder) as a vLLM-servable folder at ``out_dir``.
+    """Write ``model_dir`` (a tyr-pruned or dense Llama/Mistral/Qwen2/Qwen3 folder) as a vLLM-servable folder at
+    ``out_dir``.
 
     With ``check``, vLLM (in a subprocess) and transformers must produce the same greedy tokens on ``prompts`` (fp32),
     vLLM must build the expected model class and allocate KV cache exactly for the layers that keep attention, with
@@ -96,6 +97,7 @@ def export_vllm(model_dir: str | Path, out_dir: str | Path, check: bool = True, 
     """
     import torch
 
+    from tyr.models.families import family_of
     from tyr.models.io import load_model, resolve_model_path, save_model
     from tyr.models.slicing import to_tyr
 
@@ -119,10 +121,13 @@ def export_vllm(model_dir: str | Path, out_dir: str | Path, check: bool = True, 
     if fmt == "deci":
         from tyr.exporters.vllm.deci import ARCHITECTURE as DECI_ARCHITECTURE, block_configs
 
+        if (family := family_of(model.config).name) != "llama":
+            raise TyrError(f"the DeciLM (nemotron-nas) format holds Llama layers only, not {family} ones (q/k/v "
+                           "biases, q/k norms): export it with format 'tyr' instead")
         block_configs(model.config)  # refuse before writing anything
         architecture, trust_remote_code, transformers_backend = DECI_ARCHITECTURE, True, False
     else:
-        architecture, trust_remote_code = TYR_ARCHITECTURE, False
+        architecture, trust_remote_code = family_of(model.config).architecture, False
         transformers_backend = all(heads > 0 for heads, _, _ in widths)
     result = ExportResult(out_dir=str(out_dir), fmt=fmt, source=str(source), architecture=architecture,
                           layer_widths=widths, needs_trust_remote_code=trust_remote_code,

@@ -30,40 +30,46 @@ class TyrLlamaDecoderLayer(nn.Module):
         super().__init__()
         global_config = vllm_config.model_config.hf_config
         config = global_config.per_layer_config[extract_layer_index(prefix)]
-        quant_config = vllm_config.quant_config
         self.hidden_size = config.hidden_size
         self.has_attention = config.num_attention_heads > 0
         self.has_mlp = config.intermediate_size > 0
+        if self.has_attention:
+            self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.self_attn = self.make_attention(config, vllm_config, f"{prefix}.self_attn")
+        if self.has_mlp:
+            self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.mlp = self.make_mlp(config, vllm_config, f"{prefix}.mlp")
+
+    def make_attention(self, config, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+        """This layer's attention module (other families override it with their own vLLM attention class)."""
         # Same bias rules as LlamaDecoderLayer.
         attention_bias = getattr(config, "attention_bias", False) or getattr(config, "bias", False)
         bias_o_proj = attention_bias
         if hasattr(config, "qkv_bias"):
             attention_bias = config.qkv_bias
-        if self.has_attention:
-            self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-            self.self_attn = LlamaAttention(
-                config=config,
-                hidden_size=config.hidden_size,
-                num_heads=config.num_attention_heads,
-                num_kv_heads=config.num_key_value_heads,
-                max_position_embeddings=getattr(config, "max_position_embeddings", 8192),
-                quant_config=quant_config,
-                bias=attention_bias,
-                bias_o_proj=bias_o_proj,
-                cache_config=vllm_config.cache_config,
-                prefix=f"{prefix}.self_attn",
-                attn_type=AttentionType.DECODER,
-            )
-        if self.has_mlp:
-            self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-            self.mlp = LlamaMLP(
-                hidden_size=config.hidden_size,
-                intermediate_size=config.intermediate_size,
-                hidden_act=config.hidden_act,
-                quant_config=quant_config,
-                bias=getattr(config, "mlp_bias", False),
-                prefix=f"{prefix}.mlp",
-            )
+        return LlamaAttention(
+            config=config,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            max_position_embeddings=getattr(config, "max_position_embeddings", 8192),
+            quant_config=vllm_config.quant_config,
+            bias=attention_bias,
+            bias_o_proj=bias_o_proj,
+            cache_config=vllm_config.cache_config,
+            prefix=prefix,
+            attn_type=AttentionType.DECODER,
+        )
+
+    def make_mlp(self, config, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+        return LlamaMLP(
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            hidden_act=config.hidden_act,
+            quant_config=vllm_config.quant_config,
+            bias=getattr(config, "mlp_bias", False),
+            prefix=prefix,
+        )
 
     @staticmethod
     def _add_and_norm(norm: RMSNorm, hidden_states: torch.Tensor, residual: torch.Tensor | None):
@@ -86,10 +92,12 @@ class TyrLlamaForCausalLM(LlamaForCausalLM):
     """vLLM's LlamaForCausalLM (embedding, compiled layer loop, final norm, LM head, weight loading) with
     heterogeneous decoder layers. Weight names are standard Llama names; removed blocks have no tensors."""
 
+    decoder_layer_class = TyrLlamaDecoderLayer
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         config = vllm_config.model_config.hf_config
         if not getattr(config, "is_heterogeneous", False):
             raise ValueError("TyrLlamaForCausalLM needs a config with per_layer_config (model_type tyr_llama)")
         if sum(c.num_attention_heads > 0 or c.intermediate_size > 0 for c in config.per_layer_config) == 0:
             raise ValueError("every decoder layer is empty: nothing to run")
-        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=TyrLlamaDecoderLayer)
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=self.decoder_layer_class)
