@@ -52,6 +52,7 @@ def _add(subparsers, name: str, target: str) -> None:
 COMMANDS: dict[str, str | dict[str, str]] = {
     "eval": "tyr.evaluation.cli:eval",
     "prune": "tyr.compressor.cli:prune",
+    "heal": "tyr.compressor.heal_cli:heal",
     "export": {"vllm": "tyr.exporters.vllm.cli:export", "onnx": "tyr.exporters.onnx.cli:export"},
     "bench": {"vllm": "tyr.serving.cli:bench", "onnx": "tyr.exporters.onnx.cli:bench",
               "layers": "tyr.serving.cli:layers"},
