@@ -340,14 +340,18 @@ def distillation_loss(student_out, teacher_out, settings: HealSettings) -> torch
     from tyr.compressor.fitness import sparse_kl
 
     temperature = settings.temperature
-    student_logits = student_out.logits.float() / temperature
-    teacher_logp = F.log_softmax(teacher_out.logits.float() / temperature, dim=-1)
+    # Vocabulary-sized tensors dominate the step's memory traffic: no copy for T = 1, float32 only inside softmax.
+    student_logits, teacher_logits = student_out.logits, teacher_out.logits
+    if temperature != 1:
+        student_logits, teacher_logits = student_logits / temperature, teacher_logits / temperature
+    teacher_logp = F.log_softmax(teacher_logits, dim=-1, dtype=torch.float32)
     positions = student_logits.shape[0] * student_logits.shape[1]
     if settings.kl_top_k:
         top = teacher_logp.topk(min(settings.kl_top_k, teacher_logp.shape[-1]), dim=-1)
         kl = sparse_kl(student_logits, lambda logits: logits, top.values, top.indices).sum().float()
     else:
-        kl = F.kl_div(F.log_softmax(student_logits, dim=-1), teacher_logp, log_target=True, reduction="sum")
+        student_logp = F.log_softmax(student_logits, dim=-1, dtype=torch.float32)
+        kl = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum")
     loss = kl * temperature ** 2 / positions
     if settings.hidden_weight:
         pairs = list(zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:]))
