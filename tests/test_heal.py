@@ -114,7 +114,8 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, healed, student_dir, t
 
 
 def test_lora_merge_matches_the_adapter(tmp_path, student_dir, teacher_dir):
-    settings = HealSettings(**TINY | {"lora_rank": 4, "lr": 1e-2, "kl_top_k": 64})
+    # Also the other loss terms: the sparse top-k KL and per-layer output matching.
+    settings = HealSettings(**TINY | {"lora_rank": 4, "lr": 1e-2, "kl_top_k": 64, "hidden_weight": 0.5})
     ids = held_out_ids(1)
     unmerged = {}
 

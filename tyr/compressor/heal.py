@@ -373,37 +373,43 @@ def _train(model, inputs: _Inputs, settings: HealSettings, optimizer, scheduler,
     params = [p for _, p in trainable]
     bar = tqdm(total=report.tokens, initial=start * settings.tokens_per_step, unit="tok", unit_scale=True,
                desc="heal", disable=not progress)
-    autocast = dict(device_type=device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
-    want_hidden = settings.hidden_weight > 0
     for step in range(start + 1, settings.steps + 1):
         step_started = time.perf_counter()
         rows = batch_indices(settings.seed, step - 1, settings.batch_sequences, inputs.train.shape[0])
-        ids = inputs.train[rows].to(device)
-        with torch.autocast(**autocast):
-            with torch.no_grad():
-                teacher_out = inputs.teacher(input_ids=ids, use_cache=False, output_hidden_states=want_hidden)
-            student_out = model(input_ids=ids, use_cache=False, output_hidden_states=want_hidden)
-        loss = distillation_loss(student_out, teacher_out, settings)
-        loss.backward()
-        if settings.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = _step(model, inputs.teacher, inputs.train[rows].to(device), settings, optimizer, scheduler, params,
+                     compute_dtype)
         seconds = (report.history[-1].seconds if report.history else 0.0) + time.perf_counter() - step_started
-        report.history.append(StepRecord(step=step, tokens=step * settings.tokens_per_step, loss=loss.item(), lr=lr,
+        report.history.append(StepRecord(step=step, tokens=step * settings.tokens_per_step, loss=loss, lr=lr,
                                          seconds=seconds))
         report.train_seconds = seconds
         bar.update(settings.tokens_per_step)
         if step in eval_steps:
             _measure(model, inputs, report, step)
-        bar.set_postfix(loss=f"{loss.item():.4f}", held_out_kl=f"{report.held_out[-1].kl:.4f}")
+        bar.set_postfix(loss=f"{loss:.4f}", held_out_kl=f"{report.held_out[-1].kl:.4f}")
         if step % settings.checkpoint_every == 0 or step == settings.steps:
             _save_checkpoint(work_dir, step, trainable, optimizer, scheduler, report)
         if on_step is not None:
             on_step(step, model)
     bar.close()
+
+
+def _step(model, teacher, ids: torch.LongTensor, settings: HealSettings, optimizer, scheduler, params,
+          compute_dtype: torch.dtype) -> float:
+    """One optimizer step on one batch; returns its loss."""
+    want_hidden = settings.hidden_weight > 0
+    with torch.autocast(ids.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+        with torch.no_grad():
+            teacher_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=want_hidden)
+        student_out = model(input_ids=ids, use_cache=False, output_hidden_states=want_hidden)
+    loss = distillation_loss(student_out, teacher_out, settings)
+    loss.backward()
+    if settings.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def _measure(model, inputs: _Inputs, report: HealReport, step: int):
