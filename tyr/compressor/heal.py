@@ -184,6 +184,8 @@ def heal(student: str | Path, teacher: str | Path | None = None, out_dir: str | 
     work_dir = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + ".work")
     if out_dir.exists() and not overwrite:
         raise TyrError(f"{out_dir} already exists; choose another output folder or pass overwrite (--overwrite)")
+    if not Path(student).is_dir():
+        raise TyrError(f"{student}: no such model folder (heal takes a pruned model folder)")
     teacher = teacher if teacher is not None else recorded_teacher(student)
     device = resolve_device(device)
     try:
@@ -258,10 +260,7 @@ def _load_inputs(student, teacher, settings: HealSettings, device: torch.device)
     from tyr.models.io import load_model, resolve_model_path
     from tyr.models.slicing import to_tyr
 
-    student_path = Path(student)
-    if not student_path.is_dir():
-        raise TyrError(f"{student}: no such model folder (heal takes a pruned model folder)")
-    student_model, tokenizer = load_model(student_path, dtype=torch.float32, device=device)
+    student_model, tokenizer = load_model(Path(student), dtype=torch.float32, device=device)
     try:
         teacher_model, teacher_tokenizer = load_model(teacher, dtype=torch.float32, device=device)
     except TyrError as err:
