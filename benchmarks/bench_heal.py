@@ -104,7 +104,8 @@ def heal_dir(args, source: Path, teacher: str, tokens: int | None, out: Path, la
 
 
 def evaluate(model_dir, dense, blocks, tasks) -> dict:
-    from tyr.evaluation import compare_to_reference, evaluate_task
+    from tyr.evaluation.language_modeling import compare_to_reference
+    from tyr.evaluation.multiple_choice import evaluate_task
     from tyr.models.io import load_model
 
     model, tokenizer = load_model(model_dir)
@@ -122,8 +123,9 @@ def main(argv=None) -> int:
     import torch
 
     from tyr.data import load_text, token_blocks
-    from tyr.evaluation import evaluate_task, perplexity
     from tyr.evaluation.bigbench import default_bigbench_dir, load_task, resolve_task_names
+    from tyr.evaluation.language_modeling import perplexity
+    from tyr.evaluation.multiple_choice import evaluate_task
     from tyr.models.io import load_model, resolve_model_path
 
     torch.set_grad_enabled(False)

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time every optimization level at one thread (where the speed-up comes from)")
     args = parser.parse_args(argv)
 
-    from tyr.exporters.onnx.bench import bench_onnx, report_table, write_report
+    from tyr.benchmarking.onnx_bench import bench_onnx, report_table, write_report
     from tyr.exporters.onnx.export import INFO_FILE, export_onnx
     from tyr.models.io import load_model, resolve_model_path, save_model
 

@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 from tyr.atomic import atomic_write_json
+from tyr.benchmarking.config import OfflineConfig, ServerConfig
+from tyr.benchmarking.offline import run_offline_throughput
+from tyr.benchmarking.platform_info import detect_platform
+from tyr.benchmarking.prompts import random_prompts
+from tyr.benchmarking.results import matmul_params
 from tyr.errors import TyrError
-from tyr.serving.config import OfflineConfig, ServerConfig
-from tyr.serving.offline import run_offline_throughput
-from tyr.serving.platform_info import detect_platform
-from tyr.serving.prompts import random_prompts
-from tyr.serving.results import matmul_params
 
 
 def measure(model_dir: Path, args: argparse.Namespace, accelerator: str, work_dir: Path) -> dict:

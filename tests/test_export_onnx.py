@@ -172,7 +172,7 @@ def test_bad_input_errors(tmp_path, tiny_dir, capsys):
 
 
 def test_cli_export_and_bench(tiny_dir, tiny_export, tmp_path, capsys):
-    from tyr.serving.results import load_result
+    from tyr.benchmarking.results import load_result
 
     out = tmp_path / "cli"
     assert main(["export", "onnx", str(tiny_dir), str(out), "--dtype", "fp32", "--steps", "4",

@@ -1,29 +1,26 @@
 """vLLM export on the real vLLM CPU backend: greedy tokens of vLLM (offline and OpenAI server) equal transformers'.
 
-Engine starts are the cost here (about a minute each on two cores), so each starts once: the tyr-format export of a
-tiny heterogeneous model (its export check is the offline run), one OpenAI server on that folder, the
-trust_remote_code path without tyr, the DeciLM format, and (slow) SmolLM2 pruned to 50%.
+Engine starts are the cost here, so each starts once, and every test that starts one is marked slow: the
+tyr-format export of a tiny heterogeneous model (its export check is the offline run), one OpenAI server on that
+folder, the trust_remote_code path without tyr, the DeciLM format, and SmolLM2 pruned to 50%.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 import torch
 
+from tyr.benchmarking.config import ServerConfig
+from tyr.benchmarking.server import VLLMServer
 from tyr.cli import main as tyr_main
 from tyr.errors import TyrError
-from tyr.exporters.vllm import export_vllm
 from tyr.exporters.vllm.check import compare, explain_failure, reference_greedy, run_vllm_greedy
+from tyr.exporters.vllm.export import export_vllm
 from tyr.exporters.vllm.vllm_greedy import GreedyRequest
 from tyr.models.io import save_model
 from tyr.models.slicing import LayerKeep, layer_params, layer_widths, slice_model
@@ -61,6 +58,7 @@ def hetero_export(hetero, tmp_path_factory):
     return export_vllm(src, out, prompts=PROMPTS, max_new_tokens=NEW_TOKENS)
 
 
+@pytest.mark.slow
 def test_tyr_export_matches_transformers_offline(hetero, hetero_export, tokenizer):
     model, _ = hetero
     result = hetero_export
@@ -79,51 +77,22 @@ def test_tyr_export_matches_transformers_offline(hetero, hetero_export, tokenize
     assert json.loads((out / "config.json").read_text())["architectures"] == ["TyrLlamaForCausalLM"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_openai_server_matches_transformers(hetero, hetero_export, tokenizer, tmp_path):
-    """`python -m vllm.entrypoints.openai.api_server --model <out>` (engine start 2), no trust_remote_code."""
+    """The OpenAI server on the export (engine start 2), without trust_remote_code, started as `tyr bench` does."""
     model, _ = hetero
-    port = _free_port()
-    log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", hetero_export.out_dir,
-         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
-         "--enforce-eager"], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "server not healthy after 600 s"
-            try:
-                if requests.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(2)
-        served = []
+    served = []
+    with VLLMServer(hetero_export.out_dir, tmp_path / "server.log", ServerConfig(max_model_len=256)) as server:
         for prompt in PROMPTS:
-            response = requests.post(f"{base}/v1/completions", timeout=120, json={
-                "model": hetero_export.out_dir, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0,
+            response = requests.post(f"{server.base_url}/v1/completions", timeout=120, json={
+                "model": server.model_name, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0,
                 "ignore_eos": True, "return_token_ids": True})
             response.raise_for_status()
             choice = response.json()["choices"][0]
             assert choice["prompt_token_ids"] == tokenizer(prompt).input_ids
             assert choice["text"] == tokenizer.decode(choice["token_ids"])
             served.append(choice["token_ids"])
-        assert served == greedy(model, tokenizer)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+    assert served == greedy(model, tokenizer)
 
 
 NO_TYR = '''
@@ -140,6 +109,7 @@ if __name__ == "__main__":
 '''
 
 
+@pytest.mark.slow
 def test_trust_remote_code_serves_without_tyr(tokenizer, tmp_path):
     """vLLM's Transformers backend (engine start 3) with the tyr plugin unavailable: per-layer widths, no MLP in
     layer 2. That backend needs an attention in every layer, so this model keeps attention everywhere."""
@@ -157,6 +127,7 @@ def test_trust_remote_code_serves_without_tyr(tokenizer, tmp_path):
     assert result.tokens == greedy(model, tokenizer)
 
 
+@pytest.mark.slow
 def test_deci_format_serves_in_stock_vllm(tokenizer, tmp_path):
     """DeciLM / nemotron-nas (engine start 4): all 4 query heads kept; KV groups, FFN widths and no-op blocks vary."""
     model = tiny_hetero(vocab_size=VOCAB, hidden=HIDDEN, widths=[(4, 2, 96), (4, 1, 48), (0, 0, 64), (4, 2, 0)])
@@ -253,6 +224,7 @@ def test_cli_names_what_is_wrong_with_a_folder(hetero, tmp_path, capsys):
     assert code == 2 and "already exists" in err
 
 
+@pytest.mark.slow
 def test_failed_check_leaves_no_folder(hetero, tmp_path, monkeypatch):
     """vLLM failing on the folder (here: tyr's plugin not loaded, so it fails before starting an engine) aborts
     the export with vLLM's own error and a hint, leaving nothing behind."""
@@ -278,7 +250,7 @@ def test_tokens_agree_only_exactly_or_at_a_near_tie():
     assert len(problems) == 3 and "part at generated token 1" in problems[2]
 
 
-# --- the default SmolLM2 pruned to 50% (no pruner yet: magnitude-chosen heads and channels) ---
+# --- the default SmolLM2 pruned to 50% (magnitude-chosen heads and channels: serving depends on the shapes) ---
 
 def half_pruned_keeps(model, target: float = 0.5) -> list[LayerKeep]:
     """GQA-consistent keep sets by weight magnitude, about ``target`` of the decoder-layer parameters, with widths

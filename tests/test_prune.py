@@ -11,24 +11,13 @@ from transformers import AutoTokenizer
 
 from tyr.cli import main as tyr_main
 from tyr.compressor.baselines import flap_prune, magnitude_keeps
+from tyr.compressor.latency import LatencyTable
 from tyr.compressor.prune import LatencyBudget, prune
 from tyr.compressor.recipes import Recipe
 from tyr.errors import TyrError
 from tyr.models.io import load_model, save_model
 from tyr.models.slicing import to_tyr
-from tyr.serving.latency_table import LatencyTable
-from tyr.testing import tiny_llama
-
-TINY_RECIPE = {
-    "name": "tiny", "description": "unit tests", "iterations": 2, "initial_spacing": 0.25, "ladder_size": 5,
-    "eea": "expectation",
-    "calibration": {"num_sequences": 16, "seq_len": 64, "batch_sequences": 8},
-    "local_pruner": {"damp": 0.01, "head_step": 1, "channel_step": 8, "refit": True},
-    "search": {"generations": [3, 3], "offspring": 6, "max_shifts": 2, "seq_len": 32, "batch_sequences": 2,
-               "kl_top_k": 64, "stages": [{"tokens": 64, "survivors": 3}, {"tokens": 256, "survivors": 1}],
-               "pool_tokens": 512,
-               "reuse_activations": True, "activation_cache_mb": 64},
-}
+from tyr.testing import TINY_RECIPE, tiny_llama
 
 
 @pytest.fixture(scope="module")

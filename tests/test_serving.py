@@ -1,7 +1,7 @@
 """Serving harness: a real vLLM CPU server under a real locust load, offline vllm.LLM throughput, the result
 format, reports, `tyr select` on recorded measurements, and the per-shape latency table.
 
-One vLLM server start and one offline engine start for the whole module (each costs about a minute here).
+Engine starts are the cost here, so the module starts one vLLM server and one offline engine for all its tests.
 """
 
 from __future__ import annotations
@@ -15,16 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from tyr.benchmarking.config import BenchConfig, LoadConfig, ServerConfig
+from tyr.benchmarking.layer_latency import default_grids, measure_latency_table
+from tyr.benchmarking.load import check_target
+from tyr.benchmarking.platform_info import detect_platform
+from tyr.benchmarking.report import render_html
+from tyr.benchmarking.results import (BenchResult, OfflineThroughput, ParamCounts, Throughput, load_result,
+                                      param_counts)
+from tyr.benchmarking.server import ServerError, VLLMServer
+from tyr.benchmarking.vllm_bench import load_run
 from tyr.errors import TyrError
-from tyr.serving.bench import load_run
-from tyr.serving.candidates import read_candidates
-from tyr.serving.config import BenchConfig, LoadConfig, ServerConfig
-from tyr.serving.latency_table import default_grids, measure_latency_table
-from tyr.serving.platform_info import detect_platform
-from tyr.serving.report import render_html
-from tyr.serving.results import BenchResult, OfflineThroughput, Throughput, load_result, param_counts
-from tyr.serving.selection import Measurement, Targets, pareto_front, select
-from tyr.serving.server import ServerError, VLLMServer
+from tyr.selection.candidates import read_candidates
+from tyr.selection.selection import Measurement, Targets, pareto_front, select
 from tyr.testing import tiny_llama
 
 
@@ -106,7 +108,9 @@ def test_bench_vllm_measures_a_real_server(bench_out, tiny_dir):
     assert offline.num_prompts == 8 and offline.output_tokens == 8 * 16 and offline.output_tokens_per_s > 0
     assert len(offline.batch_seconds) == 3 and offline.elapsed_s == sorted(offline.batch_seconds)[1]  # the median
 
-    assert result.params == param_counts(tiny_dir)
+    # 2 layers (hidden 64, 2 query heads and 1 KV head of 32, FFN 128), untied 49152-token embedding and lm_head
+    assert result.params.model_dump() == {"total": 6_365_504, "matmul": 3_219_456, "lm_head": 3_145_728,
+                                          "embedding": 3_145_728}
     assert result.config["load"]["users"] == 2 and result.config["server"]["max_model_len"] == 256
     assert (out / "tiny" / "server.log").stat().st_size > 0  # the server's log is kept
 
@@ -203,12 +207,10 @@ def test_bench_config_rejects_unbounded_or_inconsistent_settings():
     with pytest.raises(TyrError, match="CPU backend"):
         ServerConfig(dtype="float16").resolved_dtype("cpu")
     assert ServerConfig().resolved_dtype("cpu") == "float32" and ServerConfig().eager("cpu")
-    assert ServerConfig().resolved_dtype("cuda") == "auto" and not ServerConfig().eager("rocm")
+    assert ServerConfig(dtype="float16").resolved_dtype("cuda") == "float16" and not ServerConfig().eager("rocm")
 
 
 def test_load_refuses_remote_hosts_unless_explicit(tmp_path):
-    from tyr.serving.load import check_target
-
     check_target("http://127.0.0.1:8000", allow_remote=False)
     with pytest.raises(TyrError, match="refusing"):
         check_target("http://10.1.2.3:8000", allow_remote=False)
@@ -273,8 +275,6 @@ def test_select_needs_a_baseline_and_skips_incomplete_candidates():
 
 
 def _result(label: str, model: str, tps: float, matmul: int) -> BenchResult:
-    from tyr.serving.results import ParamCounts
-
     return BenchResult(model=model, label=label, runtime="vllm", platform=detect_platform(),
                        params=ParamCounts(total=matmul, matmul=matmul, lm_head=0, embedding=0),
                        throughput=Throughput(duration_s=10, completed_requests=10, failed_requests=0,

@@ -1,32 +1,30 @@
 """The `tyr` command: one subcommand per stage (prune, export, bench, select, eval, run).
 
-Each command lives with its stage: "package.module:name" means that module defines `add_<name>(parser)` (adds the
-arguments) and `run_<name>(args) -> int` (calls the stage's Python function). Modules import heavy libraries
-inside run_*, so `tyr --help` stays fast.
+Each stage's cli module defines its arguments and the function that runs it. Those modules import torch, vLLM,
+transformers and onnxruntime only inside the command functions, so building this parser stays cheap.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
+from tyr import pipeline
+from tyr.benchmarking import cli as bench_cli
+from tyr.compressor import cli as prune_cli
+from tyr.compressor import heal_cli
 from tyr.errors import TyrError
+from tyr.evaluation import cli as eval_cli
+from tyr.exporters.onnx import cli as onnx_cli
+from tyr.exporters.vllm import cli as vllm_cli
+from tyr.selection import cli as select_cli
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tyr", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for name, target in COMMANDS.items():
-        if isinstance(target, dict):
-            group = subparsers.add_parser(name, help=f"{name} a model for a runtime").add_subparsers(
-                dest="runtime", required=True)
-            for runtime, leaf in target.items():
-                _add(group, runtime, leaf)
-        else:
-            _add(subparsers, name, target)
+    _add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
@@ -39,26 +37,33 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _add(subparsers, name: str, target: str) -> None:
-    module_name, func = target.split(":")
-    module = importlib.import_module(module_name)
-    doc = getattr(module, f"run_{func}").__doc__ or ""
+def _add_commands(subparsers) -> None:
+    # In the order `tyr --help` lists them, following the data flow.
+    _command(subparsers, "eval", eval_cli.add_eval, eval_cli.run_eval)
+    _command(subparsers, "prune", prune_cli.add_prune, prune_cli.run_prune)
+    _command(subparsers, "heal", heal_cli.add_heal, heal_cli.run_heal)
+    export = _runtimes(subparsers, "export")
+    _command(export, "vllm", vllm_cli.add_export, vllm_cli.run_export)
+    _command(export, "onnx", onnx_cli.add_export, onnx_cli.run_export)
+    bench = _runtimes(subparsers, "bench")
+    _command(bench, "vllm", bench_cli.add_vllm, bench_cli.run_vllm)
+    _command(bench, "onnx", bench_cli.add_onnx, bench_cli.run_onnx)
+    _command(bench, "layers", bench_cli.add_layers, bench_cli.run_layers)
+    _command(subparsers, "select", select_cli.add_select, select_cli.run_select)
+    _command(subparsers, "run", pipeline.add_run, pipeline.run_from_args)
+
+
+def _runtimes(subparsers, name: str):
+    return subparsers.add_parser(name, help=f"{name} a model for a runtime").add_subparsers(dest="runtime",
+                                                                                            required=True)
+
+
+def _command(subparsers, name: str, add_arguments, run) -> None:
+    """A subcommand whose help is the first line of ``run``'s docstring."""
+    doc = run.__doc__ or ""
     parser = subparsers.add_parser(name, help=doc.strip().splitlines()[0] if doc else None, description=doc)
-    getattr(module, f"add_{func}")(parser)
-    parser.set_defaults(run=getattr(module, f"run_{func}"))
-
-
-# In the order `tyr --help` lists them, following the data flow.
-COMMANDS: dict[str, str | dict[str, str]] = {
-    "eval": "tyr.evaluation.cli:eval",
-    "prune": "tyr.compressor.cli:prune",
-    "heal": "tyr.compressor.heal_cli:heal",
-    "export": {"vllm": "tyr.exporters.vllm.cli:export", "onnx": "tyr.exporters.onnx.cli:export"},
-    "bench": {"vllm": "tyr.serving.cli:bench", "onnx": "tyr.exporters.onnx.cli:bench",
-              "layers": "tyr.serving.cli:layers"},
-    "select": "tyr.serving.cli:select",
-    "run": "tyr.pipeline:run",
-}
+    add_arguments(parser)
+    parser.set_defaults(run=run)
 
 
 if __name__ == "__main__":

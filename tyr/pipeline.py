@@ -11,35 +11,32 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tyr.atomic import atomic_write_json, atomic_write_text
 from tyr.errors import TyrError
+from tyr.selection.selection import Targets
 
 log = logging.getLogger(__name__)
 
 
 class RunConfig(BaseModel):
-    """Everything `tyr run` does, with defaults sized for two CPU cores (about 36 minutes on a quiet two-core
-    machine: two `fast` prunes sharing their first supernet, then evaluation, exports and benchmarks)."""
+    """Everything `tyr run` does; the defaults fit a machine with two CPU cores and no GPU."""
 
     model_config = ConfigDict(extra="forbid")
     model: str = Field("default", description="dense model: 'default' (embedded SmolLM2-135M), a folder or a hub id")
     sparsities: list[float] = Field([0.25, 0.5], description="target sparsities of decoder-layer parameters")
-    recipe: str = Field("fast", description="pruning recipe: fast, paper or a YAML/JSON path")
+    recipe: str = Field("fast", description="pruning recipe: fast, gpu, paper or a YAML/JSON path")
     out: Path = Field(Path("runs/default"), description="run folder; rerunning with the same folder resumes")
     eval_blocks: int = Field(16, ge=1, description="held-out blocks of 512 tokens for perplexity and KL")
     eval_limit: int = Field(50, ge=1, description="BIG-bench examples per task")
-    max_ppl_increase: float | None = Field(None, ge=0, description="quality target: perplexity at most (1 + x) "
-                                          "times dense (the default target, 1.0, when no quality target is given)")
-    min_accuracy_retention: float | None = Field(None, gt=0, description="quality target instead: BIG-bench "
-                                                 "accuracy at least x times dense")
-    min_speedup: float = Field(1.2, gt=0, description="speed target: output tokens/s at least y times dense")
-    runtime: Literal["vllm", "onnx"] = Field("vllm", description="runtime whose speed the selection uses")
+    targets: Targets = Field(default_factory=lambda: Targets(max_ppl_increase=1.0, min_speedup=1.2),
+                             description="what the selection asks of a pruned model, and whose speed counts")
     vllm: bool = Field(True, description="export to and benchmark in vLLM")
     onnx: bool = Field(True, description="export to and benchmark in onnxruntime")
+    device: str | None = Field(None, description="torch device for pruning and evaluation (default: the GPU when "
+                               "torch sees one, else the CPU); vLLM and onnxruntime pick their own")
     seed: int = 0
 
     @field_validator("sparsities")
@@ -50,13 +47,10 @@ class RunConfig(BaseModel):
         return sorted(set(values))
 
     @model_validator(mode="after")
-    def _one_quality_target(self) -> "RunConfig":
-        if self.max_ppl_increase is None and self.min_accuracy_retention is None:
-            self.max_ppl_increase = 1.0
-        if self.max_ppl_increase is not None and self.min_accuracy_retention is not None:
-            raise ValueError("give one quality target: max_ppl_increase or min_accuracy_retention")
-        if not getattr(self, self.runtime):
-            raise ValueError(f"the selection uses {self.runtime} speeds, but {self.runtime} is switched off")
+    def _selected_runtime_runs(self) -> "RunConfig":
+        if not getattr(self, self.targets.runtime):
+            raise ValueError(f"the selection uses {self.targets.runtime} speeds, but {self.targets.runtime} is "
+                             f"switched off")
         return self
 
 
@@ -70,8 +64,10 @@ class Candidate(BaseModel):
 
 def run_pipeline(config: RunConfig) -> dict:
     """Run every stage and return the summary (also written to <out>/summary.json and summary.md)."""
+    from tyr.device import resolve_device
     from tyr.models.io import resolve_model_path
 
+    device = str(resolve_device(config.device))
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "run_config.json", config.model_dump(mode="json"))
@@ -81,13 +77,14 @@ def run_pipeline(config: RunConfig) -> dict:
     pruned = [Candidate(label=f"tyr-{s:g}", sparsity=s, model_dir=out / f"pruned-{s:g}") for s in config.sparsities]
 
     with _timed(timings, "prune"):
-        # The sparsities share their first supernet (same 12.5% grid); it is not needed once all are pruned.
+        # The sparsities share their first supernet (the first iteration's grid is the same for all); it is not
+        # needed once all are pruned.
         supernets = config.out / "work" / "supernets"
         for c in pruned:
-            _prune(config, dense_dir, c, supernets)
+            _prune(config, dense_dir, c, supernets, device)
         shutil.rmtree(supernets, ignore_errors=True)
     with _timed(timings, "evaluate"):
-        evaluations = _evaluate(config, dense, pruned)
+        evaluations = _evaluate(config, dense, pruned, device)
     if config.vllm:
         with _timed(timings, "export vllm"):
             for c in pruned:
@@ -129,7 +126,7 @@ class _timed:
         self.timings[self.stage] = round(time.perf_counter() - self.started, 1)
 
 
-def _prune(config: RunConfig, dense_dir: Path, c: Candidate, supernet_cache: Path) -> None:
+def _prune(config: RunConfig, dense_dir: Path, c: Candidate, supernet_cache: Path, device: str) -> None:
     from tyr.compressor.prune import prune
 
     if (c.model_dir / "config.json").is_file():
@@ -137,11 +134,11 @@ def _prune(config: RunConfig, dense_dir: Path, c: Candidate, supernet_cache: Pat
         return
     # One work folder per sparsity, kept under the run folder, so an interrupted prune resumes where it stopped.
     prune(str(dense_dir), sparsity=c.sparsity, recipe=config.recipe, out_dir=c.model_dir,
-          work_dir=config.out / "work" / f"{c.sparsity:g}", method="tyr", seed=config.seed,
+          work_dir=config.out / "work" / f"{c.sparsity:g}", method="tyr", seed=config.seed, device=device,
           supernet_cache=supernet_cache)
 
 
-def _evaluate(config: RunConfig, dense: Candidate, pruned: list[Candidate]) -> dict:
+def _evaluate(config: RunConfig, dense: Candidate, pruned: list[Candidate], device: str) -> dict:
     from tyr.evaluation.report import EvalResult
     from tyr.evaluation.run import evaluate_model
     from tyr.models.io import load_model
@@ -153,8 +150,8 @@ def _evaluate(config: RunConfig, dense: Candidate, pruned: list[Candidate]) -> d
             results[c.label] = EvalResult.read(path)
             continue
         if reference is None:
-            reference, _ = load_model(dense.model_dir)
-        model, tokenizer = load_model(c.model_dir)
+            reference, _ = load_model(dense.model_dir, device=device)
+        model, tokenizer = load_model(c.model_dir, device=device)
         result = evaluate_model(model, tokenizer, str(c.model_dir),
                                 reference_model=None if c is dense else reference,
                                 reference_name=None if c is dense else str(dense.model_dir),
@@ -175,7 +172,7 @@ def _export_vllm(c: Candidate, out: Path) -> Path:
 
 
 def _export_onnx(c: Candidate, out: Path) -> Path:
-    from tyr.exporters.onnx import export_onnx
+    from tyr.exporters.onnx.export import export_onnx
 
     target = out / "onnx" / c.label
     if not target.is_dir():
@@ -184,8 +181,8 @@ def _export_onnx(c: Candidate, out: Path) -> Path:
 
 
 def _bench_vllm(config: RunConfig, dense: Candidate, pruned: list[Candidate]) -> list:
-    from tyr.serving.bench import bench_vllm, load_run
-    from tyr.serving.config import BenchConfig, LoadConfig, OfflineConfig
+    from tyr.benchmarking.config import BenchConfig, LoadConfig, OfflineConfig
+    from tyr.benchmarking.vllm_bench import bench_vllm, load_run
 
     out = config.out / "bench-vllm"
     if not (out / "results.json").is_file():
@@ -201,7 +198,7 @@ def _bench_vllm(config: RunConfig, dense: Candidate, pruned: list[Candidate]) ->
 
 def _bench_onnx(config: RunConfig, dense: Candidate, pruned: list[Candidate]) -> tuple[list, dict[str, float]]:
     """Single-stream decode speed in onnxruntime (one thread), as tokens/s per label."""
-    from tyr.exporters.onnx.bench import OnnxBenchReport, bench_onnx, bench_results, report_table
+    from tyr.benchmarking.onnx_bench import OnnxBenchReport, bench_onnx, bench_results, report_table
 
     path = config.out / "bench-onnx" / "results.json"
     if path.is_file():
@@ -217,18 +214,16 @@ def _bench_onnx(config: RunConfig, dense: Candidate, pruned: list[Candidate]) ->
 
 def _select(config: RunConfig, dense: Candidate, pruned: list[Candidate], evaluations: dict, results: list,
             speeds: dict[str, dict[str, float]]) -> dict:
-    from tyr.serving.report import write_selection_report
-    from tyr.serving.results import matmul_params
-    from tyr.serving.selection import Measurement, Targets, select
+    from tyr.benchmarking.results import matmul_params
+    from tyr.selection.report import write_selection_report
+    from tyr.selection.selection import Measurement, select
 
     measurements = [
         Measurement(label=c.label, model=str(c.model_dir), baseline=c is dense, sparsity=c.sparsity,
                     perplexity=evaluations[c.label].perplexity, accuracy=evaluations[c.label].mean_accuracy,
                     tokens_per_s=speeds[c.label], matmul_params=matmul_params(c.model_dir))
         for c in [dense, *pruned]]
-    selection = select(measurements, Targets(max_ppl_increase=config.max_ppl_increase,
-                                             min_accuracy_retention=config.min_accuracy_retention,
-                                             min_speedup=config.min_speedup, runtime=config.runtime))
+    selection = select(measurements, config.targets)
     atomic_write_json(config.out / "measurements.json",
                       {"measurements": [m.model_dump(mode="json") for m in measurements]})
     write_selection_report(config.out, selection, results=results)
@@ -271,27 +266,36 @@ def _markdown(summary: dict) -> str:
 def add_run(parser: argparse.ArgumentParser) -> None:
     defaults = RunConfig()
     parser.add_argument("--model", default=defaults.model, help=RunConfig.model_fields["model"].description)
-    parser.add_argument("--sparsity", type=float, action="append", dest="sparsities",
-                        help="target sparsity (repeatable; default 0.25 and 0.5)")
-    parser.add_argument("--recipe", default=defaults.recipe)
-    parser.add_argument("--out", type=Path, default=defaults.out)
+    parser.add_argument("--sparsities", "--sparsity", type=float, nargs="+", action="extend", dest="sparsities",
+                        metavar="S", help="target sparsities (default: 0.25 0.5)")
+    parser.add_argument("--recipe", default=defaults.recipe, help=RunConfig.model_fields["recipe"].description)
+    parser.add_argument("--out", type=Path, default=defaults.out, help=RunConfig.model_fields["out"].description)
     quality = parser.add_mutually_exclusive_group()
     quality.add_argument("--max-ppl-increase", type=float, metavar="X",
-                         help="quality target: perplexity at most (1 + X) x dense (default 1.0)")
+                         help=f"quality target: perplexity at most (1 + X) x dense (default "
+                              f"{defaults.targets.max_ppl_increase})")
     quality.add_argument("--min-accuracy-retention", type=float, metavar="X",
                          help="quality target instead: BIG-bench accuracy at least X x dense")
-    parser.add_argument("--min-speedup", type=float, default=defaults.min_speedup)
-    parser.add_argument("--runtime", choices=["vllm", "onnx"], default=defaults.runtime)
+    parser.add_argument("--min-speedup", type=float, default=defaults.targets.min_speedup, metavar="Y",
+                        help="speed target: output tokens/s at least Y x dense")
+    parser.add_argument("--runtime", choices=["vllm", "onnx"], default=defaults.targets.runtime,
+                        help="the runtime whose speed the selection uses")
     parser.add_argument("--no-vllm", dest="vllm", action="store_false")
     parser.add_argument("--no-onnx", dest="onnx", action="store_false")
+    parser.add_argument("--eval-blocks", type=int, help=RunConfig.model_fields["eval_blocks"].description)
+    parser.add_argument("--eval-limit", type=int, help=RunConfig.model_fields["eval_limit"].description)
+    parser.add_argument("--device", help=RunConfig.model_fields["device"].description)
     parser.add_argument("--seed", type=int, default=0)
 
 
-def run_run(args: argparse.Namespace) -> int:
-    """Prune the default model, evaluate, export to vLLM and ONNX, benchmark against dense, select, report."""
+def run_from_args(args: argparse.Namespace) -> int:
+    """Prune a model at several sparsities, evaluate, export to vLLM and ONNX, benchmark against dense, select."""
     fields = {k: v for k, v in vars(args).items() if k in RunConfig.model_fields and v is not None}
+    quality = {"max_ppl_increase": args.max_ppl_increase, "min_accuracy_retention": args.min_accuracy_retention}
+    if all(v is None for v in quality.values()):
+        quality = {"max_ppl_increase": RunConfig().targets.max_ppl_increase}
     try:
-        config = RunConfig(**fields)
+        config = RunConfig(**fields, targets=Targets(**quality, min_speedup=args.min_speedup, runtime=args.runtime))
     except ValueError as err:
         raise TyrError(str(err)) from err
     run_pipeline(config)

@@ -1,10 +1,22 @@
-"""Tiny random models of each supported architecture, for fast tests and examples."""
+"""Tiny random models of each supported architecture and a tiny pruning recipe, for fast tests and examples."""
 
 from __future__ import annotations
 
 import torch
 
 from tyr.models.modeling_tyr_llama import TyrLlamaConfig, TyrLlamaForCausalLM
+
+# A recipe (tyr.compressor.recipes.Recipe) small enough to prune a tiny model end to end in seconds.
+TINY_RECIPE = {
+    "name": "tiny", "description": "unit tests", "iterations": 2, "initial_spacing": 0.25, "ladder_size": 5,
+    "eea": "expectation",
+    "calibration": {"num_sequences": 16, "seq_len": 64, "batch_sequences": 8},
+    "local_pruner": {"damp": 0.01, "head_step": 1, "channel_step": 8, "refit": True},
+    "search": {"generations": [3, 3], "offspring": 6, "max_shifts": 2, "seq_len": 32, "batch_sequences": 2,
+               "kl_top_k": 64, "stages": [{"tokens": 64, "survivors": 3}, {"tokens": 256, "survivors": 1}],
+               "pool_tokens": 512,
+               "reuse_activations": True, "activation_cache_mb": 64},
+}
 
 
 def _dense_kwargs(vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int) -> dict:

@@ -177,7 +177,7 @@ def heal(student: str | Path, teacher: str | Path | None = None, out_dir: str | 
     resumable state in ``work_dir`` (default ``<out_dir>.work``, removed on success). ``on_step(step, model)`` runs
     after each step's checkpoint, with the model being trained (LoRA adapters not yet merged); tests interrupt there.
     """
-    from tyr.compressor.calibration import resolve_device
+    from tyr.device import resolve_device
 
     settings = settings or HealSettings()
     out_dir = Path(out_dir)

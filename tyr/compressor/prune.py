@@ -37,7 +37,7 @@ from tyr.compressor.report import (IterationReport, LayerReport, PruneReport, St
 from tyr.compressor.search import (GenerationRecord, ModuleLadder, SearchResult, SearchSettings, SearchSpace,
                                    SharedFitness, Stage, grid_ticks, level_of, run_search, tick_of)
 from tyr.errors import TyrError
-from tyr.serving.latency_table import LatencyTable
+from tyr.compressor.latency import LatencyTable
 
 log = logging.getLogger(__name__)
 

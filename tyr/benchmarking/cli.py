@@ -1,19 +1,22 @@
-"""`tyr bench vllm` and `tyr select` (registered in tyr/cli.py). Heavy imports stay inside run_*."""
+"""`tyr bench vllm`, `tyr bench onnx` and `tyr bench layers`."""
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
 from tyr.errors import TyrError
+from tyr.exporters.onnx.runner import OPT_LEVELS
 
 
-def _default_out(kind: str) -> str:
+def default_out(kind: str) -> str:
+    """A fresh report folder per invocation, so reruns never overwrite an earlier report."""
     return str(Path("tyr-reports") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def add_bench(parser: argparse.ArgumentParser) -> None:
+def add_vllm(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", required=True, metavar="DIR",
                         help="model folder; repeat for several (the first is the baseline, e.g. the dense model)")
     parser.add_argument("--label", action="append", metavar="NAME", help="name per --model (default: folder name)")
@@ -29,9 +32,9 @@ def add_bench(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("server")
     server.add_argument("--max-model-len", type=int, help="vLLM --max-model-len (default 512)")
     server.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="default auto: float32 on CPU, the model's dtype on GPUs")
+                        help="default auto: float32 on CPU, bfloat16 on GPUs (float16 where a GPU lacks bfloat16)")
     server.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile/graphs (default: off on CPU, on for GPUs)")
+                        help="torch.compile and CUDA graphs (default: on for GPUs, off on CPU; --no-compile: eager)")
     server.add_argument("--kv-cache-gib", type=int, help="CPU only: VLLM_CPU_KVCACHE_SPACE (default 1)")
     server.add_argument("--startup-timeout", type=float, help="seconds to wait for /health (default 600)")
     server.add_argument("--trust-remote-code", action="store_true", default=None)
@@ -57,7 +60,8 @@ _BENCH_FLAGS = {
 
 
 def bench_config_from_args(args: argparse.Namespace):
-    from tyr.serving.config import BenchConfig
+    """--config's settings with the flags given on top."""
+    from tyr.benchmarking.config import BenchConfig
 
     data = BenchConfig.from_file(args.config).model_dump() if args.config else {}
     for flag, (section, field) in _BENCH_FLAGS.items():
@@ -70,19 +74,79 @@ def bench_config_from_args(args: argparse.Namespace):
         raise TyrError(f"bad benchmark settings: {err}") from err
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def run_vllm(args: argparse.Namespace) -> int:
     """Serve each model with vLLM, load it with locust, measure offline throughput; JSON, CSV and HTML report."""
-    from tyr.serving.bench import bench_vllm
-    from tyr.serving.tables import bench_table
+    from tyr.benchmarking.tables import bench_table
+    from tyr.benchmarking.vllm_bench import bench_vllm
 
     config = bench_config_from_args(args)
-    out = args.out or _default_out("bench-vllm")
+    out = args.out or default_out("bench-vllm")
     run = bench_vllm(args.model, config, out, labels=args.label, server_url=args.host)
     print(bench_table(run.results, run.baseline))
     for failure in run.failures:
         print(f"\nFAILED {failure.label}: {failure.error}")
     print(f"\nreport: {Path(out) / 'report.html'}  (JSON: results.json, CSV: results.csv)")
     return 1 if run.failures else 0
+
+
+def add_onnx(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", action="append", required=True,
+                        help="an ONNX export folder, or a model folder/'default' (exported fp32 first); repeat "
+                             "the option: the first model is the baseline (dense)")
+    parser.add_argument("--label", action="append", default=None, help="a short name per --model, in order")
+    parser.add_argument("--threads", default="1,2", help="intra-op thread counts, comma-separated (default 1,2)")
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="prefill length (default 128)")
+    parser.add_argument("--decode-tokens", type=int, default=32, help="decode steps per run (default 32)")
+    parser.add_argument("--runs", type=int, default=15, help="measured runs per model (alternating, default 15)")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured runs per model first (default 2)")
+    parser.add_argument("--opt-level", default=None,
+                        help="override the exports' graph optimization level (disable, basic, extended, all)")
+    parser.add_argument("--out", default=None,
+                        help="write results here: onnx_bench.json/.md, results.csv, <label>-<n>t/result.json")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _parse_threads(text: str) -> list[int]:
+    try:
+        threads = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        threads = []
+    if not threads or any(t < 1 for t in threads):
+        raise TyrError(f"--threads must be positive integers separated by commas, got {text!r}")
+    return threads
+
+
+def run_onnx(args: argparse.Namespace) -> int:
+    """Prefill and decode latency of ONNX exports in onnxruntime: dense vs pruned, measured vs ideal speed-up."""
+    from tyr.benchmarking.onnx_bench import bench_onnx, report_table, write_report
+    from tyr.exporters.onnx.export import INFO_FILE, export_onnx
+
+    threads = _parse_threads(args.threads)
+    if args.opt_level is not None and args.opt_level not in OPT_LEVELS:
+        raise TyrError(f"unknown --opt-level {args.opt_level!r}: choose one of {', '.join(OPT_LEVELS)}")
+    labels = args.label or [Path(m).name if m != "default" else "dense" for m in args.model]
+    if len(labels) != len(args.model):
+        raise TyrError(f"got {len(labels)} --label for {len(args.model)} --model")
+    out = Path(args.out) if args.out else None
+    with tempfile.TemporaryDirectory(prefix="tyr-bench-onnx-") as scratch:
+        exports = []
+        for model, label in zip(args.model, labels):
+            if (Path(model) / INFO_FILE).is_file():
+                exports.append(Path(model))
+                continue
+            target = (out / "exports" / label) if out else Path(scratch) / label
+            if not (target / INFO_FILE).is_file():
+                print(f"exporting {model} to {target} (fp32)")
+                export_onnx(model, target, overwrite=target.exists())
+            exports.append(target)
+        report = bench_onnx(exports, labels, threads=threads, opt_level=args.opt_level,
+                            prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, runs=args.runs,
+                            warmup_runs=args.warmup, progress=not args.no_progress)
+    table = report_table(report)
+    print(table)
+    if out is not None:
+        print(f"results: {write_report(report, table, out)}, {out / 'results.csv'}")
+    return 0
 
 
 def add_layers(parser: argparse.ArgumentParser) -> None:
@@ -99,8 +163,8 @@ def run_layers(args: argparse.Namespace) -> int:
     """Time one decode step of every attention and MLP shape of a model: the table `tyr prune --max-latency-ms` uses."""
     import torch
 
+    from tyr.benchmarking.layer_latency import latency_table_for_model
     from tyr.models.io import resolve_model_path
-    from tyr.serving.latency_table import latency_table_for_model
 
     if args.batch < 1 or args.context < 1 or args.repeats < 1:
         raise TyrError("--batch, --context and --repeats must be positive")
@@ -111,69 +175,3 @@ def run_layers(args: argparse.Namespace) -> int:
     print(f"lm_head {table.lm_head_ms:.3f} ms; attention shapes {len(table.attention_ms)}, MLP widths {len(table.mlp_ms)}")
     print(f"table: {path}")
     return 0
-
-
-def add_select(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--candidates", nargs="+", action="extend", default=[], metavar="PATH",
-                        help="measurement JSONs, benchmark results, pruned folders with measurement.json, or "
-                             "folders of JSONs (the dense baseline among them, marked \"baseline\": true)")
-    quality = parser.add_mutually_exclusive_group(required=True)
-    quality.add_argument("--max-ppl-increase", type=float, metavar="X",
-                         help="largest allowed perplexity increase over the baseline, as a fraction (0.1 = 10%%)")
-    quality.add_argument("--min-accuracy-retention", type=float, metavar="X",
-                         help="smallest allowed accuracy / baseline accuracy (0.95 = keep 95%%)")
-    parser.add_argument("--min-speedup", type=float, required=True, metavar="Y",
-                        help="smallest allowed output tokens/s over the baseline's (1.5 = 1.5x)")
-    parser.add_argument("--runtime", choices=["vllm", "onnx"], default="vllm", help="whose speed counts")
-    parser.add_argument("--speed-source", choices=["auto", "offline", "online"], default="auto",
-                        help="which benchmark throughput to compare (auto: offline batch when measured)")
-    parser.add_argument("--out", default=None, help="output folder (default: tyr-reports/select-<time>)")
-    parser.add_argument("--prune-base", metavar="MODEL", help="prune this model ('default', a folder or a hub id) "
-                        "at --prune-sparsities, then evaluate, export and benchmark it and every pruned model in "
-                        "--runtime (the `tyr run` stages; rerunning with the same --out resumes)")
-    parser.add_argument("--prune-sparsities", type=float, nargs="+", metavar="S", help="sparsities to prune at")
-    parser.add_argument("--recipe", default="fast", help="pruning recipe for --prune-base: fast, paper or a file")
-
-
-def run_select(args: argparse.Namespace) -> int:
-    """Pick the fastest model meeting a quality and a speed-up target (Pareto front, report); exit 1 if none."""
-    from tyr.serving.candidates import read_candidates
-    from tyr.serving.report import write_selection_report
-    from tyr.serving.selection import Targets, select
-    from tyr.serving.tables import selection_table
-
-    out = Path(args.out or _default_out("select"))
-    candidates = list(args.candidates)
-    if args.prune_sparsities or args.prune_base:
-        if not (args.prune_sparsities and args.prune_base):
-            raise TyrError("--prune-base and --prune-sparsities go together")
-        candidates.append(str(_prune_and_measure(args, out / "run")))
-    if not candidates:
-        raise TyrError("no candidates: pass --candidates (or --prune-base with --prune-sparsities)")
-    try:
-        targets = Targets(max_ppl_increase=args.max_ppl_increase, min_accuracy_retention=args.min_accuracy_retention,
-                          min_speedup=args.min_speedup, runtime=args.runtime)
-    except ValueError as err:
-        raise TyrError(f"bad targets: {err}") from err
-    selection = select(read_candidates(candidates, args.runtime, args.speed_source), targets)
-    paths = write_selection_report(out, selection)
-    print(selection_table(selection))
-    print()
-    print(selection.message)
-    print(f"\nreport: {paths['html']}  (JSON: {paths['json'].name}, CSV: {paths['csv'].name})")
-    return 0 if selection.chosen else 1
-
-
-def _prune_and_measure(args: argparse.Namespace, out: Path) -> Path:
-    """Run the `tyr run` stages for --prune-base in --runtime only; returns its measurements file."""
-    from tyr.pipeline import RunConfig, run_pipeline
-
-    try:
-        config = RunConfig(model=args.prune_base, sparsities=args.prune_sparsities, recipe=args.recipe, out=out,
-                           max_ppl_increase=args.max_ppl_increase,
-                           min_accuracy_retention=args.min_accuracy_retention, min_speedup=args.min_speedup,
-                           runtime=args.runtime, vllm=args.runtime == "vllm", onnx=args.runtime == "onnx")
-    except ValueError as err:
-        raise TyrError(f"bad --prune-* settings: {err}") from err
-    run_pipeline(config)
-    return out / "measurements.json"

@@ -1,4 +1,6 @@
-"""Self-contained HTML reports (inline SVG plots, no external assets) for benchmark runs and selections."""
+"""Self-contained HTML reports (inline SVG plots, no external assets) for benchmark runs.
+
+The selection report reuses the page, its table and plot helpers, and puts its own section first."""
 
 from __future__ import annotations
 
@@ -9,9 +11,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from tyr.atomic import atomic_write_json, atomic_write_text
-from tyr.serving.results import BenchResult, Percentiles, flatten
-from tyr.serving.selection import Selection
+from tyr.atomic import atomic_write_text
+from tyr.benchmarking.results import BenchResult, Percentiles
 
 PERCENTILES = ("p50", "p90", "p99")
 LATENCIES = (("ttft_ms", "time to first token"), ("itl_ms", "inter-token latency"), ("e2e_ms", "end-to-end latency"))
@@ -45,7 +46,7 @@ def _fmt(value, digits: int = 3) -> str:
     return html.escape(str(value))
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+def html_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -101,38 +102,7 @@ def throughput_figure(results: Sequence[BenchResult], baseline: str | None) -> F
     return fig
 
 
-def pareto_figure(selection: Selection) -> Figure:
-    targets, ppl = selection.targets, selection.targets.metric == "perplexity"
-    fig = Figure(figsize=(6.5, 4.2))
-    ax = fig.subplots()
-
-    def y(s) -> float:  # percent: perplexity increase or accuracy retention
-        return s.quality_change * 100
-
-    ax.scatter([s.speedup for s in selection.candidates], [y(s) for s in selection.candidates], color="#888",
-               label="candidates", zorder=2)
-    front = [next(s for s in selection.candidates if s.label == label) for label in selection.pareto_front]
-    ax.plot([s.speedup for s in front], [y(s) for s in front], "-o", color="#1f77b4", label="Pareto front", zorder=3)
-    for s in selection.candidates:
-        ax.annotate(s.label, (s.speedup, y(s)), fontsize=7, textcoords="offset points", xytext=(4, 4))
-    pick = selection.chosen or selection.closest
-    if pick:
-        s = next(c for c in selection.candidates if c.label == pick)
-        ax.scatter([s.speedup], [y(s)], marker="*", s=250, color="#d62728" if selection.chosen else "#ff7f0e",
-                   label="chosen" if selection.chosen else "closest (misses a target)", zorder=4)
-    ax.axvline(targets.min_speedup, ls="--", color="#555", lw=1)
-    ax.axhline((targets.max_ppl_increase if ppl else targets.min_accuracy_retention) * 100, ls="--", color="#555", lw=1)
-    ax.set_xlabel(f"speed-up vs {selection.baseline} ({targets.runtime} output tokens/s)")
-    ax.set_ylabel("perplexity increase (%)" if ppl else "accuracy retention (%)")
-    if ppl:
-        ax.invert_yaxis()  # up = better on both plots
-    ax.set_title("Quality vs speed-up (dashed: targets)", fontsize=11)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
-
-
-def _plot(fig: Figure | None, missing: str) -> str:
+def plot_html(fig: Figure | None, missing: str) -> str:
     if fig is None:
         return f'<p class="note">{html.escape(missing)}</p>'
     return f'<div class="plot">{figure_svg(fig)}</div>'
@@ -153,14 +123,14 @@ def _results_section(results: Sequence[BenchResult], baseline: str | None) -> st
                      r.throughput.output_tokens_per_s if r.throughput else None,
                      r.offline.output_tokens_per_s if r.offline else None,
                      speed / base_speed if speed and base_speed else None])
-    table = _table(["model", "runtime", "matmul params", "sparsity", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms",
+    table = html_table(["model", "runtime", "matmul params", "sparsity", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms",
                     "ITL p99 ms", "E2E p50 ms", "E2E p99 ms", "req/s", "online tok/s", "offline tok/s",
                     "speed-up"], rows)
     platforms = {r.platform.model_dump_json(): r.platform for r in results}
     platform_rows = [[p.accelerator, p.device_name, p.device_count, p.cpu_count, p.torch_version,
                       f"{p.vllm_distribution or ''} {p.vllm_version or '–'}", p.onnxruntime_version]
                      for p in platforms.values()]
-    platform_table = _table(["accelerator", "device", "devices", "CPUs", "torch", "vLLM", "onnxruntime"],
+    platform_table = html_table(["accelerator", "device", "devices", "CPUs", "torch", "vLLM", "onnxruntime"],
                             platform_rows)
     configs = "".join(f"<details><summary>{html.escape(r.label)}: settings used</summary><pre>"
                       f"{html.escape(r.model_dump_json(include={'config'}, indent=2))}</pre></details>"
@@ -171,33 +141,17 @@ def _results_section(results: Sequence[BenchResult], baseline: str | None) -> st
             f"<h2>Platform</h2>{platform_table}{configs}")
 
 
-def _selection_section(selection: Selection) -> str:
-    ppl = selection.targets.metric == "perplexity"
-    verdict_class = "ok" if selection.chosen else "bad"
-    rows = [[s.label, s.sparsity, s.quality, f"{s.quality_change:+.1%}" if ppl else f"{s.quality_change:.1%}",
-             s.tokens_per_s, f"{s.speedup:.2f}x", "yes" if s.meets_quality else "no",
-             "yes" if s.meets_speed else "no", "yes" if s.on_front else "", s.shortfall]
-            for s in sorted(selection.candidates, key=lambda s: s.speedup)]
-    table = _table(["model", "sparsity", "perplexity" if ppl else "accuracy",
-                    "ppl increase" if ppl else "retention", "tokens/s", "speed-up", "quality ok", "speed ok",
-                    "Pareto", "shortfall"], rows)
-    skipped = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in selection.skipped.items())
-    return (f"<h2>Selection</h2><p class='{verdict_class}'>{html.escape(selection.message)}</p>"
-            f"{_plot(pareto_figure(selection), '')}{table}"
-            + (f"<p class='note'>Not scored:</p><ul>{skipped}</ul>" if skipped else ""))
-
-
 def render_html(results: Sequence[BenchResult] = (), failures: Sequence = (), baseline: str | None = None,
-                selection: Selection | None = None, title: str = "tyr benchmark report") -> str:
+                title: str = "tyr benchmark report", sections: Sequence[str] = ()) -> str:
+    """The page: ``sections`` (HTML a caller renders, such as a selection) come before the results."""
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
-    if selection is not None:
-        parts.append(_selection_section(selection))
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>", *sections]
     if results:
         parts.append(_results_section(results, baseline))
-        parts.append("<h2>Latency percentiles per model</h2>" + _plot(latency_figure(results), "no latency measurements"))
+        parts.append("<h2>Latency percentiles per model</h2>"
+                     + plot_html(latency_figure(results), "no latency measurements"))
         parts.append("<h2>Throughput vs sparsity</h2>"
-                     + _plot(throughput_figure(results, baseline), "no parameter counts to compute sparsity"))
+                     + plot_html(throughput_figure(results, baseline), "no parameter counts to compute sparsity"))
     if failures:
         parts.append("<h2>Failures</h2>" + "".join(
             f"<h3>{html.escape(f.label)}</h3><pre>{html.escape(f.error)}</pre>" for f in failures))
@@ -206,24 +160,6 @@ def render_html(results: Sequence[BenchResult] = (), failures: Sequence = (), ba
 
 
 def write_html_report(path: str | Path, results: Sequence[BenchResult] = (), failures: Sequence = (),
-                      baseline: str | None = None, selection: Selection | None = None,
-                      title: str = "tyr benchmark report") -> Path:
-    return atomic_write_text(path, render_html(results, failures, baseline, selection, title))
-
-
-def write_selection_report(out_dir: str | Path, selection: Selection,
-                           results: Sequence[BenchResult] = ()) -> dict[str, Path]:
-    """selection.json, candidates.csv and report.html (Pareto plot + table) in out_dir."""
-    import csv
-
-    out_dir = Path(out_dir)
-    rows = [flatten(s) for s in selection.candidates]
-    buffer = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    return {"json": atomic_write_json(out_dir / "selection.json", selection.model_dump(mode="json")),
-            "csv": atomic_write_text(out_dir / "candidates.csv", buffer.getvalue()),
-            "html": write_html_report(out_dir / "report.html", results, selection=selection,
-                                      baseline=selection.baseline, title="tyr select report")}
+                      baseline: str | None = None, title: str = "tyr benchmark report",
+                      sections: Sequence[str] = ()) -> Path:
+    return atomic_write_text(path, render_html(results, failures, baseline, title, sections))

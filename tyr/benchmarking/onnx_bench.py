@@ -1,4 +1,4 @@
-"""Prefill and per-token decode latency of exported models in onnxruntime, dense against pruned.
+"""`tyr bench onnx`: prefill and per-token decode latency of exported models in onnxruntime, dense against pruned.
 
 Each run is one prefill of ``prompt_tokens`` followed by ``decode_tokens`` cached decode steps per model, and the
 models take turns at every call (prefill A, prefill B, step A, step B, ...; with more models A B C ...), so that
@@ -17,14 +17,21 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
+from tyr.atomic import atomic_write_json, atomic_write_text
+from tyr.benchmarking.platform_info import detect_platform
+from tyr.benchmarking.results import BenchResult, LatencyStats, param_counts, write_result, write_results_csv
+from tyr.benchmarking.stats import summarize
 from tyr.errors import TyrError
+from tyr.exporters.onnx.export import load_export_info
 from tyr.exporters.onnx.runner import OptLevel, OrtCausalLM
+
 
 class ModelTiming(BaseModel):
     label: str
     export_dir: str
     source_model: str
     matmul_params: int | None
+    provider: str = "CPUExecutionProvider"  # onnxruntime's execution provider that ran the session
     prefill_ms: list[float]  # one sample per run
     decode_ms_per_token: list[float]  # one sample (mean over the run's decode steps) per run
 
@@ -103,8 +110,6 @@ def _one_round(runners: list[OrtCausalLM], prompt: np.ndarray, decode_tokens: in
 
 
 def _matmul_params(source_model: str) -> int | None:
-    from tyr.serving.results import param_counts
-
     try:
         return param_counts(source_model).matmul if Path(source_model).is_dir() else None
     except TyrError:
@@ -115,8 +120,6 @@ def time_models(export_dirs: list[Path], labels: list[str], threads: int, opt_le
                 prompt_tokens: int, decode_tokens: int, runs: int, warmup_runs: int,
                 progress: bool = True) -> list[ModelTiming]:
     from tqdm import tqdm
-
-    from tyr.exporters.onnx.export import load_export_info
 
     infos = [load_export_info(d) for d in export_dirs]
     runners = [OrtCausalLM(d / info.model_file, opt_level=opt_level or info.opt_level, threads=threads)
@@ -129,10 +132,10 @@ def time_models(export_dirs: list[Path], labels: list[str], threads: int, opt_le
             if run >= warmup_runs:
                 samples[i].append(sample)
     return [ModelTiming(label=label, export_dir=str(d), source_model=info.source_model,
-                        matmul_params=_matmul_params(info.source_model),
+                        matmul_params=_matmul_params(info.source_model), provider=runner.provider,
                         prefill_ms=[round(p * 1e3, 4) for p, _ in s],
                         decode_ms_per_token=[round(t * 1e3, 4) for _, t in s])
-            for label, d, info, s in zip(labels, export_dirs, infos, samples)]
+            for label, d, info, runner, s in zip(labels, export_dirs, infos, runners, samples)]
 
 
 def compare(timings: list[ModelTiming], threads: int) -> list[SpeedComparison]:
@@ -178,12 +181,8 @@ def bench_onnx(export_dirs: list[str | Path], labels: list[str] | None = None, t
                            comparisons=comparisons)
 
 
-def bench_results(report: OnnxBenchReport) -> list:
-    """One tyr.serving.results.BenchResult per (model, thread count): prefill as ttft, decode step as tpot."""
-    from tyr.serving.platform_info import detect_platform
-    from tyr.serving.results import BenchResult, LatencyStats
-    from tyr.serving.stats import summarize
-
+def bench_results(report: OnnxBenchReport) -> list[BenchResult]:
+    """One BenchResult per (model, thread count): prefill as ttft, decode step as tpot."""
     platform = detect_platform()
     results = []
     for threads, timings in report.timings.items():
@@ -193,7 +192,7 @@ def bench_results(report: OnnxBenchReport) -> list:
                 latency=LatencyStats(ttft_ms=summarize(t.prefill_ms), tpot_ms=summarize(t.decode_ms_per_token)),
                 config={"threads": threads, "opt_level": report.opt_level, "prompt_tokens": report.prompt_tokens,
                         "decode_tokens": report.decode_tokens, "runs": report.runs, "batch_size": 1,
-                        "source_model": t.source_model, "matmul_params": t.matmul_params,
+                        "source_model": t.source_model, "matmul_params": t.matmul_params, "provider": t.provider,
                         "ttft_means": "prefill latency", "tpot_means": "decode latency per token"}))
     return results
 
@@ -201,9 +200,6 @@ def bench_results(report: OnnxBenchReport) -> list:
 def write_report(report: OnnxBenchReport, table: str, out: Path) -> Path:
     """Each model's result.json (the BenchResult format `tyr bench vllm` writes too), results.csv, and the report
     as onnx_bench.json and onnx_bench.md (``table``) under ``out``; returns the JSON's path."""
-    from tyr.atomic import atomic_write_json, atomic_write_text
-    from tyr.serving.results import write_result, write_results_csv
-
     results = bench_results(report)
     for result in results:
         write_result(result, out / result.label.replace("@", "-") / "result.json")
@@ -216,11 +212,12 @@ def report_table(report: OnnxBenchReport) -> str:
     """Markdown: medians per model and thread count, then measured vs ideal speed-ups."""
     lines = [f"ONNX Runtime, batch 1, prompt {report.prompt_tokens} tokens, {report.decode_tokens} decode steps, "
              f"median of {report.runs} runs (models alternating at every call), opt level {report.opt_level}", "",
-             "| threads | model | matmul params | prefill ms | decode ms/token |", "|---|---|---|---|---|"]
+             "| threads | model | provider | matmul params | prefill ms | decode ms/token |", "|---|---|---|---|---|---|"]
     for threads, timings in report.timings.items():
         for t in timings:
             params = f"{t.matmul_params / 1e6:.1f} M" if t.matmul_params else "?"
-            lines.append(f"| {threads} | {t.label} | {params} | {t.prefill_median_ms:.1f} | {t.decode_median_ms:.2f} |")
+            lines.append(f"| {threads} | {t.label} | {t.provider} | {params} | {t.prefill_median_ms:.1f} | "
+                         f"{t.decode_median_ms:.2f} |")
     lines += ["", "| threads | model vs baseline | prefill speed-up | decode speed-up | ideal | prefill/ideal | "
               "decode/ideal | paired prefill / decode |", "|---|---|---|---|---|---|---|---|"]
     for c in report.comparisons:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from tyr.atomic import atomic_write_json, atomic_write_text
 from tyr.errors import TyrError
-from tyr.serving.platform_info import PlatformInfo
+from tyr.benchmarking.platform_info import PlatformInfo
 
 SCHEMA_VERSION = 1
 Runtime = Literal["vllm", "onnxruntime"]
@@ -97,10 +97,6 @@ class BenchResult(BaseModel):
 
 
 # ---- parameter counts from safetensors headers (no tensor is loaded) ----
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
 
 def safetensors_header(path: str | Path) -> dict[str, dict]:
     """{tensor name: {"dtype", "shape", "data_offsets"}} read from a safetensors file's JSON header."""

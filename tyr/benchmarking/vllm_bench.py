@@ -16,13 +16,13 @@ from pydantic import BaseModel, Field
 
 from tyr.atomic import atomic_write_json
 from tyr.errors import TyrError
-from tyr.serving.config import BenchConfig
-from tyr.serving.load import first_errors, run_load
-from tyr.serving.offline import run_offline_throughput
-from tyr.serving.platform_info import PlatformInfo, detect_platform
-from tyr.serving.prompts import random_prompts
-from tyr.serving.results import BenchResult, load_result, param_counts, write_result, write_results_csv
-from tyr.serving.server import ServerError, VLLMServer, http_get, log_tail
+from tyr.benchmarking.config import BenchConfig
+from tyr.benchmarking.load import first_errors, run_load
+from tyr.benchmarking.offline import run_offline_throughput
+from tyr.benchmarking.platform_info import PlatformInfo, detect_platform
+from tyr.benchmarking.prompts import random_prompts
+from tyr.benchmarking.results import BenchResult, load_result, param_counts, write_result, write_results_csv
+from tyr.benchmarking.server import ServerError, VLLMServer, http_get, log_tail
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,8 @@ def bench_vllm_model(model_dir: str | Path, label: str, config: BenchConfig, out
     params = param_counts(model_dir)
     load_prompts = random_prompts(model_dir, config.load.num_prompts, config.load.prompt_tokens, config.load.seed)
     used = config.model_dump(mode="json")
+    used["engine"] = {"dtype": config.server.resolved_dtype(platform.accelerator),  # what "auto" and None became
+                      "eager": config.server.eager(platform.accelerator)}
     if server_url is None:
         with VLLMServer(model_dir, model_out / "server.log", config.server, platform.accelerator) as server:
             warm_up(server.base_url, server.model_name, load_prompts[0], config.load.warmup_requests,
@@ -142,7 +144,7 @@ def bench_vllm(models: list[str | Path], config: BenchConfig, out_dir: str | Pat
 
 def write_run(run: BenchRun, out_dir: str | Path) -> dict[str, Path]:
     """results.json (results + failures), results.csv (one row per result) and report.html."""
-    from tyr.serving.report import write_html_report
+    from tyr.benchmarking.report import write_html_report
 
     out_dir = Path(out_dir)
     paths = {"json": atomic_write_json(out_dir / "results.json", run.model_dump(mode="json")),

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tyr.serving.results import Percentiles
+from tyr.benchmarking.results import Percentiles
 
 
 def summarize(samples: Sequence[float]) -> Percentiles | None:

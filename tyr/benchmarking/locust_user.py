@@ -1,9 +1,9 @@
 """A locust user that streams /v1/completions and records per-request token timings, plus its runner.
 
 This file is standalone (stdlib + locust only) and runs as its own process:
-`python -I tyr/serving/locust_user.py SPEC.json RECORDS.json` (see tyr.serving.load.run_load). Importing locust
-monkey-patches the interpreter with gevent, so it must be the first thing imported and never happen in the tyr
-process; -I keeps this folder's modules off sys.path. Locust runs as a library (Environment + LocalRunner) for
+`python -I tyr/benchmarking/locust_user.py SPEC.json RECORDS.json` (see tyr.benchmarking.load.run_load).
+Importing locust monkey-patches the interpreter with gevent, so it must be the first thing imported and never
+happen in the tyr process; -I keeps this folder's modules off sys.path. Locust runs as a library (Environment + LocalRunner) for
 exactly `duration_s` seconds, then the users are stopped.
 
 Each completed request yields one record: time to first token, the gaps between streamed chunks, end-to-end time

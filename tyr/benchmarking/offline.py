@@ -1,6 +1,6 @@
 """Offline batch throughput through vllm.LLM, measured in a subprocess.
 
-`run_offline_throughput` runs this module as a script (`python -m tyr.serving.offline SPEC OUT`). vLLM's workers
+`run_offline_throughput` runs this module as a script (`python -m tyr.benchmarking.offline SPEC OUT`). vLLM's workers
 re-import the main script, so the engine is built only under `if __name__ == "__main__":`. One warm-up batch runs
 first; each timed batch is every prompt at once, each generating exactly `output_tokens` tokens (ignore_eos), and
 the median of `repeats` batches counts.
@@ -21,10 +21,10 @@ from pydantic import BaseModel, Field
 
 from tyr.atomic import atomic_write_json
 from tyr.errors import TyrError
-from tyr.serving.config import OfflineConfig, ServerConfig
-from tyr.serving.platform_info import Accelerator
-from tyr.serving.results import OfflineThroughput
-from tyr.serving.server import log_tail, vllm_env
+from tyr.benchmarking.config import OfflineConfig, ServerConfig
+from tyr.benchmarking.platform_info import Accelerator
+from tyr.benchmarking.results import OfflineThroughput
+from tyr.benchmarking.server import log_tail, vllm_env
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def run_offline_throughput(model_dir: str | Path, prompts: list[list[int]], offl
     log.info("offline throughput: %d prompts through vllm.LLM (log: %s)", len(prompts), log_path)
     with open(log_path, "w") as log_file:
         # Own session: on timeout or Ctrl-C the engine's workers go down with the script.
-        proc = subprocess.Popen([sys.executable, "-m", "tyr.serving.offline", str(spec_path), str(out_path)],
+        proc = subprocess.Popen([sys.executable, "-m", "tyr.benchmarking.offline", str(spec_path), str(out_path)],
                                 stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=vllm_env(server, accelerator), start_new_session=True)
         try:

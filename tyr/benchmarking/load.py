@@ -1,6 +1,6 @@
 """Drive a server with a bounded locust load and summarize latencies and throughput.
 
-`run_load` runs tyr/serving/locust_user.py as a subprocess: locust runs there as a library (Environment +
+`run_load` runs tyr/benchmarking/locust_user.py as a subprocess: locust runs there as a library (Environment +
 LocalRunner), so its gevent monkey-patching never touches the calling process. The child stops the users after
 `duration_s` and writes one JSON record per request; this side computes the statistics.
 
@@ -20,10 +20,10 @@ from pydantic import BaseModel, Field
 
 from tyr.atomic import atomic_write_json
 from tyr.errors import TyrError
-from tyr.serving.config import LoadConfig
-from tyr.serving.results import LatencyStats, Throughput
-from tyr.serving.server import log_tail
-from tyr.serving.stats import summarize
+from tyr.benchmarking.config import LoadConfig
+from tyr.benchmarking.results import LatencyStats, Throughput
+from tyr.benchmarking.server import log_tail
+from tyr.benchmarking.stats import summarize
 
 log = logging.getLogger(__name__)
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -69,7 +69,7 @@ def run_load(base_url: str, model_name: str, prompts: list[list[int]], load: Loa
     log.info("locust: %d users for %.0f s against %s", load.users, load.duration_s, base_url)
     with open(log_path, "w") as log_file:
         try:
-            # -I: isolated, so the script's folder (tyr/serving) is not on sys.path and cannot shadow modules.
+            # -I: isolated, so the script's folder (tyr/benchmarking) is not on sys.path and cannot shadow modules.
             proc = subprocess.run([sys.executable, "-I", str(LOCUST_USER_FILE), str(spec_path), str(records_path)],
                                   stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=timeout)
         except subprocess.TimeoutExpired as err:

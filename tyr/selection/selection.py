@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tyr.errors import TyrError
 
@@ -37,6 +37,8 @@ class Measurement(BaseModel):
 
 
 class Targets(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     max_ppl_increase: float | None = Field(None, ge=0)
     min_accuracy_retention: float | None = Field(None, gt=0)
     min_speedup: float = Field(gt=0)

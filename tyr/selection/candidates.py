@@ -8,8 +8,8 @@ Accepted inputs (`--candidates`, any mix):
 - a pruned model folder holding `measurement.json` (label and model default to the folder);
 - any other folder: every *.json directly inside it, as above.
 
-A model folder without measurements is not measured here: `tyr select --prune-base` (or `tyr run`) prunes,
-evaluates and benchmarks, and writes the measurements this module reads.
+A model folder without measurements is not measured here: `tyr run` prunes, evaluates and benchmarks, and writes
+the measurements this module reads.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Literal
 
 from tyr.errors import TyrError
-from tyr.serving.results import BenchResult, is_bench_result
-from tyr.serving.selection import Measurement
+from tyr.benchmarking.results import BenchResult, is_bench_result
+from tyr.selection.selection import Measurement
 
 log = logging.getLogger(__name__)
 MEASUREMENT_FILE = "measurement.json"
@@ -71,7 +71,7 @@ def read_candidates(paths: list[str | Path], runtime: str = "vllm", speed_source
                        defaults)
             else:
                 raise TyrError(f"{path} is a model folder without {MEASUREMENT_FILE}: measure it first (tyr eval and "
-                               f"tyr bench {runtime}), or let `tyr select --prune-base` prune and measure")
+                               f"tyr bench {runtime}), or let `tyr run` prune and measure")
         elif path.is_dir():
             files = sorted(path.glob("*.json"))
             if not files:

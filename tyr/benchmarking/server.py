@@ -22,8 +22,8 @@ import urllib.request
 from pathlib import Path
 
 from tyr.errors import TyrError
-from tyr.serving.config import ServerConfig
-from tyr.serving.platform_info import Accelerator
+from tyr.benchmarking.config import ServerConfig
+from tyr.benchmarking.platform_info import Accelerator
 
 log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
