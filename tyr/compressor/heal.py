@@ -56,7 +56,7 @@ class HealSettings(BaseModel):
     lora_rank: int = Field(0, ge=0, le=4096, description="0: train every parameter; r > 0: LoRA adapters of rank r "
                            "on every attention and MLP projection, merged into the weights at the end")
     lora_alpha: float | None = Field(None, gt=0, description="LoRA scale numerator (default 2 x rank)")
-    lr: float | None = Field(None, gt=0, le=1, description="peak learning rate (default 1e-4 full, 1e-3 LoRA)")
+    lr: float | None = Field(None, gt=0, le=1, description="peak learning rate (default 5e-4 full, 1e-3 LoRA)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the cosine decay ends at this fraction of the peak")
     warmup_fraction: float = Field(0.05, ge=0, lt=1, description="share of the steps with linear warm-up")
     weight_decay: float = Field(0.0, ge=0, le=1)
@@ -82,7 +82,7 @@ class HealSettings(BaseModel):
             data = dict(data)
             lora = data.get("lora_rank") or 0
             if data.get("lr") is None:
-                data["lr"] = 1e-3 if lora else 1e-4
+                data["lr"] = 1e-3 if lora else 5e-4
             if lora and data.get("lora_alpha") is None:
                 data["lora_alpha"] = 2.0 * lora
         return data

@@ -25,7 +25,7 @@ def add_heal(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-rank", type=int, default=None,
                         help="train LoRA adapters of this rank, merged into the weights at the end (default 0: "
                              "every parameter; use LoRA when AdamW state for the whole model does not fit)")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4, LoRA 1e-3)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-4, LoRA 1e-3)")
     parser.add_argument("--temperature", type=float, default=None, help="distillation temperature (default 1)")
     parser.add_argument("--kl-top-k", type=int, default=None,
                         help="KL over the teacher's top-k tokens only (less memory); default: whole vocabulary")
