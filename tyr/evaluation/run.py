@@ -33,9 +33,10 @@ def evaluate_model(model, tokenizer, model_name: str, reference_model=None, refe
                         dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
     task_names = []
     if tasks.strip().lower() != "none":
-        # Resolve tasks before the long perplexity pass, so a typo fails fast.
+        # Read the tasks before the long perplexity pass, so a typo or a broken task file fails fast.
         directory = Path(bigbench_dir) if bigbench_dir else default_bigbench_dir()
         task_names = resolve_task_names(tasks, directory)
+    loaded = [load_task(directory / f"{name}.json", limit=limit, seed=seed) for name in task_names]
     if reference_model is not None:
         result.reference_parameters = count_parameters(reference_model)
     if num_blocks != 0:
@@ -46,8 +47,7 @@ def evaluate_model(model, tokenizer, model_name: str, reference_model=None, refe
         else:
             result.kl_to_reference, result.perplexity, result.reference_perplexity = compare_to_reference(
                 model, reference_model, blocks, progress=progress)
-    for name in task_names:
-        task = load_task(directory / f"{name}.json", limit=limit, seed=seed)
+    for name, task in zip(task_names, loaded):
         result.tasks[name] = evaluate_task(model, tokenizer, task, progress=progress)
     result.wall_time_s = time.perf_counter() - started
     return result
