@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tyr.atomic import atomic_dir, atomic_write_json
+from tyr.atomic import atomic_dir, atomic_write_json, check_output_path, exclusive
 from tyr.data import TextSource
 from tyr.errors import TyrError
 
@@ -188,8 +188,12 @@ def heal(student: str | Path, teacher: str | Path | None = None, out_dir: str | 
         raise TyrError(f"{student}: no such model folder (heal takes a pruned model folder)")
     teacher = teacher if teacher is not None else recorded_teacher(student)
     device = resolve_device(device)
+    check_output_path(out_dir)
+    check_output_path(work_dir)
     try:
-        return _heal(student, teacher, out_dir, settings, work_dir, device, overwrite, progress, keep_model, on_step)
+        with exclusive(out_dir), exclusive(work_dir):
+            return _heal(student, teacher, out_dir, settings, work_dir, device, overwrite, progress, keep_model,
+                         on_step)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise TyrError(f"the disk is full ({err}); free space under {work_dir} / {out_dir.parent} and rerun the "
