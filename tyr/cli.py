@@ -13,6 +13,7 @@ import sys
 from tyr import pipeline
 from tyr.benchmarking import cli as bench_cli
 from tyr.compressor import cli as prune_cli
+from tyr.compressor import heal_cli
 from tyr.errors import TyrError
 from tyr.evaluation import cli as eval_cli
 from tyr.exporters.onnx import cli as onnx_cli
@@ -44,6 +45,7 @@ def _add_commands(subparsers) -> None:
     # In the order `tyr --help` lists them, following the data flow.
     _command(subparsers, "eval", eval_cli.add_eval, eval_cli.run_eval)
     _command(subparsers, "prune", prune_cli.add_prune, prune_cli.run_prune)
+    _command(subparsers, "heal", heal_cli.add_heal, heal_cli.run_heal)
     export = _runtimes(subparsers, "export")
     _command(export, "vllm", vllm_cli.add_export, vllm_cli.run_export)
     _command(export, "onnx", onnx_cli.add_export, onnx_cli.run_export)
