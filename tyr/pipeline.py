@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tyr.atomic import atomic_write_json, atomic_write_text
+from tyr.compressor.heal import HealSettings
 from tyr.errors import TyrError
 from tyr.selection.selection import Targets
 
@@ -37,6 +38,8 @@ class RunConfig(BaseModel):
     onnx: bool = Field(True, description="export to and benchmark in onnxruntime")
     device: str | None = Field(None, description="torch device for pruning and evaluation (default: the GPU when "
                                "torch sees one, else the CPU); vLLM and onnxruntime pick their own")
+    heal: HealSettings | None = Field(None, description="also distil the dense model into each pruned one and "
+                                      "measure both (None: no healing)")
     seed: int = 0
 
     @field_validator("sparsities")
@@ -83,6 +86,9 @@ def run_pipeline(config: RunConfig) -> dict:
         for c in pruned:
             _prune(config, dense_dir, c, supernets, device)
         shutil.rmtree(supernets, ignore_errors=True)
+    if config.heal is not None:
+        with _timed(timings, "heal"):
+            pruned += [_heal(config, dense_dir, c, device) for c in pruned]
     with _timed(timings, "evaluate"):
         evaluations = _evaluate(config, dense, pruned, device)
     if config.vllm:
@@ -136,6 +142,19 @@ def _prune(config: RunConfig, dense_dir: Path, c: Candidate, supernet_cache: Pat
     prune(str(dense_dir), sparsity=c.sparsity, recipe=config.recipe, out_dir=c.model_dir,
           work_dir=config.out / "work" / f"{c.sparsity:g}", method="tyr", seed=config.seed, device=device,
           supernet_cache=supernet_cache)
+
+
+def _heal(config: RunConfig, dense_dir: Path, c: Candidate, device: str) -> Candidate:
+    from tyr.compressor.heal import heal
+
+    healed = Candidate(label=f"{c.label}-healed", sparsity=c.sparsity, model_dir=config.out / f"healed-{c.sparsity:g}")
+    if (healed.model_dir / "heal_report.json").is_file():
+        log.info("%s: reusing %s", healed.label, healed.model_dir)
+    else:
+        # overwrite: a work folder left by a heal of an earlier pruned model is discarded, not refused.
+        heal(c.model_dir, teacher=dense_dir, out_dir=healed.model_dir, settings=config.heal,
+             work_dir=config.out / "work" / f"heal-{c.sparsity:g}", device=device, overwrite=True)
+    return healed
 
 
 def _evaluate(config: RunConfig, dense: Candidate, pruned: list[Candidate], device: str) -> dict:
@@ -285,12 +304,20 @@ def add_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-blocks", type=int, help=RunConfig.model_fields["eval_blocks"].description)
     parser.add_argument("--eval-limit", type=int, help=RunConfig.model_fields["eval_limit"].description)
     parser.add_argument("--device", help=RunConfig.model_fields["device"].description)
+    parser.add_argument("--heal", action="store_true", help="also heal each pruned model by distillation from the "
+                        "dense one (`tyr heal`) and measure healed and unhealed side by side")
+    parser.add_argument("--heal-tokens", type=int, metavar="N", help="training tokens per healed model (implies --heal; "
+                        f"default {HealSettings().tokens})")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Prune a model at several sparsities, evaluate, export to vLLM and ONNX, benchmark against dense, select."""
     fields = {k: v for k, v in vars(args).items() if k in RunConfig.model_fields and v is not None}
+    fields.pop("heal")
+    if args.heal or args.heal_tokens is not None:
+        tokens = {} if args.heal_tokens is None else {"tokens": args.heal_tokens}
+        fields["heal"] = {"seed": args.seed, **tokens}
     quality = {"max_ppl_increase": args.max_ppl_increase, "min_accuracy_retention": args.min_accuracy_retention}
     if all(v is None for v in quality.values()):
         quality = {"max_ppl_increase": RunConfig().targets.max_ppl_increase}
