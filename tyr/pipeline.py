@@ -135,27 +135,23 @@ def _prune(config: RunConfig, dense_dir: Path, c: Candidate, supernet_cache: Pat
 
 
 def _evaluate(config: RunConfig, dense: Candidate, pruned: list[Candidate]) -> dict:
+    """Every model's EvalResult by label; the missing ones are evaluated together, dense running once per block."""
     from tyr.evaluation.report import EvalResult
-    from tyr.evaluation.run import evaluate_model
+    from tyr.evaluation.run import evaluate_models
     from tyr.models.io import load_model
 
-    results, reference = {}, None
-    for c in [dense, *pruned]:
-        path = config.out / "eval" / f"{c.label}.json"
-        if path.is_file():
-            results[c.label] = EvalResult.read(path)
-            continue
-        if reference is None:
-            reference, _ = load_model(dense.model_dir)
-        model, tokenizer = load_model(c.model_dir)
-        result = evaluate_model(model, tokenizer, str(c.model_dir),
-                                reference_model=None if c is dense else reference,
-                                reference_name=None if c is dense else str(dense.model_dir),
-                                num_blocks=config.eval_blocks, limit=config.eval_limit, seed=config.seed)
-        result.write(path)
-        print(result.to_text())
-        results[c.label] = result
-    return results
+    paths = {c.label: config.out / "eval" / f"{c.label}.json" for c in [dense, *pruned]}
+    missing = [c for c in [dense, *pruned] if not paths[c.label].is_file()]
+    if missing:
+        reference, tokenizer = load_model(dense.model_dir)
+        models = [(reference if c is dense else load_model(c.model_dir)[0], str(c.model_dir)) for c in missing]
+        evaluated = evaluate_models(models, tokenizer, reference_model=reference,
+                                    reference_name=str(dense.model_dir), num_blocks=config.eval_blocks,
+                                    limit=config.eval_limit, seed=config.seed)
+        for c, result in zip(missing, evaluated):
+            result.write(paths[c.label])
+            print(result.to_text())
+    return {label: EvalResult.read(path) for label, path in paths.items()}
 
 
 def _export_vllm(c: Candidate, out: Path) -> Path:
