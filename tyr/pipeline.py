@@ -179,7 +179,8 @@ def _bench_vllm(config: RunConfig, dense: Candidate, pruned: list[Candidate]) ->
     out = config.out / "bench-vllm"
     if not (out / "results.json").is_file():
         bench = BenchConfig(load=LoadConfig(users=4, duration_s=20, prompt_tokens=64, output_tokens=32),
-                            offline=OfflineConfig(num_prompts=16, prompt_tokens=64, output_tokens=64))
+                            # Through the server already up for the load: one engine start per model, not two.
+                            offline=OfflineConfig(num_prompts=16, prompt_tokens=64, output_tokens=64, via="server"))
         bench_vllm([dense.vllm_dir, *[c.vllm_dir for c in pruned]], bench, out,
                    labels=[dense.label, *[c.label for c in pruned]])
     run = load_run(out / "results.json")
@@ -251,8 +252,16 @@ def _markdown(summary: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Targets: {summary['targets']}", "", summary["message"]]
     if summary.get("timings_s"):
-        lines += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items())]
+        lines += ["", stage_table(summary["timings_s"])]
     return "\n".join(lines) + "\n"
+
+
+def stage_table(timings: dict[str, float]) -> str:
+    """Seconds per stage of this invocation (a stage reused from an earlier run takes about none)."""
+    rows = [f"| {stage} | {seconds:.1f} | {seconds / 60:.1f} |" for stage, seconds in timings.items()]
+    total = sum(timings.values())
+    return "\n".join(["| stage | seconds | minutes |", "|---|---:|---:|", *rows,
+                      f"| total | {total:.1f} | {total / 60:.1f} |"])
 
 
 def add_run(parser: argparse.ArgumentParser) -> None:
