@@ -3,28 +3,25 @@
 import copy
 import json
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tyr.evaluation.bigbench import MultipleChoiceExample, MultipleChoiceTask, load_task, resolve_task_names
+from tyr.data import load_text, token_blocks
+from tyr.evaluation.bigbench import (PACKAGED_TASKS_DIR, MultipleChoiceExample, MultipleChoiceTask, load_task,
+                                    resolve_task_names)
 from tyr.evaluation.language_modeling import (compare_all_to_reference, compare_to_reference, kl_to_reference,
                                               perplexity)
 from tyr.evaluation.multiple_choice import encode_pair, evaluate_task, score_choices
 from tyr.evaluation.report import EvalResult, ParameterCount
 from tyr.evaluation.run import count_parameters, evaluate_models
-from tyr.data import load_text, token_blocks
 from tyr.errors import TyrError
 from tyr.testing import tiny_hetero, tiny_llama
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BIGBENCH_DIR = Path(os.environ.get("TYR_BIGBENCH_DIR", REPO_ROOT.parent / "shared" / "data" / "bigbench"))
-needs_bigbench = pytest.mark.skipif(not BIGBENCH_DIR.is_dir(), reason=f"no BIG-bench tasks in {BIGBENCH_DIR}")
+BIGBENCH_DIR = PACKAGED_TASKS_DIR
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +157,6 @@ def test_accuracy_and_length_normalization_pick_the_forced_choices(tokenizer):
     assert (result.accuracy, result.accuracy_norm) == (1.0, 0.0)
 
 
-@needs_bigbench
 def test_bigbench_prompts_follow_the_task_format():
     winowhy = load_task(BIGBENCH_DIR / "winowhy.json", limit=5, seed=3)
     data = json.loads((BIGBENCH_DIR / "winowhy.json").read_text())
@@ -182,7 +178,6 @@ def test_bigbench_prompts_follow_the_task_format():
         assert len(example.correct) >= 1
 
 
-@needs_bigbench
 def test_task_names_are_checked():
     assert resolve_task_names("all", BIGBENCH_DIR) == sorted(p.stem for p in BIGBENCH_DIR.glob("*.json"))
     assert resolve_task_names("winowhy", BIGBENCH_DIR) == ["winowhy"]
@@ -212,7 +207,6 @@ def test_result_report_round_trips(tmp_path):
     assert "perplexity  12.500" in result.to_text()
 
 
-@needs_bigbench
 def test_cli_rejects_bad_arguments_before_loading_a_model(tmp_path):
     from tyr.cli import main
 
@@ -224,7 +218,6 @@ def test_cli_rejects_bad_arguments_before_loading_a_model(tmp_path):
 
 
 @pytest.mark.slow
-@needs_bigbench
 def test_tyr_eval_on_the_default_model(tmp_path, default_model_dir):
     out = tmp_path / "results.json"
     command = [sys.executable, "-m", "tyr.cli", "eval", "--reference", "default", "--blocks", "4", "--limit", "20",

@@ -227,7 +227,7 @@ def test_bench_config_rejects_unbounded_or_inconsistent_settings():
     with pytest.raises(TyrError, match="CPU backend"):
         ServerConfig(dtype="float16").resolved_dtype("cpu")
     assert ServerConfig().resolved_dtype("cpu") == "float32" and ServerConfig().eager("cpu")
-    assert ServerConfig().resolved_dtype("cuda") == "auto" and not ServerConfig().eager("rocm")
+    assert ServerConfig(dtype="float16").resolved_dtype("cuda") == "float16" and not ServerConfig().eager("rocm")
 
 
 def test_load_refuses_remote_hosts_unless_explicit(tmp_path):

@@ -35,6 +35,8 @@ class RunConfig(BaseModel):
                              description="what the selection asks of a pruned model, and whose speed counts")
     vllm: bool = Field(True, description="export to and benchmark in vLLM")
     onnx: bool = Field(True, description="export to and benchmark in onnxruntime")
+    device: str | None = Field(None, description="torch device for pruning and evaluation (default: the GPU when "
+                               "torch sees one, else the CPU); vLLM and onnxruntime pick their own")
     seed: int = 0
 
     @field_validator("sparsities")
@@ -62,8 +64,10 @@ class Candidate(BaseModel):
 
 def run_pipeline(config: RunConfig) -> dict:
     """Run every stage and return the summary (also written to <out>/summary.json and summary.md)."""
+    from tyr.device import resolve_device
     from tyr.models.io import resolve_model_path
 
+    device = str(resolve_device(config.device))
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "run_config.json", config.model_dump(mode="json"))
@@ -77,10 +81,10 @@ def run_pipeline(config: RunConfig) -> dict:
         # needed once all are pruned.
         supernets = config.out / "work" / "supernets"
         for c in pruned:
-            _prune(config, dense_dir, c, supernets)
+            _prune(config, dense_dir, c, supernets, device)
         shutil.rmtree(supernets, ignore_errors=True)
     with _timed(timings, "evaluate"):
-        evaluations = _evaluate(config, dense, pruned)
+        evaluations = _evaluate(config, dense, pruned, device)
     if config.vllm:
         with _timed(timings, "export vllm"):
             for c in pruned:
@@ -122,7 +126,7 @@ class _timed:
         self.timings[self.stage] = round(time.perf_counter() - self.started, 1)
 
 
-def _prune(config: RunConfig, dense_dir: Path, c: Candidate, supernet_cache: Path) -> None:
+def _prune(config: RunConfig, dense_dir: Path, c: Candidate, supernet_cache: Path, device: str) -> None:
     from tyr.compressor.prune import prune
 
     if (c.model_dir / "config.json").is_file():
@@ -130,11 +134,11 @@ def _prune(config: RunConfig, dense_dir: Path, c: Candidate, supernet_cache: Pat
         return
     # One work folder per sparsity, kept under the run folder, so an interrupted prune resumes where it stopped.
     prune(str(dense_dir), sparsity=c.sparsity, recipe=config.recipe, out_dir=c.model_dir,
-          work_dir=config.out / "work" / f"{c.sparsity:g}", method="tyr", seed=config.seed,
+          work_dir=config.out / "work" / f"{c.sparsity:g}", method="tyr", seed=config.seed, device=device,
           supernet_cache=supernet_cache)
 
 
-def _evaluate(config: RunConfig, dense: Candidate, pruned: list[Candidate]) -> dict:
+def _evaluate(config: RunConfig, dense: Candidate, pruned: list[Candidate], device: str) -> dict:
     """Every model's EvalResult by label; the missing ones are evaluated together, dense running once per block."""
     from tyr.evaluation.report import EvalResult
     from tyr.evaluation.run import evaluate_models
@@ -143,8 +147,9 @@ def _evaluate(config: RunConfig, dense: Candidate, pruned: list[Candidate]) -> d
     paths = {c.label: config.out / "eval" / f"{c.label}.json" for c in [dense, *pruned]}
     missing = [c for c in [dense, *pruned] if not paths[c.label].is_file()]
     if missing:
-        reference, tokenizer = load_model(dense.model_dir)
-        models = [(reference if c is dense else load_model(c.model_dir)[0], str(c.model_dir)) for c in missing]
+        reference, tokenizer = load_model(dense.model_dir, device=device)
+        models = [(reference if c is dense else load_model(c.model_dir, device=device)[0], str(c.model_dir))
+                  for c in missing]
         evaluated = evaluate_models(models, tokenizer, reference_model=reference,
                                     reference_name=str(dense.model_dir), num_blocks=config.eval_blocks,
                                     limit=config.eval_limit, seed=config.seed)
@@ -283,6 +288,9 @@ def add_run(parser: argparse.ArgumentParser) -> None:
                         help="the runtime whose speed the selection uses")
     parser.add_argument("--no-vllm", dest="vllm", action="store_false")
     parser.add_argument("--no-onnx", dest="onnx", action="store_false")
+    parser.add_argument("--eval-blocks", type=int, help=RunConfig.model_fields["eval_blocks"].description)
+    parser.add_argument("--eval-limit", type=int, help=RunConfig.model_fields["eval_limit"].description)
+    parser.add_argument("--device", help=RunConfig.model_fields["device"].description)
     parser.add_argument("--seed", type=int, default=0)
 
 

@@ -32,9 +32,9 @@ def add_vllm(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("server")
     server.add_argument("--max-model-len", type=int, help="vLLM --max-model-len (default 512)")
     server.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="default auto: float32 on CPU, the model's dtype on GPUs")
+                        help="default auto: float32 on CPU, bfloat16 on GPUs (float16 where a GPU lacks bfloat16)")
     server.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile/graphs (default: off on CPU, on for GPUs)")
+                        help="torch.compile and CUDA graphs (default: on for GPUs, off on CPU; --no-compile: eager)")
     server.add_argument("--kv-cache-gib", type=int, help="CPU only: VLLM_CPU_KVCACHE_SPACE (default 1)")
     server.add_argument("--startup-timeout", type=float, help="seconds to wait for /health (default 600)")
     server.add_argument("--trust-remote-code", action="store_true", default=None)

@@ -19,11 +19,10 @@ class ServerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # "auto": float32 on CPU (vLLM's CPU backend runs float32 or bfloat16), the model's own dtype on GPUs.
+    # "auto": serving_dtype() below.
     dtype: Dtype = "auto"
     max_model_len: int = Field(512, ge=16, le=1_048_576)
-    # None: eager on CPU (where torch.compile lengthens every engine start), compiled + graphs on GPU.
-    compile: bool | None = None
+    compile: bool | None = None  # None: compiled_by_default()
     kv_cache_space_gib: int = Field(1, ge=1, le=1024)  # CPU only: VLLM_CPU_KVCACHE_SPACE
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)  # GPUs only; None keeps vLLM's default
     trust_remote_code: bool = False
@@ -32,17 +31,37 @@ class ServerConfig(BaseModel):
     extra_args: list[str] = Field(default_factory=list)  # appended verbatim to the api_server command only
 
     def resolved_dtype(self, accelerator: Accelerator) -> str:
-        if accelerator == "cpu":
-            if self.dtype == "auto":
-                return "float32"
-            if self.dtype not in CPU_DTYPES:
-                raise TyrError(f"dtype {self.dtype} is not supported by vLLM's CPU backend: use float32 or bfloat16")
-        return self.dtype
+        bf16 = accelerator != "cpu" and self.dtype == "auto" and _gpu_supports_bf16()
+        return serving_dtype(self.dtype, accelerator, gpu_bf16=bf16)
 
     def eager(self, accelerator: Accelerator) -> bool:
-        if self.compile is None:
-            return accelerator == "cpu"
-        return not self.compile
+        return not compiled_by_default(accelerator) if self.compile is None else not self.compile
+
+
+def serving_dtype(dtype: Dtype, accelerator: Accelerator, gpu_bf16: bool = True) -> str:
+    """The dtype vLLM serves in. "auto": float32 on CPU (vLLM's CPU backend runs float32 or bfloat16); on GPUs
+    bfloat16, not the folder's own dtype (tyr writes float32), and float16 where a GPU lacks bfloat16."""
+    if accelerator == "cpu":
+        if dtype == "auto":
+            return "float32"
+        if dtype not in CPU_DTYPES:
+            raise TyrError(f"dtype {dtype} is not supported by vLLM's CPU backend: use float32 or bfloat16")
+        return dtype
+    if dtype == "auto":
+        return "bfloat16" if gpu_bf16 else "float16"
+    return dtype
+
+
+def compiled_by_default(accelerator: Accelerator) -> bool:
+    """torch.compile and CUDA graphs on GPUs (vLLM's default there); eager on CPU, where compiling costs 1-2 extra
+    minutes per engine start. `compile` in ServerConfig (`--compile/--no-compile`) overrides."""
+    return accelerator != "cpu"
+
+
+def _gpu_supports_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 class LoadConfig(BaseModel):

@@ -102,7 +102,9 @@ def measure_latency_table(config: dict, batch: int = 8, context: int = 256, devi
                           dtype: torch.dtype = torch.float32, repeats: int = 30, warmup: int = 5,
                           pairs: list[tuple[int, int]] | None = None, ffns: list[int] | None = None) -> LatencyTable:
     """Time every block shape of a Llama-style config (a config.json dict) on `device` (default: the accelerator)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from tyr.device import resolve_device
+
+    device = str(resolve_device(device))
     hidden = config["hidden_size"]
     head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
     eps = config.get("rms_norm_eps", 1e-6)

@@ -31,6 +31,7 @@ class ModelTiming(BaseModel):
     export_dir: str
     source_model: str
     matmul_params: int | None
+    provider: str = "CPUExecutionProvider"  # onnxruntime's execution provider that ran the session
     prefill_ms: list[float]  # one sample per run
     decode_ms_per_token: list[float]  # one sample (mean over the run's decode steps) per run
 
@@ -131,10 +132,10 @@ def time_models(export_dirs: list[Path], labels: list[str], threads: int, opt_le
             if run >= warmup_runs:
                 samples[i].append(sample)
     return [ModelTiming(label=label, export_dir=str(d), source_model=info.source_model,
-                        matmul_params=_matmul_params(info.source_model),
+                        matmul_params=_matmul_params(info.source_model), provider=runner.provider,
                         prefill_ms=[round(p * 1e3, 4) for p, _ in s],
                         decode_ms_per_token=[round(t * 1e3, 4) for _, t in s])
-            for label, d, info, s in zip(labels, export_dirs, infos, samples)]
+            for label, d, info, runner, s in zip(labels, export_dirs, infos, runners, samples)]
 
 
 def compare(timings: list[ModelTiming], threads: int) -> list[SpeedComparison]:
@@ -191,7 +192,7 @@ def bench_results(report: OnnxBenchReport) -> list[BenchResult]:
                 latency=LatencyStats(ttft_ms=summarize(t.prefill_ms), tpot_ms=summarize(t.decode_ms_per_token)),
                 config={"threads": threads, "opt_level": report.opt_level, "prompt_tokens": report.prompt_tokens,
                         "decode_tokens": report.decode_tokens, "runs": report.runs, "batch_size": 1,
-                        "source_model": t.source_model, "matmul_params": t.matmul_params,
+                        "source_model": t.source_model, "matmul_params": t.matmul_params, "provider": t.provider,
                         "ttft_means": "prefill latency", "tpot_means": "decode latency per token"}))
     return results
 
@@ -211,11 +212,12 @@ def report_table(report: OnnxBenchReport) -> str:
     """Markdown: medians per model and thread count, then measured vs ideal speed-ups."""
     lines = [f"ONNX Runtime, batch 1, prompt {report.prompt_tokens} tokens, {report.decode_tokens} decode steps, "
              f"median of {report.runs} runs (models alternating at every call), opt level {report.opt_level}", "",
-             "| threads | model | matmul params | prefill ms | decode ms/token |", "|---|---|---|---|---|"]
+             "| threads | model | provider | matmul params | prefill ms | decode ms/token |", "|---|---|---|---|---|---|"]
     for threads, timings in report.timings.items():
         for t in timings:
             params = f"{t.matmul_params / 1e6:.1f} M" if t.matmul_params else "?"
-            lines.append(f"| {threads} | {t.label} | {params} | {t.prefill_median_ms:.1f} | {t.decode_median_ms:.2f} |")
+            lines.append(f"| {threads} | {t.label} | {t.provider} | {params} | {t.prefill_median_ms:.1f} | "
+                         f"{t.decode_median_ms:.2f} |")
     lines += ["", "| threads | model vs baseline | prefill speed-up | decode speed-up | ideal | prefill/ideal | "
               "decode/ideal | paired prefill / decode |", "|---|---|---|---|---|---|---|---|"]
     for c in report.comparisons:

@@ -83,6 +83,8 @@ def bench_vllm_model(model_dir: str | Path, label: str, config: BenchConfig, out
     params = param_counts(model_dir)
     load_prompts = random_prompts(model_dir, config.load.num_prompts, config.load.prompt_tokens, config.load.seed)
     used = config.model_dump(mode="json")
+    used["engine"] = {"dtype": config.server.resolved_dtype(platform.accelerator),  # what "auto" and None became
+                      "eager": config.server.eager(platform.accelerator)}
     offline = None
     if server_url is None:
         with VLLMServer(model_dir, model_out / "server.log", config.server, platform.accelerator) as server:

@@ -1,4 +1,4 @@
-"""Calibration data for the supernet: token blocks, the device, chunking, and input Hessians (fp32).
+"""Calibration data for the supernet: token blocks, chunking, and input Hessians (fp32).
 
 The builder keeps the calibration hidden states [N, T, hidden] of the current module on the compute device and
 walks them in chunks of whole sequences, so a module's activations (up to [N, T, ffn]) need not fit at once.
@@ -46,16 +46,6 @@ def tensors_digest(tensors: Iterator[torch.Tensor]) -> str:
         digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
         digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None -> the accelerator when there is one (CUDA or ROCm both show as cuda), else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TyrError(f"device {device} was requested but torch sees no GPU")
-    return device
 
 
 def sequence_chunks(num_sequences: int, seq_len: int, width: int, chunk_bytes: int | None = None) -> list[slice]:

@@ -39,9 +39,8 @@ def add_prune(parser: argparse.ArgumentParser) -> None:
 
 def run_prune(args: argparse.Namespace) -> int:
     """Prune a model with Týr-the-Pruner (supernet + evolutionary search) or a baseline; write it with a report."""
-    import torch
-
     from tyr.compressor.prune import LatencyBudget, prune
+    from tyr.device import resolve_device
     from tyr.errors import TyrError
     from tyr.compressor.latency import LatencyTable
 
@@ -53,7 +52,7 @@ def run_prune(args: argparse.Namespace) -> int:
             latency = LatencyBudget(table=LatencyTable.load(args.latency_table), max_ms=args.max_latency_ms)
         except ValueError as err:
             raise TyrError(f"bad latency budget: {err}") from err
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(args.device))
     result = prune(args.model, sparsity=args.sparsity, recipe=args.recipe, out_dir=args.out, work_dir=args.work_dir,
                    text=args.text, method=args.method, seed=args.seed, device=device, overwrite=args.overwrite,
                    progress=not args.no_progress, latency=latency)

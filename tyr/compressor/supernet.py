@@ -41,6 +41,7 @@ from tyr.atomic import atomic_write_json
 from tyr.compressor import calibration
 from tyr.compressor.layerwise import DenseParts, attention_heads, mlp_hidden, module_weights
 from tyr.compressor.local_pruner import PrunedLinear, gqa_targets, prune_columns_progressively, prune_heads_gqa
+from tyr.device import resolve_device
 from tyr.errors import TyrError
 from tyr.models.slicing import LayerKeep, LayerWidth, layer_params, layer_widths, slice_model
 
@@ -244,7 +245,7 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
     if calibration_ids.ndim != 2 or calibration_ids.numel() == 0:
         raise TyrError("calibration ids must be a non-empty [sequences, tokens] tensor, "
                        f"got {tuple(calibration_ids.shape)}")
-    device = calibration.resolve_device(device)
+    device = resolve_device(device)
     out_dir = Path(out_dir)
     parts = DenseParts.from_model(model)
     head_dim = parts.head_dim

@@ -22,6 +22,8 @@ DEFAULT_INPUT_PREFIX = "\nQ: "
 DEFAULT_OUTPUT_PREFIX = "\nA: "
 DEFAULT_CHOICE_PREFIX = "\n  choice: "
 BIGBENCH_DIR_ENV = "TYR_BIGBENCH_DIR"
+# The default run's tasks, copied unmodified from BIG-bench (Apache-2.0; LICENSE and NOTICE beside them).
+PACKAGED_TASKS_DIR = Path(__file__).with_name("bigbench_tasks")
 
 
 class MultipleChoiceExample(BaseModel):
@@ -42,18 +44,13 @@ class MultipleChoiceTask(BaseModel):
 
 
 def default_bigbench_dir() -> Path:
-    """$TYR_BIGBENCH_DIR, else ../shared/data/bigbench beside the repository root."""
+    """$TYR_BIGBENCH_DIR, else the tasks shipped inside the package (PACKAGED_TASKS_DIR)."""
     if os.environ.get(BIGBENCH_DIR_ENV):
         path = Path(os.environ[BIGBENCH_DIR_ENV]).expanduser()
         if not path.is_dir():
             raise TyrError(f"${BIGBENCH_DIR_ENV}={path} is not a directory")
         return path
-    repo_root = Path(__file__).resolve().parents[2]
-    path = repo_root.parent / "shared" / "data" / "bigbench"
-    if not path.is_dir():
-        raise TyrError(f"no BIG-bench task folder: set ${BIGBENCH_DIR_ENV} or pass --bigbench-dir "
-                       f"(a folder of BIG-bench task .json files; looked for {path})")
-    return path
+    return PACKAGED_TASKS_DIR
 
 
 def available_tasks(directory: str | Path) -> list[str]:

@@ -23,8 +23,8 @@ def add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default="all",
                         help="BIG-bench tasks: 'all', 'none' or comma-separated names (task file stems)")
     parser.add_argument("--bigbench-dir", default=None,
-                        help="folder of BIG-bench task .json files (default: $TYR_BIGBENCH_DIR, else "
-                             "../shared/data/bigbench beside the repository)")
+                        help="folder of BIG-bench task .json files (default: $TYR_BIGBENCH_DIR, else the "
+                             "four tasks shipped with tyr)")
     parser.add_argument("--limit", type=int, default=100, help="examples per task (a seeded sample; 0 = all)")
     parser.add_argument("--seed", type=int, default=0, help="seed for block and example sampling")
     parser.add_argument("--batch-size", type=int, default=4, help="blocks per forward pass for perplexity")
@@ -42,6 +42,7 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from tyr.data import TextSource
+    from tyr.device import resolve_device
     from tyr.evaluation.run import evaluate_model
     from tyr.models.io import load_model
 
@@ -53,7 +54,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise TyrError("nothing to evaluate: --blocks 0 and --tasks none")
     if args.reference and args.blocks == 0:
         raise TyrError("--reference needs perplexity blocks for the KL (--blocks > 0)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir():

@@ -40,7 +40,8 @@ def session_options(opt_level: OptLevel = "all", threads: int | None = None):
 
 
 def default_providers() -> list[str]:
-    """CUDA (or ROCm) when this onnxruntime build has it, else CPU."""
+    """CUDA (or ROCm) when this onnxruntime build has it (onnxruntime-gpu, as `make setup RUNTIME=cuda` installs),
+    else CPU; the CPU provider stays last as the fallback for operators the GPU provider lacks."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -60,6 +61,8 @@ class OrtCausalLM:
             raise TyrError(f"{self.path} does not exist (expected an exported model.onnx)")
         self.session = ort.InferenceSession(str(self.path), sess_options=session_options(opt_level, threads),
                                             providers=providers or default_providers())
+        # The provider that took the session: a GPU provider whose CUDA libraries fail to load drops back to the CPU.
+        self.provider: str = self.session.get_providers()[0]
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.kv_layers: list[KvLayer] = []
         for name, info in inputs.items():
