@@ -44,8 +44,8 @@ def evaluate_models(models: list[tuple[torch.nn.Module, str]], tokenizer, refere
     started = time.perf_counter()
     source = text if isinstance(text, TextSource) else TextSource.parse(text)
     results = [EvalResult(model=name, reference=None if model is reference_model else reference_name,
-                          parameters=count_parameters(model), limit=limit, seed=seed,
-                          device=str(model_device(model)), dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
+                          parameters=count_parameters(model), limit=limit, seed=seed, device=str(model_device(model)),
+                          dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
                for model, name in models]
     task_names = []
     if tasks.strip().lower() != "none":

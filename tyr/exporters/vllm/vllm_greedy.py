@@ -2,7 +2,8 @@
 
 A separate process keeps the caller free of vLLM's engine state (threads, global config); the engine runs inside
 it, not in engine-core and worker processes of its own. This file imports nothing from tyr, so the same script also
-checks a folder on a machine where tyr is not installed (the trust_remote_code path). Prompts are token ids, so vLLM and transformers see exactly the same input.
+checks a folder on a machine where tyr is not installed (the trust_remote_code path). Prompts are token ids, so
+vLLM and transformers see exactly the same input.
 
 ``VllmProbe`` is a vLLM worker extension: ``collective_rpc("tyr_probe")`` returns the model class vLLM built and
 the KV cache it allocated per attention layer, so callers can check that removed attention layers have none.
