@@ -129,15 +129,13 @@ def main(argv=None) -> int:
 
 def measure_reuse(args, work_dir: Path, dense, tokenizer, sparsity: float) -> dict:
     """Time the same short search on the last supernet with and without activation reuse (same results)."""
-    import dataclasses
-
+    from tyr.compressor.calibration import calibration_ids
     from tyr.compressor.fitness import SupernetKL, dense_targets
     from tyr.compressor.layerwise import DenseParts
-    from tyr.compressor.prune import IterationOutcome, _blocks, _module_list, _space, search_settings
+    from tyr.compressor.prune import IterationOutcome, _module_list, _space, iteration_seed
     from tyr.compressor.recipes import load_recipe
     from tyr.compressor.search import run_search
     from tyr.compressor.supernet import Supernet
-    from tyr.data import TextSource
 
     recipe = load_recipe(args.recipe)
     kept = [i for i in range(recipe.iterations) if (work_dir / f"iter{i}" / "supernet" / "manifest.json").is_file()]
@@ -147,12 +145,12 @@ def measure_reuse(args, work_dir: Path, dense, tokenizer, sparsity: float) -> di
     modules = _module_list(dense)
     unit = recipe.initial_spacing / 2 ** (recipe.iterations - 1)
     step = 2 ** (recipe.iterations - 1 - iteration)
-    space = _space(supernet.manifest, modules, [p for _, _, p in modules], sparsity, unit, step)
+    space = _space(supernet.manifest, modules, sparsity, unit, step)
     ticks = outcome.start_ticks
-    selection = _blocks(tokenizer, TextSource.parse(args.text), recipe.search.seq_len,
-                        recipe.search.selection_sequences, args.seed + 1, "selection")
+    selection = calibration_ids(tokenizer, args.text, recipe.search.selection_sequences, recipe.search.seq_len,
+                                args.seed + 1, purpose="selection")
     targets = dense_targets(dense, selection, recipe.search.kl_top_k, recipe.search.batch_sequences, progress=False)
-    settings = dataclasses.replace(search_settings(recipe, iteration, args.seed), generations=args.reuse_generations)
+    settings = recipe.search.model_copy(update=dict(generations=[args.reuse_generations]))
     out = {}
     for reuse in (False, True):
         fitness = SupernetKL(DenseParts.from_model(dense), supernet.weights, [k for _, k, _ in modules], targets,
@@ -160,7 +158,8 @@ def measure_reuse(args, work_dir: Path, dense, tokenizer, sparsity: float) -> di
                              activation_cache_mb=recipe.search.activation_cache_mb,
                              cached_batches=recipe.search.stage_batches()[-1])
         started = time.perf_counter()
-        result = run_search(space, fitness, settings, space.choice_at(ticks), progress=False)
+        result = run_search(space, fitness, settings, space.choice_at(ticks),
+                            seed=iteration_seed(args.seed, iteration), progress=False)
         out["with" if reuse else "without"] = {
             "seconds": time.perf_counter() - started, "fitness": result.fitness,
             "generation_seconds": sum(h.seconds for h in result.history),

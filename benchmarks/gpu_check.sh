@@ -132,7 +132,7 @@ initial_spacing: 0.25
 ladder_size: 5
 eea: expectation
 calibration: {num_sequences: 16, seq_len: 64, batch_sequences: 8}
-local_pruner: {damp: 0.01, head_step: 1, channel_step: 8, refit: true}
+local_pruner: {damp: 0.01, channel_step: 8, refit: true}
 search:
   generations: [3, 3]
   offspring: 6

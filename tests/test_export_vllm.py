@@ -168,7 +168,7 @@ def _cli(*args: str, capsys) -> tuple[int, str]:
 def test_cli_names_what_is_wrong_with_a_folder(hetero, tmp_path, capsys):
     _, src = hetero
     code, err = _cli(str(tmp_path / "nowhere"), str(tmp_path / "out"), capsys=capsys)
-    assert code == 2 and "nowhere does not exist" in err
+    assert code == 2 and f"no model folder at {tmp_path / 'nowhere'}" in err
     (tmp_path / "empty").mkdir()
     code, err = _cli(str(tmp_path / "empty"), str(tmp_path / "out"), capsys=capsys)
     assert code == 2 and "has no config.json" in err

@@ -115,8 +115,8 @@ def test_gpu_serving_defaults_to_bfloat16_and_compiled():
 def test_onnxruntime_runs_on_the_gpu_provider_when_installed_and_records_it(tmp_path, tiny_dir):
     import onnxruntime as ort
 
-    from tyr.exporters.onnx import export_onnx
-    from tyr.exporters.onnx.bench import bench_onnx, bench_results, report_table
+    from tyr.benchmarking.onnx_bench import bench_onnx, bench_results, report_table
+    from tyr.exporters.onnx.export import export_onnx
 
     export = export_onnx(tiny_dir, tmp_path / "onnx", dtype="fp32", validate_steps=2, check_genai=False)
     expected = "CUDAExecutionProvider" if "CUDAExecutionProvider" in ort.get_available_providers() \

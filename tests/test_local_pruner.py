@@ -3,13 +3,8 @@
 import pytest
 import torch
 
-from tyr.compressor.local_pruner import (
-    damped,
-    gqa_attention_params,
-    gqa_targets,
-    prune_columns_progressively,
-    prune_heads_gqa,
-)
+from tyr.compressor.local_pruner import damped, prune_columns_progressively, prune_heads_gqa
+from tyr.models.facts import gqa_attention_params, gqa_widths
 
 F64 = torch.float64
 
@@ -122,12 +117,12 @@ def test_float32_solver_matches_float64():
         assert b.error == pytest.approx(a.error, rel=1e-3)
 
 
-def test_gqa_targets_for_smollm2_geometry():
+def test_gqa_widths_for_smollm2_geometry():
     """9 query heads in 3 KV groups: closest attention size to (1 − s) · dense, ties to the less pruned size."""
     expected = {0.0: [(3, 3)], 0.125: [(3, 3)], 0.25: [(3, 2)], 0.375: [(2, 3)], 0.5: [(2, 2), (3, 1)],
                 0.625: [(1, 3), (2, 1)], 0.75: [(1, 2)], 0.875: [(1, 1)], 1.0: [(0, 0)]}
     for level, configs in expected.items():
-        assert gqa_targets(9, 3, level) == configs
+        assert gqa_widths(9, 3, level) == configs
     assert gqa_attention_params(3, 3) == 24
 
 
@@ -135,7 +130,7 @@ def test_gqa_targets_for_smollm2_geometry():
 def head_case():
     head_dim, n_heads, n_kv = 8, 9, 3
     X, W = correlated_inputs(3000, n_heads * head_dim, seed=11), layer(48, n_heads * head_dim, seed=11)
-    targets = [gqa_targets(n_heads, n_kv, i / 8) for i in range(9)]
+    targets = [gqa_widths(n_heads, n_kv, i / 8) for i in range(9)]
     return X, W, head_dim, targets, prune_heads_gqa(W, X.T @ X, head_dim, n_kv, targets, dtype=F64)
 
 

@@ -10,7 +10,8 @@ import torch
 
 from tyr.errors import TyrError
 from tyr.models.io import load_model, save_model
-from tyr.models.slicing import LayerKeep, layer_widths, mask_model, slice_model, to_tyr
+from tyr.models.facts import layer_widths
+from tyr.models.slicing import LayerKeep, mask_model, slice_model, to_tyr
 from tyr.testing import tiny_hetero, tiny_llama
 
 
@@ -47,7 +48,7 @@ def test_slice_matches_mask(arch):
     dense = tiny_llama(arch, hidden=96, layers=4, heads=6, kv_heads=3, ffn=96)
     keeps = random_keeps(dense, seed=1)
     sliced, masked = slice_model(dense, keeps), mask_model(dense, keeps)
-    assert [tuple(w.model_dump().values()) for w in layer_widths(sliced.config)][0][:2] == (0, 0)
+    assert layer_widths(sliced.config)[0][:2] == (0, 0)
     assert sum(p.numel() for p in sliced.parameters()) < sum(p.numel() for p in dense.parameters())
     ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -60,7 +61,7 @@ def test_slice_matches_mask(arch):
 
 def test_cached_decoding_matches_full_forward_when_layer0_has_no_attention():
     model = tiny_hetero()
-    assert model.config.layer_widths()[0] == (0, 0, 96)
+    assert layer_widths(model.config)[0] == (0, 0, 96)
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
@@ -132,7 +133,7 @@ def test_round_trip_with_tyr_installed(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(out)  # no trust_remote_code: tyr registered the class
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
-    assert loaded.config.layer_widths() == model.config.layer_widths()
+    assert layer_widths(loaded.config) == layer_widths(model.config)
 
 
 def test_round_trip_without_tyr_needs_only_trust_remote_code(tmp_path):
@@ -224,3 +225,19 @@ def test_real_smollm2_slicing_parity(smollm2):
     full = to_tyr(dense)
     with torch.no_grad():
         assert (full(**ids).logits - dense(**ids).logits).abs().max() == 0
+
+
+def test_model_facts_agree_with_the_modules_and_the_files(tmp_path):
+    from tyr.models.facts import LayerWidth, decoder_params, layer_params, module_params, tensor_shapes
+
+    model = tiny_hetero()                              # hidden 64, head_dim 16; layer 1: 4 heads, 2 KV heads, FFN 48
+    assert layer_params(model.config, LayerWidth(4, 2, 48)) == ((2 * 4 + 2 * 2) * 16 * 64 + 64, 3 * 48 * 64 + 64)
+    assert decoder_params(model.config) == sum(a + m for a, m in module_params(model))
+    folder = save_model(model, None, tmp_path / "m")
+    shapes = tensor_shapes(folder)
+    assert shapes == {name: list(t.shape) for name, t in model.state_dict().items()}
+    assert shapes["model.layers.1.mlp.up_proj.weight"] == [48, 64] and "model.layers.0.self_attn.q_proj.weight" not in shapes
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(TyrError, match="model.safetensors is truncated"):
+        tensor_shapes(folder)

@@ -10,13 +10,14 @@ import torch
 from transformers import AutoTokenizer
 
 from tyr.cli import main as tyr_main
-from tyr.compressor.baselines import flap_prune, magnitude_keeps
-from tyr.compressor.latency import LatencyTable
+from tyr.compressor.baselines import flap_prune, uniform_magnitude_keeps
 from tyr.compressor.prune import LatencyBudget, prune
 from tyr.compressor.recipes import Recipe
 from tyr.errors import TyrError
+from tyr.models.facts import layer_widths
 from tyr.models.io import load_model, save_model
 from tyr.models.slicing import to_tyr
+from tyr.compressor.latency import LatencyTable
 from tyr.testing import TINY_RECIPE, tiny_llama
 
 
@@ -65,7 +66,7 @@ def test_tyr_end_to_end(tyr_run, tiny_dir, recipe):
     model, _ = load_model(tyr_run.out_dir)
     dense, _ = load_model(tiny_dir)
     assert 1 - decoder_params(model) / decoder_params(dense) == pytest.approx(report.achieved_sparsity)
-    assert [(r.heads, r.kv_heads, r.ffn) for r in report.layers] == list(model.config.layer_widths())
+    assert [(r.heads, r.kv_heads, r.ffn) for r in report.layers] == list(layer_widths(model.config))
     ids = torch.randint(0, 1000, (2, 16))
     assert torch.equal(model(input_ids=ids).logits, tyr_run.model(input_ids=ids).logits)
     saved = json.loads((tyr_run.out_dir / "prune_report.json").read_text())
@@ -138,7 +139,7 @@ def test_warm_start_scan_on_the_real_fitness(tmp_path, tyr_run, tiny_dir):
 def test_uniform_baseline_is_the_local_pruner_at_one_level(tmp_path, tiny_dir, recipe):
     result = prune(tiny_dir, sparsity=0.5, recipe=recipe, out_dir=tmp_path / "u", method="uniform", progress=False)
     model, _ = load_model(result.out_dir)
-    assert len(set(model.config.layer_widths())) == 1
+    assert len(set(layer_widths(model.config))) == 1
     assert abs(result.report.achieved_sparsity - 0.5) <= 0.0625
     assert all(layer.attn_level == 0.5 and layer.mlp_level == 0.5 for layer in result.report.layers)
 
@@ -151,7 +152,7 @@ def test_baselines_give_loadable_models_at_the_requested_sparsity(tmp_path, tiny
     achieved = 1 - decoder_params(model) / decoder_params(dense)
     assert achieved == pytest.approx(result.report.achieved_sparsity, abs=0.01)   # FLAP's zero biases count too
     assert abs(achieved - 0.5) <= 0.0625
-    widths = model.config.layer_widths()
+    widths = layer_widths(model.config)
     assert len(set(widths)) == 1                                                   # uniform across layers
     for name in ("prune_report.json", "prune_report.md", "prune_sparsity.png"):
         assert (result.out_dir / name).is_file()
@@ -164,7 +165,7 @@ def test_magnitude_keeps_the_largest_heads_and_channels():
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[:, 5] *= 100      # one dominant channel
         model.model.layers[0].self_attn.o_proj.weight[:, 3 * 16:4 * 16] *= 100   # head 3 (group 1) dominant
-    keep = magnitude_keeps(model, 0.5)[0]
+    keep = uniform_magnitude_keeps(model, 0.5)[0]
     assert 5 in keep.keep_ffn and len(keep.keep_ffn) == 16
     assert 3 in keep.keep_heads and set(keep.keep_heads) <= {2, 3}
 
@@ -195,10 +196,10 @@ def test_latency_budget_from_a_measured_table(tmp_path, tiny_dir, recipe):
     # The search starts from the uniform distribution: a budget of exactly its predicted latency is feasible.
     uniform, _ = load_model(prune(tiny_dir, sparsity=0.5, recipe=recipe, out_dir=tmp_path / "u", method="uniform",
                                   progress=False).out_dir)
-    budget = table.predict_latency(uniform.config.layer_widths())
+    budget = table.predict_latency(layer_widths(uniform.config))
     result = prune(tiny_dir, sparsity=0.5, recipe=recipe, out_dir=tmp_path / "fast", progress=False, keep_model=True,
                    latency=LatencyBudget(table=table, max_ms=budget))
-    assert table.predict_latency(result.model.config.layer_widths()) <= budget * (1 + 1e-9)
+    assert table.predict_latency(layer_widths(result.model.config)) <= budget * (1 + 1e-9)
     assert any("latency budget" in note for note in result.report.notes)
     with pytest.raises(TyrError, match="exceeds the budget"):
         prune(tiny_dir, sparsity=0.5, recipe=recipe, out_dir=tmp_path / "tight", progress=False,

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +15,22 @@ import torch
 
 from tyr.compressor.fitness import SupernetKL, dense_targets, sparse_kl
 from tyr.compressor.layerwise import DenseParts, module_weights
-from tyr.compressor.recipes import Recipe, fitness_dtype, load_recipe
-from tyr.compressor.search import (ModuleLadder, SearchSettings, SearchSpace, SharedFitness, Stage, additive_optimum,
-                                   grid_ticks, make_offspring, mutate, run_search, scan_variants, staged_selection)
+from tyr.compressor.recipes import Recipe, SearchRecipe, SelectionStage, fitness_dtype, load_recipe
+from tyr.compressor.search import (ModuleLadder, SearchSpace, SharedFitness, additive_optimum, grid_ticks,
+                                   make_offspring, mutate, run_search, scan_variants, staged_selection)
 from tyr.errors import TyrError
 from tyr.testing import tiny_llama
+
+
+def search_settings(generations: int, stages: list[tuple[int, int]], pool_batches: int, seq_len: int = 16,
+                    **fields) -> SearchRecipe:
+    """A recipe's search section on a pool of one-sequence batches; ``stages``: (batches, survivors) per stage."""
+    return SearchRecipe(generations=[generations], seq_len=seq_len, kl_top_k=1, pool_tokens=pool_batches * seq_len,
+                        stages=[SelectionStage(tokens=b * seq_len, survivors=n) for b, n in stages], **fields)
+
+
+def stage(tokens: int, survivors: int) -> SelectionStage:
+    return SelectionStage(tokens=tokens, survivors=survivors)
 
 
 def paper_like_space(layers: int = 6, target: float = 0.5, unit: float = 1 / 64, step: int = 8) -> SearchSpace:
@@ -49,7 +59,7 @@ class QuadraticFitness:
         return [sum(w * lvl ** 2 for w, lvl in zip(self.weights, self.space.levels(c))) for c in choices]
 
 
-def resume_after(generation: int, space, make_fitness, settings, start, checkpoint: Path):
+def resume_after(generation: int, space, make_fitness, settings, seed: int, start, checkpoint: Path):
     """Run the search until ``generation`` is checkpointed, interrupt it there, and return the resumed result."""
 
     class Interrupt(Exception):
@@ -60,8 +70,9 @@ def resume_after(generation: int, space, make_fitness, settings, start, checkpoi
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        run_search(space, make_fitness(), settings, start, checkpoint=checkpoint, on_generation=stop, progress=False)
-    return run_search(space, make_fitness(), settings, start, checkpoint=checkpoint, progress=False)
+        run_search(space, make_fitness(), settings, start, seed=seed, checkpoint=checkpoint, on_generation=stop,
+                   progress=False)
+    return run_search(space, make_fitness(), settings, start, seed=seed, checkpoint=checkpoint, progress=False)
 
 
 def test_grid_ladders():
@@ -112,7 +123,7 @@ def test_staged_selection_keeps_the_right_survivors():
 
     offspring = [(5, 9), (1, 7), (3, 2), (2, 8), (4, 1), (0, 6)]
     parent = (9, 3)
-    stages = [(Stage(1, 4, 64), [3]), (Stage(2, 2, 128), [3, 0]), (Stage(4, 1, 256), [3, 0, 2, 1])]
+    stages = [(stage(64, 4), [3]), (stage(128, 2), [3, 0]), (stage(256, 1), [3, 0, 2, 1])]
     survivors, fitness, parent_fitness, records = staged_selection(offspring, parent, stages, evaluate)
     assert calls[0] == (offspring, [3])
     assert sorted(calls[1][0]) == [(0, 6), (1, 7), (2, 8), (3, 2)]          # best 4 by the first element
@@ -121,7 +132,7 @@ def test_staged_selection_keeps_the_right_survivors():
     assert survivors == [(3, 2)] and fitness == [2.0] and parent_fitness == 3.0
     assert [r.candidates for r in records] == [6, 4, 3] and [r.survivors for r in records] == [4, 2, 1]
     # Elitism: when no offspring beats the parent on the last stage, the parent survives.
-    survivors, _, _, _ = staged_selection([(0, 9), (1, 9)], (9, 0), [(Stage(1, 2, 64), [0]), (Stage(2, 1, 128), [0, 1])],
+    survivors, _, _, _ = staged_selection([(0, 9), (1, 9)], (9, 0), [(stage(64, 2), [0]), (stage(128, 1), [0, 1])],
                                           evaluate)
     assert survivors == [(9, 0)]
 
@@ -131,24 +142,24 @@ def test_fresh_final_stage_judges_the_parent_on_tokens_no_survivor_was_selected_
     def evaluate(choices, batches):
         return [sum(c[b] for b in batches) / len(batches) for c in choices]
 
-    stages = [(Stage(1, 1, 64), [0]), (Stage(2, 1, 128), [0, 1])]
+    stages = [(stage(64, 1), [0]), (stage(128, 1), [0, 1])]
     biased, _, _, _ = staged_selection([(0, 5), (3, 3)], (3, 2), stages, evaluate)
     fresh, scores, parent_score, records = staged_selection([(0, 5), (3, 3)], (3, 2), stages, evaluate,
                                                             fresh_final=True)
     assert biased == [(0, 5)] and fresh == [(3, 2)] and scores == [2.0] and parent_score == 2.0
     assert [r.tokens for r in records] == [64, 64]                   # the last stage scored only its new batch
-    with pytest.raises(ValueError, match="more batches"):
-        SearchSettings(generations=1, offspring=2, max_shifts=1, stages=[Stage(2, 1, 1), Stage(2, 1, 1)],
-                       pool_batches=2, seed=0, fresh_final=True)
+    with pytest.raises(ValueError, match="more tokens"):
+        search_settings(1, [(2, 1), (2, 1)], pool_batches=2, offspring=2, max_shifts=1, fresh_final_stage=True)
 
 
 def test_search_improves_a_synthetic_fitness_within_budget(tmp_path):
     space = paper_like_space()
     fitness = QuadraticFitness(space)
     start = space.choice_at([0] * len(space))
-    settings = SearchSettings(generations=30, offspring=12, max_shifts=4, stages=[Stage(1, 4, 1), Stage(2, 1, 2)],
-                              pool_batches=4, seed=0)
-    result = run_search(space, fitness, settings, start, checkpoint=tmp_path / "search.json", progress=False)
+    settings = search_settings(30, [(1, 4), (2, 1)], pool_batches=4, offspring=12, max_shifts=4)
+    seed = 0
+    result = run_search(space, fitness, settings, start, seed=seed, checkpoint=tmp_path / "search.json",
+                        progress=False)
     # The continuous optimum (levels ∝ 1 + layer) is 0.70 x the uniform start; the 12.5% grid gets close to it.
     assert result.fitness < 0.75 * result.start_fitness
     assert space.budget_offset(result.choice) == 0
@@ -176,32 +187,32 @@ def test_latency_budget_keeps_every_visited_distribution_within_it():
     assert any(space.cost(c) > budget for c in unconstrained)           # the budget binds on this space
     constrained = make_offspring(start, space, np.random.default_rng(0), 40, 4)
     assert constrained and all(space.cost(c) <= budget + 1e-9 for c in constrained)
-    settings = SearchSettings(generations=20, offspring=12, max_shifts=4, stages=[Stage(1, 4, 1), Stage(2, 1, 2)],
-                              pool_batches=4, seed=0)
-    result = run_search(space, QuadraticFitness(space), settings, start, progress=False)
+    settings = search_settings(20, [(1, 4), (2, 1)], pool_batches=4, offspring=12, max_shifts=4)
+    seed = 0
+    result = run_search(space, QuadraticFitness(space), settings, start, seed=seed, progress=False)
     assert space.cost(result.choice) <= budget + 1e-9 and space.budget_offset(result.choice) == 0
     assert result.fitness < result.start_fitness
     tight = SearchSpace(target=free.target, unit=free.unit, step=free.step, modules=free.modules, costs=costs,
                         max_cost=budget / 2)
     with pytest.raises(TyrError, match="exceeds the budget"):
-        run_search(tight, QuadraticFitness(tight), settings, start, progress=False)
+        run_search(tight, QuadraticFitness(tight), settings, start, seed=seed, progress=False)
 
 
 def test_search_resume_is_bit_identical_synthetic(tmp_path):
     space = paper_like_space()
     start = space.choice_at([0] * len(space))
-    settings = SearchSettings(generations=8, offspring=6, max_shifts=4, stages=[Stage(1, 2, 1), Stage(2, 1, 2)],
-                              pool_batches=3, seed=3)
-    straight = run_search(space, QuadraticFitness(space), settings, start, progress=False)
+    settings = search_settings(8, [(1, 2), (2, 1)], pool_batches=3, offspring=6, max_shifts=4)
+    seed = 3
+    straight = run_search(space, QuadraticFitness(space), settings, start, seed=seed, progress=False)
 
-    resumed = resume_after(3, space, lambda: QuadraticFitness(space), settings, start, tmp_path / "c.json")
+    resumed = resume_after(3, space, lambda: QuadraticFitness(space), settings, seed, start, tmp_path / "c.json")
     assert resumed.resumed_from == 3
     assert resumed.choice == straight.choice and resumed.fitness == straight.fitness
     assert [h.model_dump(exclude={"seconds"}) for h in resumed.history] == \
            [h.model_dump(exclude={"seconds"}) for h in straight.history]
-    other = SearchSettings(generations=8, offspring=6, max_shifts=4, stages=settings.stages, pool_batches=3, seed=4)
     with pytest.raises(TyrError, match="different search"):
-        run_search(space, QuadraticFitness(space), other, start, checkpoint=tmp_path / "c.json", progress=False)
+        run_search(space, QuadraticFitness(space), settings, start, seed=4, checkpoint=tmp_path / "c.json",
+                   progress=False)
 
 
 def test_additive_optimum_is_the_exact_budgeted_knapsack():
@@ -234,10 +245,11 @@ def test_additive_optimum_is_the_exact_budgeted_knapsack():
 def test_warm_start_jumps_to_the_additive_optimum_and_the_search_goes_on_from_there(tmp_path):
     space = paper_like_space()
     start = space.choice_at([0] * len(space))
-    settings = SearchSettings(generations=3, offspring=6, max_shifts=2, stages=[Stage(1, 2, 1), Stage(2, 1, 2)],
-                              pool_batches=3, seed=3, scan_levels=2, scan_batches=2, scan_tokens=2)
+    settings = search_settings(3, [(1, 2), (2, 1)], pool_batches=3, offspring=6, max_shifts=2, scan_levels=2,
+                               scan_tokens=32)
+    seed = 3
     fitness = QuadraticFitness(space)
-    result = run_search(space, fitness, settings, start, checkpoint=tmp_path / "c.json", progress=False)
+    result = run_search(space, fitness, settings, start, seed=seed, checkpoint=tmp_path / "c.json", progress=False)
     warm = result.warm_start
     # The quadratic fitness is additive and noise-free: the plain optimum (no penalty) is the best budgeted choice
     # within two levels, exactly as predicted, and penalised optima move fewer modules.
@@ -248,14 +260,14 @@ def test_warm_start_jumps_to_the_additive_optimum_and_the_search_goes_on_from_th
     assert all(p.fitness >= plain.fitness and p.moved <= plain.moved for p in warm.proposals)
     assert result.fitness <= plain.fitness and space.budget_offset(result.choice) == 0
     # Resuming a finished search keeps the scan's record; a search without a scan never runs one.
-    again = run_search(space, QuadraticFitness(space), settings, start, checkpoint=tmp_path / "c.json", progress=False)
+    again = run_search(space, QuadraticFitness(space), settings, start, seed=seed, checkpoint=tmp_path / "c.json",
+                       progress=False)
     assert again.warm_start == warm and again.choice == result.choice
-    plain = SearchSettings(generations=3, offspring=6, max_shifts=2, stages=settings.stages, pool_batches=3, seed=3)
-    assert run_search(space, QuadraticFitness(space), plain, start, progress=False).warm_start is None
+    plain = settings.model_copy(update=dict(scan_levels=0))
+    assert run_search(space, QuadraticFitness(space), plain, start, seed=seed, progress=False).warm_start is None
     # One penalty, one proposal: the plain optimum the full family found first.
-    only_plain = SearchSettings(generations=0, offspring=6, max_shifts=2, stages=settings.stages, pool_batches=3,
-                                seed=3, scan_levels=2, scan_batches=2, scan_tokens=2, scan_penalties=(0.0,))
-    single = run_search(space, QuadraticFitness(space), only_plain, start, progress=False).warm_start
+    only_plain = settings.model_copy(update=dict(generations=[0], scan_penalties=[0.0]))
+    single = run_search(space, QuadraticFitness(space), only_plain, start, seed=seed, progress=False).warm_start
     assert len(single.proposals) == 1 and single.proposals[0] == warm.proposals[0] and single.chosen == 0
 
 
@@ -279,11 +291,11 @@ class NoisyFitness(QuadraticFitness):
 def test_pool_rescoring_ends_at_the_best_parent_scored_on_the_whole_pool(tmp_path):
     space = paper_like_space()
     start = space.choice_at([0] * len(space))
-    common = dict(generations=12, offspring=8, max_shifts=2, stages=[Stage(1, 2, 1), Stage(2, 1, 2)],
-                  pool_batches=8, seed=1)
-    plain = run_search(space, NoisyFitness(space, 0.5, 8), SearchSettings(**common), start, progress=False)
-    settings = SearchSettings(**common, rescore_every=3)
-    rescored = run_search(space, NoisyFitness(space, 0.5, 8), settings, start, progress=False)
+    seed = 1
+    plain_settings = search_settings(12, [(1, 2), (2, 1)], pool_batches=8, offspring=8, max_shifts=2)
+    plain = run_search(space, NoisyFitness(space, 0.5, 8), plain_settings, start, seed=seed, progress=False)
+    settings = plain_settings.model_copy(update=dict(pool_rescore_every=3))
+    rescored = run_search(space, NoisyFitness(space, 0.5, 8), settings, start, seed=seed, progress=False)
     # Same seed, same generations: rescoring only adds whole-pool scores of the parent every 3 generations.
     assert [h.model_dump(exclude={"seconds"}) for h in rescored.history] == \
            [h.model_dump(exclude={"seconds"}) for h in plain.history]
@@ -297,7 +309,7 @@ def test_pool_rescoring_ends_at_the_best_parent_scored_on_the_whole_pool(tmp_pat
     assert NoisyFitness(space, 0.5, 8).evaluate([tuple(rescored.choice)], range(8))[0] == rescored.fitness
     assert space.budget_offset(rescored.choice) == 0
 
-    resumed = resume_after(7, space, lambda: NoisyFitness(space, 0.5, 8), settings, start, tmp_path / "c.json")
+    resumed = resume_after(7, space, lambda: NoisyFitness(space, 0.5, 8), settings, seed, start, tmp_path / "c.json")
     assert resumed.resumed_from == 7 and resumed.choice == rescored.choice
     assert resumed.pool_scores == rescored.pool_scores
 
@@ -305,10 +317,10 @@ def test_pool_rescoring_ends_at_the_best_parent_scored_on_the_whole_pool(tmp_pat
 def test_rescans_restart_the_additive_model_from_the_evolved_parent(tmp_path):
     space = paper_like_space()
     start = space.choice_at([0] * len(space))
-    settings = SearchSettings(generations=9, offspring=6, max_shifts=2, stages=[Stage(1, 2, 1), Stage(2, 1, 2)],
-                              pool_batches=8, seed=2, scan_levels=2, scan_batches=2, scan_tokens=2, scan_every=4,
-                              rescore_every=4)
-    straight = run_search(space, NoisyFitness(space, 0.05, 8), settings, start, progress=False)
+    settings = search_settings(9, [(1, 2), (2, 1)], pool_batches=8, offspring=6, max_shifts=2, scan_levels=2,
+                               scan_tokens=32, scan_every=4, pool_rescore_every=4)
+    seed = 2
+    straight = run_search(space, NoisyFitness(space, 0.05, 8), settings, start, seed=seed, progress=False)
     # Scans before generations 1, 5 and 9 (the warm start and two rescans), each from the parent of that moment.
     assert straight.warm_start is not None and [scan.generation for scan in straight.rescans] == [4, 8]
     assert [score.generation for score in straight.pool_scores] == [0, 4, 8, 9]
@@ -318,13 +330,13 @@ def test_rescans_restart_the_additive_model_from_the_evolved_parent(tmp_path):
     assert space.budget_offset(straight.choice) == 0
     # The noise is small here: re-linearising where the search is beats evolution alone on the same generations
     # (on average over seeds; a single seed can go either way).
-    gains = [run_search(space, NoisyFitness(space, 0.05, 8), replace(settings, seed=seed, scan_every=0), start,
-                        progress=False).fitness
-             - run_search(space, NoisyFitness(space, 0.05, 8), replace(settings, seed=seed), start,
-                          progress=False).fitness for seed in range(4)]
+    no_rescans = settings.model_copy(update=dict(scan_every=0))
+    gains = [run_search(space, NoisyFitness(space, 0.05, 8), no_rescans, start, seed=other, progress=False).fitness
+             - run_search(space, NoisyFitness(space, 0.05, 8), settings, start, seed=other, progress=False).fitness
+             for other in range(4)]
     assert np.mean(gains) > 0.02
 
-    resumed = resume_after(4, space, lambda: NoisyFitness(space, 0.05, 8), settings, start, tmp_path / "c.json")
+    resumed = resume_after(4, space, lambda: NoisyFitness(space, 0.05, 8), settings, seed, start, tmp_path / "c.json")
     assert resumed.resumed_from == 4 and resumed.choice == straight.choice
     assert [scan.model_dump(exclude={"seconds"}) for scan in resumed.rescans] == \
            [scan.model_dump(exclude={"seconds"}) for scan in straight.rescans]
@@ -419,12 +431,12 @@ def test_fitness_dtype_follows_the_recipe_and_the_device():
 def test_activation_reuse_gives_identical_fitness_and_saves_work(tiny_kl_setup):
     _, _, _, space = tiny_kl_setup
     start = space.choice_at([0] * len(space))
-    settings = SearchSettings(generations=5, offspring=8, max_shifts=2, stages=[Stage(1, 3, 48), Stage(3, 1, 144)],
-                              pool_batches=4, seed=2)
+    settings = search_settings(5, [(1, 3), (3, 1)], pool_batches=4, seq_len=48, offspring=8, max_shifts=2)
+    seed = 2
     runs = {}
     for reuse, cache_mb in ((False, 64), (True, 64), (True, 0.2)):   # 0.2 MiB: every 3rd boundary cached
         fitness = make_kl(tiny_kl_setup, reuse, cache_mb)
-        result = run_search(space, fitness, settings, start, progress=False)
+        result = run_search(space, fitness, settings, start, seed=seed, progress=False)
         runs[reuse, cache_mb] = (result, fitness)
     baseline = runs[False, 64][0]
     for key in ((True, 64), (True, 0.2)):
@@ -440,11 +452,11 @@ def test_activation_reuse_gives_identical_fitness_and_saves_work(tiny_kl_setup):
 def test_kl_search_resume_is_bit_identical(tiny_kl_setup, tmp_path):
     _, _, _, space = tiny_kl_setup
     start = space.choice_at([0] * len(space))
-    settings = SearchSettings(generations=4, offspring=6, max_shifts=2, stages=[Stage(1, 2, 48), Stage(2, 1, 96)],
-                              pool_batches=4, seed=5)
-    straight = run_search(space, make_kl(tiny_kl_setup, True), settings, start, progress=False)
+    settings = search_settings(4, [(1, 2), (2, 1)], pool_batches=4, seq_len=48, offspring=6, max_shifts=2)
+    seed = 5
+    straight = run_search(space, make_kl(tiny_kl_setup, True), settings, start, seed=seed, progress=False)
 
-    resumed = resume_after(2, space, lambda: make_kl(tiny_kl_setup, True), settings, start, tmp_path / "c.json")
+    resumed = resume_after(2, space, lambda: make_kl(tiny_kl_setup, True), settings, seed, start, tmp_path / "c.json")
     assert resumed.resumed_from == 2
     assert resumed.choice == straight.choice
     assert [h.fitness for h in resumed.history] == [h.fitness for h in straight.history]
@@ -454,16 +466,16 @@ DISTRIBUTED_SCRIPT = r"""
 import json, os, sys
 import torch.distributed as dist
 sys.path.insert(0, os.environ["TESTS_DIR"])
-from test_search import QuadraticFitness, paper_like_space
-from tyr.compressor.search import SearchSettings, SharedFitness, Stage, run_search
+from test_search import QuadraticFitness, paper_like_space, search_settings
+from tyr.compressor.search import SharedFitness, run_search
 
 dist.init_process_group("gloo")
 space = paper_like_space()
 inner = QuadraticFitness(space)
 fitness = SharedFitness(inner)
-settings = SearchSettings(generations=6, offspring=8, max_shifts=4, stages=[Stage(1, 3, 1), Stage(2, 1, 2)],
-                          pool_batches=3, seed=0)
-result = run_search(space, fitness, settings, space.choice_at([0] * len(space)), progress=False)
+settings = search_settings(6, [(1, 3), (2, 1)], pool_batches=3, offspring=8, max_shifts=4)
+seed = 0
+result = run_search(space, fitness, settings, space.choice_at([0] * len(space)), seed=seed, progress=False)
 evaluated = sum(n for n, _ in inner.calls)
 # One file per rank: both ranks share the launcher's stdout, where their lines can interleave.
 with open(os.path.join(os.environ["OUT_DIR"], f"rank{dist.get_rank()}.json"), "w") as f:
@@ -484,9 +496,10 @@ def test_shared_fitness_over_two_gloo_processes(tmp_path):
     assert rows[0]["choice"] == rows[1]["choice"] and rows[0]["fitness"] == rows[1]["fitness"]
     space = paper_like_space()
     inner = QuadraticFitness(space)
-    settings = SearchSettings(generations=6, offspring=8, max_shifts=4, stages=[Stage(1, 3, 1), Stage(2, 1, 2)],
-                              pool_batches=3, seed=0)
-    single = run_search(space, SharedFitness(inner), settings, space.choice_at([0] * len(space)), progress=False)
+    settings = search_settings(6, [(1, 3), (2, 1)], pool_batches=3, offspring=8, max_shifts=4)
+    seed = 0
+    single = run_search(space, SharedFitness(inner), settings, space.choice_at([0] * len(space)), seed=seed,
+                        progress=False)
     assert single.choice == rows[0]["choice"]
     single_evaluated = sum(n for n, _ in inner.calls)
     assert rows[0]["evaluated"] + rows[1]["evaluated"] == single_evaluated   # the work was split, not repeated

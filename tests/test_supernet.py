@@ -10,17 +10,12 @@ import torch
 
 from tyr.compressor import supernet as supernet_module
 from tyr.compressor.layerwise import DenseParts, attention_delta, heads_of, mlp_delta, module_weights
-from tyr.compressor.local_pruner import gqa_targets
-from tyr.compressor.supernet import (
-    DEFAULT_LADDER,
-    LocalPruneSettings,
-    Supernet,
-    SupernetManifest,
-    build_supernet,
-)
+from tyr.compressor.recipes import LocalPrunerRecipe
+from tyr.compressor.supernet import DEFAULT_LADDER, Supernet, SupernetManifest, build_supernet
 from tyr.errors import TyrError
 from tyr.models.io import load_model, save_model
-from tyr.models.slicing import LayerKeep, LayerWidth, layer_params, slice_model
+from tyr.models.facts import LayerWidth, gqa_widths, layer_params, layer_widths
+from tyr.models.slicing import LayerKeep, slice_model
 from tyr.testing import tiny_llama
 
 
@@ -90,7 +85,7 @@ def test_functional_layers_match_hf_layers(tiny, ids, sliced):
 def expected_widths(level: float, kind: str, heads: int = 6, kv: int = 3, ffn: int = 128) -> list[int]:
     if kind == "mlp":
         return [int((1 - level) * ffn + 0.5)]
-    g, r = gqa_targets(heads, kv, level)[0]
+    g, r = gqa_widths(heads, kv, level)[0]
     return [g * r, g]
 
 
@@ -110,7 +105,7 @@ def test_candidates_have_the_specified_widths_and_params(tiny, built):
     for m in manifest.modules:
         for level, width, params, keep, error in zip(m.levels, m.widths, m.params, m.keep, m.errors):
             if m.kind == "attn":
-                configs = gqa_targets(6, 3, level)
+                configs = gqa_widths(6, 3, level)
                 groups = {h // 2 for h in keep}
                 assert (len(groups), len(keep) // max(len(groups), 1)) in configs
                 assert width == [len(keep), len(groups)]
@@ -144,8 +139,8 @@ def test_all_dense_choice_reproduces_the_dense_model(tiny, ids, built, tmp_path,
     assert (parts.logits(x) - reference).abs().max() <= 1e-5
     save_model(pruned, AutoTokenizer.from_pretrained(default_model_dir), tmp_path / "pruned")
     loaded, _ = load_model(tmp_path / "pruned")
-    assert loaded.config.layer_widths() == pruned.config.layer_widths()
-    assert loaded.config.layer_widths()[1][:2] == (0, 0)
+    assert layer_widths(loaded.config) == layer_widths(pruned.config)
+    assert layer_widths(loaded.config)[1][:2] == (0, 0)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, reference)
 
@@ -253,7 +248,7 @@ def test_disk_full_is_reported_and_leaves_finished_modules_valid(tiny, ids, tmp_
 def test_custom_ladders_and_bad_inputs(tiny, ids, tmp_path):
     ladders = [[0.25, 0.3125, 0.375], [0.0, 0.0625, 1.0]] * 3
     manifest = build_supernet(tiny, ids, tmp_path / "sn", ladders, eea="current",
-                              current_levels=[0.3125, 0.0] * 3, settings=LocalPruneSettings(channel_step=5),
+                              current_levels=[0.3125, 0.0] * 3, settings=LocalPrunerRecipe(channel_step=5),
                               progress=False)
     assert [m.levels for m in manifest.modules] == ladders
     assert manifest.modules[1].widths == [[128], [120], [0]]

@@ -28,8 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return int(args.run(args) or 0)
-    except (TyrError, FileExistsError, FileNotFoundError) as err:
+    except TyrError as err:
         print(f"tyr {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # what the input checks could not foresee: permissions, a full disk, a file for a folder
+        paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+        print(f"tyr {args.command}: error: {err.strerror or err}{': ' + paths if paths else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tyr {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -11,7 +11,7 @@ TINY_RECIPE = {
     "name": "tiny", "description": "unit tests", "iterations": 2, "initial_spacing": 0.25, "ladder_size": 5,
     "eea": "expectation",
     "calibration": {"num_sequences": 16, "seq_len": 64, "batch_sequences": 8},
-    "local_pruner": {"damp": 0.01, "head_step": 1, "channel_step": 8, "refit": True},
+    "local_pruner": {"damp": 0.01, "channel_step": 8, "refit": True},
     "search": {"generations": [3, 3], "offspring": 6, "max_shifts": 2, "seq_len": 32, "batch_sequences": 2,
                "kl_top_k": 64, "stages": [{"tokens": 64, "survivors": 3}, {"tokens": 256, "survivors": 1}],
                "pool_tokens": 512,

@@ -49,7 +49,7 @@ class Throughput(BaseModel):
     completed_requests: int = Field(ge=0)
     failed_requests: int = Field(ge=0)
     requests_per_s: float = Field(ge=0)
-    output_tokens_per_s: float = Field(ge=0)
+    output_tokens_per_s: float = Field(ge=0, allow_inf_nan=False)
     concurrency: int | None = None  # simulated users
 
 
@@ -60,7 +60,7 @@ class OfflineThroughput(BaseModel):
     prompt_tokens: int = Field(ge=0)  # per prompt
     output_tokens: int = Field(gt=0)  # total generated
     elapsed_s: float = Field(gt=0)  # of the median batch
-    output_tokens_per_s: float = Field(gt=0)
+    output_tokens_per_s: float = Field(gt=0, allow_inf_nan=False)
     requests_per_s: float = Field(gt=0)
     batch_seconds: list[float] = Field(default_factory=list, description="every timed batch, in order")
     via: str = Field("offline API", description="'offline API', or 'server': one batched request to the running "

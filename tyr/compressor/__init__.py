@@ -6,5 +6,8 @@
 - supernet.py: per-module candidates at a ladder of sparsities on disk, with expectation error accumulation
 - fitness.py, search.py: top-k sparse KL fitness and the evolutionary search under an exact budget
 - prune.py: the coarse-to-fine driver (`prune`), resumable; baselines.py: uniform, magnitude, FLAP
-- recipes.py (+ recipes/*.yaml): validated budgets `fast`, `gpu` and `paper`; report.py: JSON, Markdown and a plot
+- recipes.py (+ recipes/*.yaml): validated budgets `fast`, `gpu` and `paper`, whose sections are the settings the
+  local pruner and the search take; report.py: JSON, Markdown and a plot
+
+Widths, parameter counts and the GQA / FFN width rules come from tyr.models.facts.
 """

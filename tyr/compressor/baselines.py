@@ -10,33 +10,20 @@
 - ``uniform`` (the same local pruner as Týr at one level everywhere) lives in prune.py: it is a one-candidate
   supernet.
 
-All baselines share Týr's width rule (``uniform_widths``), so at a given sparsity they have the same per-layer
-widths and parameter counts as Týr's uniform start.
+All baselines share Týr's width rules (``tyr.models.facts.gqa_widths`` and ``ffn_width``), so at a given sparsity
+they have the same per-layer widths and parameter counts as Týr's uniform start.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from tqdm.auto import tqdm
 
-from tyr.compressor.local_pruner import gqa_targets
 from tyr.errors import TyrError
-from tyr.models.slicing import LayerKeep, layer_widths, slice_model, to_tyr
-
-
-def mlp_width(ffn: int, level: float) -> int:
-    """FFN channels kept at sparsity ``level``: (1 - level) · ffn rounded half up (the supernet's rule)."""
-    return max(0, min(ffn, math.floor((1 - level) * ffn + 0.5)))
-
-
-def attention_configs(heads: int, kv_heads: int, level: float) -> list[tuple[int, int]]:
-    """GQA configurations (kept KV groups, query heads per group) whose size is closest to (1 - level) · dense."""
-    if heads == 0:
-        return [(0, 0)]
-    return gqa_targets(heads, kv_heads, level)
+from tyr.models.facts import ffn_width, gqa_widths, layer_widths
+from tyr.models.slicing import LayerKeep, slice_model, to_tyr
 
 
 def _choose_heads(head_scores: torch.Tensor, group_extra: torch.Tensor, kv_heads: int,
@@ -58,16 +45,12 @@ def _choose_heads(head_scores: torch.Tensor, group_extra: torch.Tensor, kv_heads
     return best
 
 
-def _config_counts(model) -> list:
-    return layer_widths(model.config)
-
-
 @torch.no_grad()
-def magnitude_keeps(model, level: float) -> list[LayerKeep]:
-    """Uniform L2-norm keep sets: heads (GQA-consistent) and FFN channels, every layer at ``level``."""
+def uniform_magnitude_keeps(model, level: float) -> list[LayerKeep]:
+    """Uniform L2-norm keep sets: heads (GQA-consistent) and FFN channels, every layer at sparsity ``level``."""
     head_dim = model.config.head_dim
     keeps = []
-    for layer, width in zip(model.model.layers, _config_counts(model)):
+    for layer, width in zip(model.model.layers, layer_widths(model.config)):
         keep_heads: list[int] = []
         if layer.self_attn is not None:
             attn = layer.self_attn
@@ -75,14 +58,14 @@ def magnitude_keeps(model, level: float) -> list[LayerKeep]:
             o = attn.o_proj.weight.view(-1, width.num_attention_heads, head_dim).float().pow(2).sum((0, 2))
             kv = (attn.k_proj.weight.view(width.num_key_value_heads, head_dim, -1).float().pow(2).sum((1, 2))
                   + attn.v_proj.weight.view(width.num_key_value_heads, head_dim, -1).float().pow(2).sum((1, 2)))
-            configs = attention_configs(width.num_attention_heads, width.num_key_value_heads, level)
+            configs = gqa_widths(width.num_attention_heads, width.num_key_value_heads, level)
             keep_heads = _choose_heads((q + o).sqrt(), kv.sqrt(), width.num_key_value_heads, configs)
         keep_ffn: list[int] = []
         if layer.mlp is not None:
             mlp = layer.mlp
             score = (mlp.gate_proj.weight.float().pow(2).sum(1) + mlp.up_proj.weight.float().pow(2).sum(1)
                      + mlp.down_proj.weight.float().pow(2).sum(0)).sqrt()
-            n = mlp_width(width.intermediate_size, level)
+            n = ffn_width(width.intermediate_size, level)
             keep_ffn = score.topk(n).indices.sort().values.tolist() if n else []
         keeps.append(LayerKeep(keep_heads=keep_heads, keep_ffn=keep_ffn))
     return keeps
@@ -90,7 +73,7 @@ def magnitude_keeps(model, level: float) -> list[LayerKeep]:
 
 def magnitude_prune(model, level: float):
     """The magnitude baseline as a physically smaller TyrLlamaForCausalLM."""
-    return slice_model(to_tyr(model), magnitude_keeps(model, level))
+    return slice_model(to_tyr(model), uniform_magnitude_keeps(model, level))
 
 
 class _InputStats:
@@ -126,7 +109,38 @@ def flap_prune(model, calibration_ids: torch.LongTensor, level: float, batch_seq
     tyr_llama format and its loaders support.
     """
     model = to_tyr(model)
+    stats = _output_projection_inputs(model, calibration_ids, batch_sequences, progress)
     head_dim = model.config.head_dim
+    keeps, biases = [], {}
+    for i, (layer, width) in enumerate(zip(model.model.layers, layer_widths(model.config))):
+        keep_heads: list[int] = []
+        if layer.self_attn is not None:
+            s, w = stats[i, "attn"], layer.self_attn.o_proj.weight.to(torch.float64)
+            metric = s.variance * w.pow(2).sum(0)
+            heads = metric.view(width.num_attention_heads, head_dim).sum(1)
+            configs = gqa_widths(width.num_attention_heads, width.num_key_value_heads, level)
+            keep_heads = _choose_heads(heads, torch.zeros(width.num_key_value_heads, dtype=heads.dtype),
+                                       width.num_key_value_heads, configs)
+            kept = torch.zeros(w.shape[1], dtype=torch.bool)
+            for h in keep_heads:
+                kept[h * head_dim:(h + 1) * head_dim] = True
+            biases[f"model.layers.{i}.self_attn.o_proj.bias"] = _compensation(w, s, kept)
+        keep_ffn: list[int] = []
+        if layer.mlp is not None:
+            s, w = stats[i, "mlp"], layer.mlp.down_proj.weight.to(torch.float64)
+            metric = s.variance * w.pow(2).sum(0)
+            n = ffn_width(width.intermediate_size, level)
+            keep_ffn = metric.topk(n).indices.sort().values.tolist() if n else []
+            kept = torch.zeros(w.shape[1], dtype=torch.bool)
+            kept[keep_ffn] = True
+            biases[f"model.layers.{i}.mlp.down_proj.bias"] = _compensation(w, s, kept)
+        keeps.append(LayerKeep(keep_heads=keep_heads, keep_ffn=keep_ffn))
+    return slice_model(with_output_biases(model, biases), keeps)
+
+
+def _output_projection_inputs(model, calibration_ids: torch.LongTensor, batch_sequences: int,
+                              progress: bool) -> dict[tuple[int, str], _InputStats]:
+    """Mean and variance of every o_proj and down_proj input over the calibration tokens, from one dense pass."""
     stats: dict[tuple[int, str], _InputStats] = {}
     hooks = []
     for i, layer in enumerate(model.model.layers):
@@ -144,31 +158,12 @@ def flap_prune(model, calibration_ids: torch.LongTensor, level: float, batch_seq
     finally:
         for hook in hooks:
             hook.remove()
-    keeps, biases = [], {}
-    for i, (layer, width) in enumerate(zip(model.model.layers, layer_widths(model.config))):
-        keep_heads: list[int] = []
-        if layer.self_attn is not None:
-            s, w = stats[i, "attn"], layer.self_attn.o_proj.weight.to(torch.float64)
-            metric = s.variance * w.pow(2).sum(0)
-            heads = metric.view(width.num_attention_heads, head_dim).sum(1)
-            configs = attention_configs(width.num_attention_heads, width.num_key_value_heads, level)
-            keep_heads = _choose_heads(heads, torch.zeros(width.num_key_value_heads, dtype=heads.dtype),
-                                       width.num_key_value_heads, configs)
-            kept = torch.zeros(w.shape[1], dtype=torch.bool)
-            for h in keep_heads:
-                kept[h * head_dim:(h + 1) * head_dim] = True
-            biases[f"model.layers.{i}.self_attn.o_proj.bias"] = w[:, ~kept] @ s.mean[~kept]
-        keep_ffn: list[int] = []
-        if layer.mlp is not None:
-            s, w = stats[i, "mlp"], layer.mlp.down_proj.weight.to(torch.float64)
-            metric = s.variance * w.pow(2).sum(0)
-            n = mlp_width(width.intermediate_size, level)
-            keep_ffn = metric.topk(n).indices.sort().values.tolist() if n else []
-            kept = torch.zeros(w.shape[1], dtype=torch.bool)
-            kept[keep_ffn] = True
-            biases[f"model.layers.{i}.mlp.down_proj.bias"] = w[:, ~kept] @ s.mean[~kept]
-        keeps.append(LayerKeep(keep_heads=keep_heads, keep_ffn=keep_ffn))
-    return slice_model(with_output_biases(model, biases), keeps)
+    return stats
+
+
+def _compensation(weight: torch.Tensor, stats: _InputStats, kept: torch.Tensor) -> torch.Tensor:
+    """The removed columns' mean contribution, W[:, removed] · mean(X[:, removed]): the bias that replaces them."""
+    return weight[:, ~kept] @ stats.mean[~kept]
 
 
 def with_output_biases(model, biases: dict[str, torch.Tensor]):

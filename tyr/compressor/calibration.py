@@ -19,15 +19,17 @@ CHUNK_BYTES = 256 * 2**20
 CACHE_BYTES = 1 * 2**30
 
 
-def calibration_ids(tokenizer, source=None, num_sequences: int = 32, seq_len: int = 256,
-                    seed: int = 0) -> torch.LongTensor:
-    """``num_sequences`` blocks of ``seq_len`` tokens from the calibration split of a text source (tyr.data)."""
-    from tyr.data import load_text, token_blocks
+def calibration_ids(tokenizer, source=None, num_sequences: int = 32, seq_len: int = 256, seed: int = 0,
+                    purpose: str = "calibration") -> torch.LongTensor:
+    """``num_sequences`` blocks of ``seq_len`` tokens from the calibration split of a text source (tyr.data); the
+    search's selection blocks come from there too (``purpose`` names them in errors)."""
+    from tyr.data import TextSource, load_text, token_blocks
 
+    source = source if isinstance(source, TextSource) else TextSource.parse(source)
     try:
         return token_blocks(tokenizer, load_text(source, split="calibration"), seq_len, num_sequences, seed=seed)
     except ValueError as err:
-        raise TyrError(f"calibration text: {err}") from err
+        raise TyrError(f"{purpose} text ({source.describe()}): {err}") from err
 
 
 def ids_digest(ids: torch.Tensor) -> str:

@@ -33,7 +33,9 @@ def add_prune(parser: argparse.ArgumentParser) -> None:
                              "(on top of the parameter budget; needs --latency-table)")
     parser.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and the search")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out folder, and discard earlier work in --work-dir made from "
+                             "other inputs (model weights, text, settings)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

@@ -19,6 +19,7 @@ from tyr.errors import TyrError
 ATTENTION_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj", "input_layernorm")
 MLP_KEYS = ("gate_proj", "up_proj", "down_proj", "post_attention_layernorm")
 ModuleKind = Literal["attn", "mlp"]
+KINDS: tuple[ModuleKind, ...] = ("attn", "mlp")      # the order of a layer's modules everywhere (supernet, search)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

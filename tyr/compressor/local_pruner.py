@@ -170,23 +170,6 @@ def prune_columns_progressively(W: torch.Tensor, H: torch.Tensor, group_size: in
 
 # ----- attention heads under GQA -----
 
-def gqa_attention_params(groups: int, heads_per_group: int) -> int:
-    """Attention weights of a GQA configuration in units of head_dim · hidden: q and o (2·g·r), k and v (2·g)."""
-    return 2 * groups * heads_per_group + 2 * groups
-
-
-def gqa_targets(n_heads: int, n_kv_heads: int, sparsity: float) -> list[tuple[int, int]]:
-    """The GQA configurations (kv groups, heads per group) whose attention size is closest to (1 − sparsity) · dense.
-
-    Ties in distance go to the less pruned size; all configurations of that size are returned ((0, 0) = removed).
-    """
-    per_group = n_heads // n_kv_heads
-    configs = [(0, 0)] + [(g, r) for g in range(1, n_kv_heads + 1) for r in range(1, per_group + 1)]
-    goal = (1 - sparsity) * gqa_attention_params(n_kv_heads, per_group)
-    size = min({gqa_attention_params(g, r) for g, r in configs}, key=lambda p: (abs(p - goal), -p))
-    return sorted(c for c in configs if gqa_attention_params(*c) == size)
-
-
 def _head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Column indices of query heads (positions in the current W) [n] -> [n, head_dim]."""
     return heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)
@@ -261,7 +244,8 @@ def prune_heads_gqa(W: torch.Tensor, H: torch.Tensor, head_dim: int, n_kv_heads:
                     dtype: torch.dtype = torch.float32) -> list[PrunedLinear]:
     """Prune the query heads (input column blocks of o_proj, W [hidden, heads·head_dim]) GQA-consistently.
 
-    ``targets``: per request, the acceptable (kv groups, heads per group) configurations (see ``gqa_targets``);
+    ``targets``: per request, the acceptable (kv groups, heads per group) configurations (see
+    ``tyr.models.facts.gqa_widths``);
     [(0, 0)] means remove the attention. Each request follows the constrained greedy path from dense (paths share
     their common prefix). ``keep`` of each result lists the kept query heads: whole KV groups (head h belongs to
     group h // heads_per_group), the same number in each kept group.

@@ -6,8 +6,9 @@ Týr (method "tyr"), per iteration i of the recipe:
      ``ladder_size`` levels centred on its current level, clipped to [0, 1];
   2. build the supernet for those ladders (local OBS pruning with expectation error accumulation; resumable);
   3. evolutionary search from the current distribution (the uniform one at first), checkpointed every generation.
-The last iteration's supernet assembles the pruned model. Everything lands in ``work_dir`` (supernets, search
-checkpoints, per-iteration results), so rerunning the same command after a crash continues where it stopped.
+The best iteration's supernet (lowest KL on the selection pool) assembles the pruned model. Everything lands in
+``work_dir`` (supernets, search checkpoints, per-iteration results), so rerunning the same command after a crash
+continues where it stopped.
 
 Sparsity counts decoder-layer parameters (attention and MLP blocks with their norms); embeddings and the LM head
 are excluded, as in the paper.
@@ -16,7 +17,6 @@ are excluded, as in the paper.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -24,25 +24,32 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from tyr.atomic import atomic_write_json
+from tyr.atomic import atomic_write_json, check_output_path, exclusive
+from tyr.compressor.layerwise import KINDS
 from tyr.compressor.recipes import Recipe, fitness_dtype, load_recipe
 from tyr.compressor.report import (IterationReport, LayerReport, PruneReport, StageMeter, max_rss_mb,
                                    write_report)
-from tyr.compressor.search import (GenerationRecord, ModuleLadder, SearchResult, SearchSettings, SearchSpace,
-                                   SharedFitness, Stage, grid_ticks, level_of, run_search, tick_of)
+from tyr.compressor.search import (GenerationRecord, ModuleLadder, SearchResult, SearchSpace, SharedFitness,
+                                   grid_ticks, level_of, run_search, tick_of)
 from tyr.errors import TyrError
+from tyr.fingerprint import fingerprint
+from tyr.models.facts import layer_widths, module_params, total_params
 from tyr.compressor.latency import LatencyTable
+
+if TYPE_CHECKING:
+    from tyr.data import TextSource
 
 log = logging.getLogger(__name__)
 
 METHODS = ("tyr", "uniform", "magnitude", "flap")
-KINDS = ("attn", "mlp")
 
 
 @dataclass
@@ -64,6 +71,67 @@ class LatencyBudget(BaseModel):
         """Predicted ms of each candidate of one supernet module, from its widths in the manifest."""
         block = self.table.attention if record.kind == "attn" else self.table.mlp
         return tuple(block(*width) for width in record.widths)
+
+
+@dataclass
+class PruneJob:
+    """One run of `prune`: its inputs, checked, and the loaded dense model; every method reads what it needs here."""
+
+    model: torch.nn.Module             # the dense input model, on ``device``, in eval mode
+    tokenizer: object
+    model_name: str
+    method: str
+    sparsity: float
+    recipe: Recipe
+    text: TextSource
+    out_dir: Path
+    work_dir: Path
+    seed: int
+    device: str
+    meter: StageMeter
+    progress: bool = True
+    on_generation: Callable[[int, GenerationRecord], None] | None = None
+    latency: LatencyBudget | None = None
+    supernet_cache: Path | None = None
+    overwrite: bool = False
+    calibration: torch.LongTensor | None = None   # drawn by draw_tokens() before anything is written
+    selection: torch.LongTensor | None = None
+
+    @cached_property
+    def model_digest(self) -> str:
+        """SHA-256 of what the dense model computes: its config (names aside) and every weight's bytes."""
+        from tyr.compressor.calibration import tensors_digest
+
+        config = {k: v for k, v in self.model.config.to_dict().items()
+                  if k not in ("_name_or_path", "transformers_version", "architectures", "auto_map")}
+        return fingerprint({"config": config, "weights": tensors_digest(self.model.state_dict().values())})
+
+    def draw_tokens(self) -> None:
+        """Read and tokenize the text the method needs, so a bad text file fails before the work folder is claimed."""
+        from tyr.compressor.calibration import calibration_ids
+
+        if self.method == "magnitude":
+            return
+        calibration, search = self.recipe.calibration, self.recipe.search
+        with self.meter.stage("calibration data"):
+            self.calibration = calibration_ids(self.tokenizer, self.text, calibration.num_sequences,
+                                               calibration.seq_len, self.seed, "calibration")
+            if self.method == "tyr":
+                self.selection = calibration_ids(self.tokenizer, self.text, search.selection_sequences,
+                                                 search.seq_len, self.seed + 1, "selection")
+
+
+@dataclass
+class Pruned:
+    """What a method returns: the pruned model and what the report says about how it was made."""
+
+    model: torch.nn.Module                   # a TyrLlamaForCausalLM
+    levels: list[float] | None = None        # per module (layer 0 attn, layer 0 mlp, ...) when a supernet made it
+    nominal: float | None = None             # the searched distribution's nominal sparsity
+    iterations: list[IterationReport] = field(default_factory=list)
+    calibration_tokens: int = 0
+    selection_tokens: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 class IterationOutcome(BaseModel):
@@ -90,6 +158,8 @@ def prune(model=None, sparsity: float = 0.5, recipe: str | Path | Recipe = "fast
     search (method "tyr" only). ``supernet_cache``: a folder that keeps the first iteration's supernet by its
     inputs, so pruning one model to several sparsities on the same 12.5% grid builds it once (its owner deletes it).
     """
+    from tyr.data import TextSource
+
     if not isinstance(sparsity, (int, float)) or not 0 < sparsity < 1:
         raise TyrError(f"sparsity must be a fraction strictly between 0 and 1, got {sparsity}")
     if method not in METHODS:
@@ -101,9 +171,21 @@ def prune(model=None, sparsity: float = 0.5, recipe: str | Path | Recipe = "fast
     work_dir = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + ".work")
     if out_dir.exists() and not overwrite:
         raise TyrError(f"{out_dir} already exists; choose another output folder or pass overwrite (--overwrite)")
+    check_output_path(out_dir)
+    check_output_path(work_dir)
     try:
-        return _prune(model, float(sparsity), recipe, out_dir, work_dir, text, method, seed, device, tokenizer,
-                      progress, on_generation, keep_model, latency, supernet_cache)
+        with exclusive(out_dir), exclusive(work_dir):
+            started, meter = time.perf_counter(), StageMeter(device)
+            with meter.stage("load model"):
+                model, tokenizer, model_name = _load(model, tokenizer, device)
+            job = PruneJob(model=model, tokenizer=tokenizer, model_name=model_name, method=method,
+                           sparsity=float(sparsity), recipe=recipe, text=TextSource.parse(text), out_dir=out_dir,
+                           work_dir=work_dir, seed=seed, device=device, meter=meter, progress=progress,
+                           on_generation=on_generation, latency=latency,
+                           supernet_cache=Path(supernet_cache) if supernet_cache is not None else None,
+                           overwrite=overwrite)
+            job.draw_tokens()
+            return _run(job, started, keep_model)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise TyrError(f"the disk is full ({err}); free space under {work_dir} / {out_dir.parent} and rerun the "
@@ -111,233 +193,259 @@ def prune(model=None, sparsity: float = 0.5, recipe: str | Path | Recipe = "fast
         raise
 
 
-def _prune(model, sparsity, recipe, out_dir, work_dir, text, method, seed, device, tokenizer, progress,
-           on_generation, keep_model, latency, supernet_cache) -> PruneResult:
-    from tyr.data import TextSource
+def _load(model, tokenizer, device: str):
+    """(model, tokenizer, name) from a folder, "default", a hub id, or an already loaded model and its tokenizer."""
     from tyr.models.io import load_model
 
-    started = time.perf_counter()
-    meter = StageMeter(device)
-    with meter.stage("load model"):
-        if model is None or isinstance(model, (str, Path)):
-            model_name = str(model or "default")
-            model, tokenizer = load_model(model, dtype=torch.float32, device=device)
-        else:
-            if tokenizer is None:
-                raise TyrError("a loaded model needs its tokenizer (pass tokenizer=...)")
-            model_name = getattr(model.config, "_name_or_path", "") or "in-memory model"
-            model = model.to(device).eval()
-    source = TextSource.parse(text)
-    identity = dict(method=method, model=model_name, sparsity=sparsity, seed=seed, text=source.model_dump(),
-                    recipe=recipe.model_dump() if method in ("tyr", "uniform", "flap") else None,
-                    layers=[list(w) for w in _layer_widths(model)])
-    if latency is not None:
-        identity["latency"] = latency.model_dump(mode="json")
-    _claim_work_dir(work_dir, identity)
-    notes: list[str] = []
-    calibration_tokens = selection_tokens = 0
-    iterations: list[IterationReport] = []
-    levels: list[float] | None = None
-    nominal = None
+    if model is None or isinstance(model, (str, Path)):
+        name = str(model or "default")
+        model, tokenizer = load_model(model, dtype=torch.float32, device=device)
+        return model, tokenizer, name
+    if tokenizer is None:
+        raise TyrError("a loaded model needs its tokenizer (pass tokenizer=...)")
+    return model.to(device).eval(), tokenizer, getattr(model.config, "_name_or_path", "") or "in-memory model"
+
+
+def _run(job: PruneJob, started: float, keep_model: bool) -> PruneResult:
+    _claim_work_dir(job)
     with torch.no_grad():
-        if method == "magnitude":
-            from tyr.compressor.baselines import magnitude_prune
-
-            with meter.stage("magnitude pruning"):
-                pruned = magnitude_prune(model, sparsity)
-        else:
-            with meter.stage("calibration data"):
-                calibration = _blocks(tokenizer, source, recipe.calibration.seq_len, recipe.calibration.num_sequences,
-                                      seed, "calibration")
-            calibration_tokens = calibration.numel()
-            if method == "flap":
-                from tyr.compressor.baselines import flap_prune
-
-                with meter.stage("FLAP pruning"):
-                    pruned = flap_prune(model, calibration, sparsity, recipe.calibration.batch_sequences, progress)
-                notes.append("FLAP: fluctuation metric with bias compensation, uniform per layer (no adaptive "
-                             "structure search); q/k/v/gate/up carry zero biases because the format's bias flags "
-                             "are per block")
-            elif method == "uniform":
-                pruned, levels = _prune_uniform(model, calibration, sparsity, recipe, work_dir, device, meter, progress)
-            else:
-                selection = _blocks(tokenizer, source, recipe.search.seq_len, recipe.search.selection_sequences,
-                                    seed + 1, "selection")
-                selection_tokens = selection.numel()
-                pruned, levels, iterations, nominal = _prune_tyr(model, calibration, selection, sparsity, recipe,
-                                                                 work_dir, seed, device, meter, progress,
-                                                                 on_generation, latency, supernet_cache)
-                if latency is not None:
-                    notes.append(f"latency budget {latency.max_ms:.3f} ms per decode step ({latency.table.method}, "
-                                 f"{latency.table.device_name}); predicted for the output: "
-                                 f"{latency.table.predict_latency(_layer_widths(pruned)):.3f} ms, dense "
-                                 f"{latency.table.predict_latency(_layer_widths(model)):.3f} ms")
-        report = _report(model, pruned, model_name, out_dir, method, sparsity, recipe, seed, device, source,
-                         calibration_tokens, selection_tokens, levels, nominal, iterations, notes)
-        paths = _save(pruned, tokenizer, out_dir, work_dir, report, meter, started)
-    if not recipe.keep_supernets:
-        log.info("pruned model written to %s; work files stay in %s (delete them when done)", out_dir, work_dir)
-    return PruneResult(out_dir=out_dir, report=report, report_paths=paths, model=pruned if keep_model else None)
+        pruned = _METHOD_RUNS[job.method](job)
+        report = _report(job, pruned)
+        paths = _save(job, pruned.model, report, started)
+    if not job.recipe.keep_supernets:
+        log.info("pruned model written to %s; work files stay in %s (delete them when done)", job.out_dir,
+                 job.work_dir)
+    return PruneResult(out_dir=job.out_dir, report=report, report_paths=paths,
+                       model=pruned.model if keep_model else None)
 
 
-# ----- Týr -----
+# ----- the methods -----
 
-def _prune_tyr(model, calibration, selection, target, recipe: Recipe, work_dir: Path, seed: int, device: str,
-               meter: StageMeter, progress: bool, on_generation, latency: LatencyBudget | None = None,
-               supernet_cache: Path | None = None):
-    from tyr.compressor.fitness import dense_targets
-    from tyr.compressor.supernet import Supernet
+def _calibration(job: PruneJob) -> torch.LongTensor:
+    return job.calibration
 
-    modules = _module_list(model)
-    dense_params = [p for _, _, p in modules]
-    unit = recipe.initial_spacing / 2 ** (recipe.iterations - 1)
-    ticks = [0] * len(modules)                 # the uniform distribution: every module at the target
-    targets = None
-    outcomes: list[IterationOutcome] = []
-    supernet_dirs: list[Path] = []
-    best = 0
-    for iteration in range(recipe.iterations):
-        step = 2 ** (recipe.iterations - 1 - iteration)
+
+def _prune_magnitude(job: PruneJob) -> Pruned:
+    from tyr.compressor.baselines import magnitude_prune
+
+    with job.meter.stage("magnitude pruning"):
+        return Pruned(model=magnitude_prune(job.model, job.sparsity))
+
+
+def _prune_flap(job: PruneJob) -> Pruned:
+    from tyr.compressor.baselines import flap_prune
+
+    calibration = _calibration(job)
+    with job.meter.stage("FLAP pruning"):
+        model = flap_prune(job.model, calibration, job.sparsity, job.recipe.calibration.batch_sequences, job.progress)
+    return Pruned(model=model, calibration_tokens=calibration.numel(),
+                  notes=["FLAP: fluctuation metric with bias compensation, uniform per layer (no adaptive structure "
+                         "search); q/k/v/gate/up carry zero biases because the format's bias flags are per block"])
+
+
+def _prune_uniform(job: PruneJob) -> Pruned:
+    """Týr without search: a one-level supernet (every module at the target) assembled as it is."""
+    from tyr.compressor.supernet import Supernet, build_supernet
+
+    calibration = _calibration(job)
+    levels = [job.sparsity] * len(_module_list(job.model))
+    supernet_dir = job.work_dir / "uniform" / "supernet"
+    with job.meter.stage("uniform: supernet"):
+        build_supernet(job.model, calibration, supernet_dir, ladders=[[level] for level in levels],
+                       eea=job.recipe.eea, current_levels=levels, settings=job.recipe.local_pruner,
+                       device=job.device, progress=job.progress)
+    with job.meter.stage("assemble"):
+        model = Supernet.open(supernet_dir).assemble(job.model, [0] * len(levels))
+    return Pruned(model=model, levels=levels, calibration_tokens=calibration.numel())
+
+
+def _prune_tyr(job: PruneJob) -> Pruned:
+    calibration = _calibration(job)
+    selection = job.selection
+    pruned = _CoarseToFine(job, calibration, selection).run()
+    pruned.calibration_tokens, pruned.selection_tokens = calibration.numel(), selection.numel()
+    if job.latency is not None:
+        table = job.latency.table
+        pruned.notes.append(f"latency budget {job.latency.max_ms:.3f} ms per decode step ({table.method}, "
+                            f"{table.device_name}); predicted for the output: "
+                            f"{table.predict_latency(layer_widths(pruned.model.config)):.3f} ms, dense "
+                            f"{table.predict_latency(layer_widths(job.model.config)):.3f} ms")
+    return pruned
+
+
+_METHOD_RUNS: dict[str, Callable[[PruneJob], Pruned]] = {
+    "tyr": _prune_tyr, "uniform": _prune_uniform, "magnitude": _prune_magnitude, "flap": _prune_flap}
+
+
+# ----- Týr: supernet and search, coarse to fine -----
+
+class _CoarseToFine:
+    """The iterations of a Týr run: each builds a supernet around the best distribution so far and searches it.
+
+    Levels are integer ticks on the finest grid of the run (``unit``); iteration i's ladders step by
+    2^(iterations - 1 - i) ticks. Every iteration's result is stored (work_dir/iter{i}/result.json), so a rerun
+    skips finished iterations.
+    """
+
+    def __init__(self, job: PruneJob, calibration: torch.LongTensor, selection: torch.LongTensor):
+        self.job, self.recipe = job, job.recipe
+        self.calibration, self.selection = calibration, selection
+        self.modules = _module_list(job.model)
+        self.unit = self.recipe.initial_spacing / 2 ** (self.recipe.iterations - 1)
+        self.targets = None                  # the dense model's top-k log-probs, computed once when first needed
+
+    def run(self) -> Pruned:
+        ticks = [0] * len(self.modules)      # the uniform distribution: every module at the target
+        outcomes: list[IterationOutcome] = []
+        supernet_dirs: list[Path] = []
+        best = 0
+        for iteration in range(self.recipe.iterations):
+            ladders = self.ladders(iteration, ticks)
+            supernet_dirs.append(self.supernet_dir(iteration, ladders))
+            outcomes.append(self.finished(iteration)
+                            or self.iteration(iteration, ladders, ticks, supernet_dirs[-1]))
+            # Every iteration's fitness is measured on the same selection tokens, so results compare across
+            # supernets: the next iteration starts from the best distribution so far, and the best one is the output.
+            if outcomes[-1].report.fitness < outcomes[best].report.fitness:
+                best = iteration
+            ticks = outcomes[best].ticks
+            if not self.recipe.keep_supernets:
+                self.drop_supernets(supernet_dirs, best)
+        chosen = outcomes[best]
+        model = self.assemble(supernet_dirs[best], chosen)
+        for outcome in outcomes:
+            outcome.report.selected = outcome.report.iteration == best
+        dense_params = [p for _, _, p in self.modules]
+        nominal = (self.job.sparsity
+                   + self.unit * sum(p * t for p, t in zip(dense_params, chosen.ticks)) / sum(dense_params))
+        return Pruned(model=model, levels=[self.level(t) for t in chosen.ticks], nominal=nominal,
+                      iterations=[o.report for o in outcomes])
+
+    def level(self, tick: int) -> float:
+        return level_of(self.job.sparsity, self.unit, tick)
+
+    def step(self, iteration: int) -> int:
+        return 2 ** (self.recipe.iterations - 1 - iteration)
+
+    def ladders(self, iteration: int, ticks: list[int]) -> list[list[int]]:
+        """Iteration 0: every level of the grid; later: ``ladder_size`` levels around each module's current one."""
+        target, step = self.job.sparsity, self.step(iteration)
         if iteration == 0:
-            ladders = [list(grid_ticks(target, unit, step, 0, None)) for _ in modules]
-        else:
-            ladders = [list(grid_ticks(target, unit, step, t, recipe.ladder_size // 2)) for t in ticks]
-        iteration_dir = work_dir / f"iter{iteration}"
-        supernet_dir = iteration_dir / "supernet"
-        if iteration == 0 and supernet_cache is not None:
-            supernet_dir = Path(supernet_cache) / _first_supernet_key(model, calibration, target, unit, ladders, recipe)
-        supernet_dirs.append(supernet_dir)
-        result_path = iteration_dir / "result.json"
-        if result_path.is_file():
-            outcome = IterationOutcome.model_validate_json(result_path.read_text(encoding="utf-8"))
-            log.info("iteration %d: done in an earlier run (KL %.4f)", iteration, outcome.report.fitness)
-        else:
-            stage_started = time.perf_counter()
-            with meter.stage(f"iteration {iteration}: supernet"):
-                manifest = _build(model, calibration, supernet_dir, target, unit, ladders, ticks, recipe, device,
-                                  progress)
-            supernet_seconds = time.perf_counter() - stage_started
-            space = _space(manifest, modules, dense_params, target, unit, step, latency)
-            if targets is None:
-                with meter.stage("dense targets"):
-                    targets = dense_targets(model, selection, recipe.search.kl_top_k, recipe.search.batch_sequences,
-                                            progress=progress)
-            stage_started = time.perf_counter()
-            with meter.stage(f"iteration {iteration}: search"):
-                # In a function, so the fitness and its caches are freed before the next supernet is built.
-                result, stats = _search(model, supernet_dir, space, ticks, targets, recipe, iteration, seed, device,
-                                        iteration_dir, on_generation, progress)
-            outcome = _outcome(iteration, recipe, space, result, stats, supernet_seconds,
-                               time.perf_counter() - stage_started, ticks, ladders)
-            atomic_write_json(result_path, outcome.model_dump(mode="json"))
-        outcomes.append(outcome)
-        # Every iteration's fitness is measured on the same selection tokens, so results compare across supernets:
-        # the next iteration starts from the best distribution so far, and the best one is the output.
-        if outcome.report.fitness < outcomes[best].report.fitness:
-            best = iteration
-        ticks = outcomes[best].ticks
-        if not recipe.keep_supernets:
-            for j, directory in enumerate(supernet_dirs):
-                # A shared first supernet (supernet_cache) belongs to the cache's owner.
-                if j != best and directory.exists() and directory.is_relative_to(work_dir):
-                    shutil.rmtree(directory, ignore_errors=True)
-    chosen = outcomes[best]
-    with meter.stage("assemble"):
-        if not (supernet_dirs[best] / "manifest.json").is_file():   # removed by hand: rebuild it (deterministic)
-            _build(model, calibration, supernet_dirs[best], target, unit, chosen.ladders, chosen.start_ticks, recipe,
-                   device, progress)
-        pruned = Supernet.open(supernet_dirs[best]).assemble(model, chosen.choice)
-    for outcome in outcomes:
-        outcome.report.selected = outcome.report.iteration == best
-    levels = [level_of(target, unit, t) for t in chosen.ticks]
-    nominal = target + unit * sum(p * t for p, t in zip(dense_params, chosen.ticks)) / sum(dense_params)
-    return pruned, levels, [o.report for o in outcomes], nominal
+            return [list(grid_ticks(target, self.unit, step, 0, None)) for _ in self.modules]
+        return [list(grid_ticks(target, self.unit, step, t, self.recipe.ladder_size // 2)) for t in ticks]
+
+    def supernet_dir(self, iteration: int, ladders: list[list[int]]) -> Path:
+        if iteration == 0 and self.job.supernet_cache is not None:
+            return self.job.supernet_cache / _first_supernet_key(self.job, self.calibration,
+                                                                 [[self.level(t) for t in ladder] for ladder in ladders])
+        return self.job.work_dir / f"iter{iteration}" / "supernet"
+
+    def finished(self, iteration: int) -> IterationOutcome | None:
+        path = self.job.work_dir / f"iter{iteration}" / "result.json"
+        if not path.is_file():
+            return None
+        outcome = IterationOutcome.model_validate_json(path.read_text(encoding="utf-8"))
+        log.info("iteration %d: done in an earlier run (KL %.4f)", iteration, outcome.report.fitness)
+        return outcome
+
+    def iteration(self, iteration: int, ladders: list[list[int]], ticks: list[int],
+                  supernet_dir: Path) -> IterationOutcome:
+        from tyr.compressor.fitness import dense_targets
+
+        meter, search = self.job.meter, self.recipe.search
+        started = time.perf_counter()
+        with meter.stage(f"iteration {iteration}: supernet"):
+            manifest = self.build(supernet_dir, ladders, ticks)
+        supernet_seconds = time.perf_counter() - started
+        space = _space(manifest, self.modules, self.job.sparsity, self.unit, self.step(iteration), self.job.latency)
+        if self.targets is None:
+            with meter.stage("dense targets"):
+                self.targets = dense_targets(self.job.model, self.selection, search.kl_top_k, search.batch_sequences,
+                                             progress=self.job.progress)
+        started = time.perf_counter()
+        with meter.stage(f"iteration {iteration}: search"):
+            # In a function, so the fitness and its caches are freed before the next supernet is built.
+            result, stats = _search(self.job, supernet_dir, space, ticks, self.targets, iteration)
+        report = IterationReport(
+            iteration=iteration, spacing=self.recipe.spacing(iteration), generations=len(result.history),
+            start_fitness=result.start_fitness, fitness=result.fitness, history=result.history,
+            supernet_seconds=supernet_seconds, search_seconds=time.perf_counter() - started,
+            resumed_from_generation=result.resumed_from, module_evaluations=stats.module_evaluations,
+            module_evaluations_without_reuse=stats.module_evaluations_without_reuse,
+            activation_reuse_saving=stats.saving, fitness_seconds=stats.seconds, fitness_dtype=stats.compute_dtype,
+            warm_start=result.warm_start, rescans=result.rescans, pool_scores=result.pool_scores)
+        outcome = IterationOutcome(ticks=space.ticks_of(result.choice), choice=result.choice, start_ticks=list(ticks),
+                                   ladders=ladders, report=report)
+        atomic_write_json(self.job.work_dir / f"iter{iteration}" / "result.json", outcome.model_dump(mode="json"))
+        return outcome
+
+    def build(self, directory: Path, ladders: list[list[int]], current: list[int]):
+        from tyr.compressor.supernet import build_supernet
+
+        job = self.job
+        return build_supernet(job.model, self.calibration, directory,
+                              ladders=[[self.level(t) for t in ladder] for ladder in ladders], eea=self.recipe.eea,
+                              current_levels=[self.level(t) for t in current], settings=self.recipe.local_pruner,
+                              device=job.device, progress=job.progress)
+
+    def drop_supernets(self, supernet_dirs: list[Path], best: int) -> None:
+        """Delete the supernets no later iteration needs (a shared cached one belongs to the cache's owner)."""
+        for j, directory in enumerate(supernet_dirs):
+            if j != best and directory.exists() and directory.is_relative_to(self.job.work_dir):
+                shutil.rmtree(directory, ignore_errors=True)
+
+    def assemble(self, directory: Path, chosen: IterationOutcome):
+        from tyr.compressor.supernet import MANIFEST, Supernet
+
+        with self.job.meter.stage("assemble"):
+            if not (directory / MANIFEST).is_file():   # removed by hand: rebuild it (deterministic)
+                self.build(directory, chosen.ladders, chosen.start_ticks)
+            return Supernet.open(directory).assemble(self.job.model, chosen.choice)
 
 
-def _search(model, supernet_dir: Path, space: SearchSpace, ticks: list[int], targets, recipe: Recipe, iteration: int,
-            seed: int, device: str, iteration_dir: Path, on_generation, progress: bool):
+def _search(job: PruneJob, supernet_dir: Path, space: SearchSpace, ticks: list[int], targets, iteration: int):
     from tyr.compressor.fitness import SupernetKL
     from tyr.compressor.layerwise import DenseParts
     from tyr.compressor.supernet import Supernet
 
+    settings, device = job.recipe.search, job.device
     supernet = Supernet.open(supernet_dir)
-    fitness = SupernetKL(DenseParts.from_model(model), supernet.weights, [m.kind for m in space.modules], targets,
-                         recipe.search.batch_sequences, reuse_activations=recipe.search.reuse_activations,
-                         activation_cache_mb=recipe.search.activation_cache_mb,
-                         weight_cache_mb=recipe.search.weight_cache_mb,
-                         cached_batches=recipe.search.stage_batches()[-1], device=device,
-                         dtype=next(model.parameters()).dtype,
-                         compute_dtype=fitness_dtype(recipe.search.dtype, device))
-    settings = search_settings(recipe, iteration, seed)
+    fitness = SupernetKL(DenseParts.from_model(job.model), supernet.weights, [m.kind for m in space.modules], targets,
+                         settings.batch_sequences, reuse_activations=settings.reuse_activations,
+                         activation_cache_mb=settings.activation_cache_mb, weight_cache_mb=settings.weight_cache_mb,
+                         cached_batches=settings.stage_batches()[-1], device=device,
+                         dtype=next(job.model.parameters()).dtype,
+                         compute_dtype=fitness_dtype(settings.dtype, device))
+    on_generation = job.on_generation
     callback = (lambda record: on_generation(iteration, record)) if on_generation else None
     result = run_search(space, SharedFitness(fitness), settings, space.choice_at(ticks),
-                        checkpoint=iteration_dir / "search.json", on_generation=callback, progress=progress,
-                        description=f"search {iteration + 1}/{recipe.iterations}")
+                        seed=iteration_seed(job.seed, iteration), iteration=iteration,
+                        checkpoint=job.work_dir / f"iter{iteration}" / "search.json", on_generation=callback,
+                        progress=job.progress, description=f"search {iteration + 1}/{job.recipe.iterations}")
     return result, fitness.stats
 
 
-def _first_supernet_key(model, calibration, target: float, unit: float, ladders: list[list[int]],
-                        recipe: Recipe) -> str:
+def iteration_seed(seed: int, iteration: int) -> int:
+    """The search seed of one iteration, derived from the run's seed."""
+    return int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0])
+
+
+def _first_supernet_key(job: PruneJob, calibration, levels: list[list[float]]) -> str:
     """A name for the first iteration's supernet that depends only on what builds it (its levels, not the target).
 
     The supernet's own fingerprint still checks model weights and every input when the folder is reused."""
     from tyr.compressor.calibration import ids_digest
 
-    levels = [[round(level_of(target, unit, t), 9) for t in ladder] for ladder in ladders]
-    current = [round(target, 9)] * len(ladders) if recipe.eea == "current" else None
-    parts = {"model": getattr(model.config, "_name_or_path", ""), "layers": [list(w) for w in _layer_widths(model)],
-             "ids": ids_digest(calibration), "levels": levels, "eea": recipe.eea, "current": current,
-             "settings": recipe.local_pruner.model_dump()}
-    return "iter0-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    recipe, model = job.recipe, job.model
+    current = [round(job.sparsity, 9)] * len(levels) if recipe.eea == "current" else None
+    parts = {"model": job.model_digest, "layers": [list(w) for w in layer_widths(model.config)],
+             "ids": ids_digest(calibration), "levels": [[round(level, 9) for level in ladder] for ladder in levels],
+             "eea": recipe.eea, "current": current, "settings": recipe.local_pruner.model_dump()}
+    return "iter0-" + fingerprint(parts, 16)
 
 
-def search_settings(recipe: Recipe, iteration: int, seed: int) -> SearchSettings:
-    """The search settings of one iteration (its seed derives from the run's seed and the iteration)."""
-    search = recipe.search
-    return SearchSettings(generations=search.generations_of(iteration), offspring=search.offspring,
-                          max_shifts=search.max_shifts,
-                          stages=[Stage(b, s.survivors, s.tokens) for b, s in zip(search.stage_batches(), search.stages)],
-                          pool_batches=search.selection_sequences // search.batch_sequences,
-                          seed=int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0]),
-                          scan_levels=search.scan_levels, scan_batches=search.scan_batches,
-                          scan_tokens=search.scan_batches * search.batch_sequences * search.seq_len,
-                          scan_penalties=tuple(search.scan_penalties), fresh_final=search.fresh_final_stage,
-                          rescore_every=search.pool_rescore_every, scan_every=search.scan_every)
-
-
-def _build(model, calibration, directory: Path, target: float, unit: float, ladders: list[list[int]],
-           current: list[int], recipe: Recipe, device: str, progress: bool):
-    from tyr.compressor.supernet import build_supernet
-
-    return build_supernet(model, calibration, directory,
-                          ladders=[[level_of(target, unit, t) for t in ladder] for ladder in ladders],
-                          eea=recipe.eea, current_levels=[level_of(target, unit, t) for t in current],
-                          settings=_local_settings(recipe), device=device, progress=progress)
-
-
-def _prune_uniform(model, calibration, target, recipe: Recipe, work_dir: Path, device: str, meter: StageMeter,
-                   progress: bool):
-    """Týr without search: a one-level supernet (every module at the target) assembled as it is."""
-    from tyr.compressor.supernet import Supernet, build_supernet
-
-    modules = _module_list(model)
-    supernet_dir = work_dir / "uniform" / "supernet"
-    with meter.stage("uniform: supernet"):
-        build_supernet(model, calibration, supernet_dir, ladders=[[target]] * len(modules), eea=recipe.eea,
-                       current_levels=[target] * len(modules), settings=_local_settings(recipe), device=device,
-                       progress=progress)
-    with meter.stage("assemble"):
-        pruned = Supernet.open(supernet_dir).assemble(model, [0] * len(modules))
-    return pruned, [target] * len(modules)
-
-
-def _local_settings(recipe: Recipe):
-    from tyr.compressor.supernet import LocalPruneSettings
-
-    return LocalPruneSettings(**recipe.local_pruner.model_dump())
-
-
-def _space(manifest, modules, dense_params, target, unit, step, latency: LatencyBudget | None = None) -> SearchSpace:
+def _space(manifest, modules, target: float, unit: float, step: int,
+           latency: LatencyBudget | None = None) -> SearchSpace:
     ladders = []
     for (layer, kind, params), candidates in zip(modules, manifest.modules, strict=True):
         if (candidates.layer, candidates.kind) != (layer, kind):
@@ -352,80 +460,50 @@ def _space(manifest, modules, dense_params, target, unit, step, latency: Latency
                        max_cost=latency.max_ms - latency.table.lm_head_ms)
 
 
-def _outcome(iteration: int, recipe: Recipe, space: SearchSpace, result: SearchResult, stats, supernet_seconds: float,
-             search_seconds: float, start_ticks: list[int], ladders: list[list[int]]) -> IterationOutcome:
-    report = IterationReport(
-        iteration=iteration, spacing=recipe.spacing(iteration), generations=len(result.history),
-        start_fitness=result.start_fitness, fitness=result.fitness, history=result.history,
-        supernet_seconds=supernet_seconds, search_seconds=search_seconds, resumed_from_generation=result.resumed_from,
-        module_evaluations=stats.module_evaluations,
-        module_evaluations_without_reuse=stats.module_evaluations_without_reuse,
-        activation_reuse_saving=stats.saving, fitness_seconds=stats.seconds, fitness_dtype=stats.compute_dtype,
-        warm_start=result.warm_start, rescans=result.rescans, pool_scores=result.pool_scores)
-    return IterationOutcome(ticks=space.ticks_of(result.choice), choice=result.choice, start_ticks=list(start_ticks),
-                            ladders=ladders, report=report)
-
-
 # ----- shared helpers -----
-
-def _layer_widths(model) -> list[tuple[int, int, int]]:
-    from tyr.models.slicing import layer_widths
-
-    if getattr(model.config, "per_layer_config", None) is None:
-        c = model.config
-        return [(c.num_attention_heads, c.num_key_value_heads, c.intermediate_size)] * c.num_hidden_layers
-    return [(w.num_attention_heads, w.num_key_value_heads, w.intermediate_size) for w in layer_widths(model.config)]
-
-
-def _module_params(model) -> list[tuple[int, int]]:
-    """(attention, MLP) parameters of every decoder layer, norms included, as the modules hold them."""
-    out = []
-    for layer in model.model.layers:
-        attn = sum(p.numel() for m in (layer.self_attn, layer.input_layernorm) if m is not None for p in m.parameters())
-        mlp = sum(p.numel() for m in (layer.mlp, layer.post_attention_layernorm) if m is not None for p in m.parameters())
-        out.append((attn, mlp))
-    return out
-
 
 def _module_list(model) -> list[tuple[int, str, int]]:
     """(layer, kind, dense parameters) of every prunable module, in supernet order."""
-    return [(i, kind, params) for i, pair in enumerate(_module_params(model)) for kind, params in zip(KINDS, pair)]
+    return [(i, kind, params) for i, pair in enumerate(module_params(model)) for kind, params in zip(KINDS, pair)]
 
 
-def _blocks(tokenizer, source, seq_len: int, num_blocks: int, seed: int, purpose: str) -> torch.LongTensor:
-    from tyr.data import load_text, token_blocks
+def _claim_work_dir(job: PruneJob) -> None:
+    """Record what this work directory is for. Its work is reused only when made from the same contents (model
+    weights, the tokens drawn from the text, settings); work from other inputs is discarded with overwrite, else
+    refused."""
+    from tyr.compressor.calibration import ids_digest
 
-    documents = load_text(source, split="calibration")
-    try:
-        return token_blocks(tokenizer, documents, seq_len, num_blocks, seed)
-    except ValueError as err:
-        raise TyrError(f"{purpose} text ({source.describe()}): {err}") from err
-
-
-def _claim_work_dir(work_dir: Path, identity: dict) -> None:
-    """Record what this work directory is for; refuse to mix two different runs in one."""
-    path = work_dir / "run.json"
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    identity = dict(method=job.method, weights=job.model_digest, sparsity=job.sparsity, seed=job.seed,
+                    recipe=job.recipe.model_dump() if job.method in ("tyr", "uniform", "flap") else None,
+                    calibration=ids_digest(job.calibration) if job.calibration is not None else None,
+                    selection=ids_digest(job.selection) if job.selection is not None else None)
+    if job.latency is not None:
+        identity["latency"] = job.latency.model_dump(mode="json")
+    path = job.work_dir / "run.json"
+    digest = fingerprint(identity, 16)
     if path.is_file():
         try:
             stored = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             stored = {}
-        if stored.get("digest") != digest:
-            raise TyrError(f"work directory {work_dir} holds a different run (model, sparsity, recipe, method, seed "
-                           "or text differ); pass another --work-dir or delete it")
-        return
-    atomic_write_json(path, {"digest": digest, **identity})
+        if stored.get("digest") == digest:
+            return
+        if not job.overwrite:
+            raise TyrError(f"work directory {job.work_dir} holds a different run (model weights, sparsity, recipe, "
+                           "method, seed or calibration text differ); pass --overwrite to discard it, another "
+                           "--work-dir, or delete it")
+        log.warning("discarding the earlier work in %s: it was made from different inputs (model weights, sparsity, "
+                    "recipe, method, seed or calibration text)", job.work_dir)
+        shutil.rmtree(job.work_dir)
+    atomic_write_json(path, {"digest": digest, "model": job.model_name, "text": job.text.describe(), **identity})
 
 
-def _report(dense, pruned, model_name, out_dir, method, target, recipe, seed, device, source, calibration_tokens,
-            selection_tokens, levels, nominal, iterations, notes) -> PruneReport:
-    from tyr.evaluation.run import count_parameters
-
-    dense_modules, pruned_modules = _module_params(dense), _module_params(pruned)
-    widths = _layer_widths(pruned)
+def _report(job: PruneJob, pruned: Pruned) -> PruneReport:
+    dense_modules, pruned_modules = module_params(job.model), module_params(pruned.model)
+    levels = pruned.levels
     layers = []
-    for i, ((da, dm), (pa, pm), (h, kv, ffn)) in enumerate(zip(dense_modules, pruned_modules, widths)):
+    for i, ((da, dm), (pa, pm), (h, kv, ffn)) in enumerate(zip(dense_modules, pruned_modules,
+                                                               layer_widths(pruned.model.config))):
         layers.append(LayerReport(layer=i, heads=h, kv_heads=kv, ffn=ffn, attn_params=pa, mlp_params=pm,
                                   attn_sparsity=1 - pa / da if da else 0.0, mlp_sparsity=1 - pm / dm if dm else 0.0,
                                   attn_level=levels[2 * i] if levels else None,
@@ -433,27 +511,26 @@ def _report(dense, pruned, model_name, out_dir, method, target, recipe, seed, de
     dense_decoder = sum(a + m for a, m in dense_modules)
     pruned_decoder = sum(a + m for a, m in pruned_modules)
     return PruneReport(
-        method=method, model=model_name, out_dir=str(out_dir), target_sparsity=target,
-        achieved_sparsity=1 - pruned_decoder / dense_decoder, nominal_sparsity=nominal,
+        method=job.method, model=job.model_name, out_dir=str(job.out_dir), target_sparsity=job.sparsity,
+        achieved_sparsity=1 - pruned_decoder / dense_decoder, nominal_sparsity=pruned.nominal,
         dense_decoder_params=dense_decoder, pruned_decoder_params=pruned_decoder,
-        dense_total_params=count_parameters(dense).total, pruned_total_params=count_parameters(pruned).total,
-        recipe=recipe.model_dump() if method != "magnitude" else None, seed=seed, device=str(device),
-        text_source=source.describe(), calibration_tokens=calibration_tokens, selection_tokens=selection_tokens,
-        layers=layers, iterations=iterations, notes=notes)
+        dense_total_params=total_params(job.model), pruned_total_params=total_params(pruned.model),
+        recipe=job.recipe.model_dump() if job.method != "magnitude" else None, seed=job.seed, device=str(job.device),
+        text_source=job.text.describe(), calibration_tokens=pruned.calibration_tokens,
+        selection_tokens=pruned.selection_tokens, layers=layers, iterations=pruned.iterations, notes=pruned.notes)
 
 
-def _save(pruned, tokenizer, out_dir: Path, work_dir: Path, report: PruneReport, meter: StageMeter,
-          started: float) -> dict[str, Path]:
+def _save(job: PruneJob, pruned, report: PruneReport, started: float) -> dict[str, Path]:
     """Save model + report into work_dir/final, then move it to out_dir in one rename."""
     from tyr.models.io import save_model
 
-    staging = work_dir / "final"
-    save_model(pruned, tokenizer, staging, overwrite=True)
-    report.stages = list(meter.stages)
+    staging, out_dir = job.work_dir / "final", job.out_dir
+    save_model(pruned, job.tokenizer, staging, overwrite=True)
+    report.stages = list(job.meter.stages)
     report.wall_seconds = time.perf_counter() - started
     report.peak_rss_mb = max_rss_mb()
     if torch.cuda.is_available() and str(report.device).startswith("cuda"):
-        report.peak_gpu_mb = max(s.peak_gpu_mb or 0 for s in meter.stages)
+        report.peak_gpu_mb = max(s.peak_gpu_mb or 0 for s in job.meter.stages)
     paths = write_report(report, staging)
     if out_dir.exists():
         shutil.rmtree(out_dir)

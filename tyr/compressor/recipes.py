@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import torch
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
-EEA_MODES = ("expectation", "current", "none")
+EEAMode = Literal["expectation", "current", "none"]
 
 
 class _Strict(BaseModel):
@@ -42,11 +42,10 @@ class CalibrationRecipe(_Strict):
 
 
 class LocalPrunerRecipe(_Strict):
-    """Settings of the local (layer-wise OBS) pruner that builds every candidate of the supernet."""
+    """Settings of the local (layer-wise OBS) pruner that builds every candidate of the supernet; the supernet
+    records them in its manifest."""
 
     damp: float = Field(0.01, gt=0, le=1, description="Hessian dampening, as a fraction of its mean diagonal")
-    head_step: int = Field(1, ge=1, le=1, description="query heads per GQA group dropped per OBS step (the local "
-                           "pruner implements 1)")
     channel_step: int = Field(16, ge=1, le=4096, description="FFN channels removed per OBS step (a coarser path is "
                               "faster; widths are still exact)")
     refit: bool = Field(True, description="least-squares refit of the kept weights after the OBS path")
@@ -61,7 +60,7 @@ class SelectionStage(_Strict):
 
 
 class SearchRecipe(_Strict):
-    """The evolutionary search over per-module sparsity levels."""
+    """The evolutionary search over per-module sparsity levels: the settings `run_search` takes."""
 
     generations: list[int] = Field(min_length=1, description="generations of evolution in each coarse-to-fine "
                                    "iteration (one entry per iteration, or one entry used for all)")
@@ -108,8 +107,8 @@ class SearchRecipe(_Strict):
                                  "loaded between evaluations (least recently used ones are dropped)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="precision of the fitness forward's matmuls (the residual stream and the KL stay in "
-        "float32): auto = bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16 or AMX), float32 elsewhere. "
-        "On two AVX512-BF16 cores bf16 made the fitness 1.8x faster, with the same ranking up to near-ties")
+        "float32): auto = bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16 or AMX), where it is faster "
+        "and ranks candidates the same up to near-ties; float32 elsewhere")
 
     @model_validator(mode="after")
     def _stages_are_staged(self) -> "SearchRecipe":
@@ -157,13 +156,22 @@ class SearchRecipe(_Strict):
         return self.pool_size // self.seq_len
 
     @property
+    def pool_batches(self) -> int:
+        """Selection batches in the pool; every generation draws its stages' batches from them."""
+        return self.selection_sequences // self.batch_sequences
+
+    @property
+    def batch_tokens(self) -> int:
+        return self.seq_len * self.batch_sequences
+
+    @property
     def scan_batches(self) -> int:
         """Selection batches the warm start's scan scores each move on."""
         tokens = self.scan_tokens if self.scan_tokens is not None else self.stages[-1].tokens
-        return tokens // self.seq_len // self.batch_sequences
+        return tokens // self.batch_tokens
 
     def stage_batches(self) -> list[int]:
-        return [s.tokens // self.seq_len // self.batch_sequences for s in self.stages]
+        return [s.tokens // self.batch_tokens for s in self.stages]
 
     def generations_of(self, iteration: int) -> int:
         return self.generations[min(iteration, len(self.generations) - 1)]
@@ -180,7 +188,7 @@ class Recipe(_Strict):
                                    "ladder (every module: target + k * spacing within [0, 1])")
     ladder_size: int = Field(9, ge=3, le=65, description="candidates per module in later iterations: this many "
                              "levels at the new spacing centred on the module's current level, clipped to [0, 1]")
-    eea: Literal["expectation", "current", "none"] = Field(
+    eea: EEAMode = Field(
         "expectation", description="error accumulation while building the supernet: the next module's input is the "
         "(1 - level)-weighted mean of the candidates' outputs (expectation, the paper's EEA), the output of the "
         "module's current level (current), or the dense output (none)")

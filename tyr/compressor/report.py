@@ -183,6 +183,11 @@ def plot_sparsity(report: PruneReport, path: str | Path) -> Path:
 
 
 def render_markdown(report: PruneReport) -> str:
+    return "\n".join(_summary(report) + _search_section(report) + _stages_section(report)
+                     + _layers_section(report)) + "\n"
+
+
+def _summary(report: PruneReport) -> list[str]:
     lines = [f"# Pruning report: {report.method}", "",
              f"- model: `{report.model}` -> `{report.out_dir}`",
              f"- target sparsity {100 * report.target_sparsity:.2f}%, achieved {100 * report.achieved_sparsity:.2f}%"
@@ -194,46 +199,57 @@ def render_markdown(report: PruneReport) -> str:
              f"- calibration tokens {report.calibration_tokens:,}, selection tokens {report.selection_tokens:,}",
              f"- wall time {report.wall_seconds:.1f} s, peak RSS {report.peak_rss_mb:.0f} MiB"
              + (f", peak GPU {report.peak_gpu_mb:.0f} MiB" if report.peak_gpu_mb is not None else ""), ""]
-    for note in report.notes:
-        lines.append(f"> {note}")
-    if report.notes:
-        lines.append("")
-    if report.iterations:
-        lines += ["## Search", "", "| iteration | spacing | generations | KL start (pool) | KL end (pool) | reuse saving | "
-                  "supernet s | search s | fitness dtype | output |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for it in report.iterations:
-            lines.append(f"| {it.iteration} | {100 * it.spacing:.4g}% | {it.generations} | {it.start_fitness:.4f} | "
-                         f"{it.fitness:.4f} | {100 * it.activation_reuse_saving:.1f}% | {it.supernet_seconds:.1f} | "
-                         f"{it.search_seconds:.1f} | {it.fitness_dtype} | {'yes' if it.selected else ''} |")
-        for it in report.iterations:
-            for w in ([it.warm_start] if it.warm_start is not None else []) + it.rescans:
-                tried = ", ".join(f"{p.fitness:.4f} (penalty {p.penalty:.2g}, {p.moved} modules moved)"
-                                  for p in w.proposals)
-                where = f"scan after generation {w.generation}" if w.generation else "warm start"
-                lines.append(f"- iteration {it.iteration} {where}: {w.scanned} single-module moves scored on "
-                             f"{w.tokens:,} tokens in {w.seconds:.1f} s; KL (pool) of the parent {w.start_fitness:.4f}, "
-                             f"of the additive optima {tried or '-'}; the search goes on from "
-                             + (f"optimum {w.chosen + 1}" if w.chosen is not None else "the parent"))
-        for it in report.iterations:
-            if it.pool_scores:
-                best = min(it.pool_scores, key=lambda score: score.fitness)
-                values = ", ".join(f"{score.generation}: {score.fitness:.4f}" for score in it.pool_scores)
-                lines.append(f"- iteration {it.iteration} parent's KL on the pool by generation: {values}; the "
-                             f"result is the parent after generation {best.generation}")
-        lines += ["", "Sparse KL to the dense model per generation (the winner's, on that generation's fresh last-stage "
-                  "tokens; the pool values above compare across iterations):", ""]
-        for it in report.iterations:
-            values = ", ".join(f"{h.fitness:.4f}" for h in it.history)
-            lines.append(f"- iteration {it.iteration}: {values}")
-        lines.append("")
-    lines += ["## Stages", "", "| stage | seconds | peak RSS MiB | peak GPU MiB |", "|---|---|---|---|"]
+    lines += [f"> {note}" for note in report.notes]
+    return lines + ([""] if report.notes else [])
+
+
+def _search_section(report: PruneReport) -> list[str]:
+    if not report.iterations:
+        return []
+    lines = ["## Search", "", "| iteration | spacing | generations | KL start (pool) | KL end (pool) | reuse saving | "
+             "supernet s | search s | fitness dtype | output |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for it in report.iterations:
+        lines.append(f"| {it.iteration} | {100 * it.spacing:.4g}% | {it.generations} | {it.start_fitness:.4f} | "
+                     f"{it.fitness:.4f} | {100 * it.activation_reuse_saving:.1f}% | {it.supernet_seconds:.1f} | "
+                     f"{it.search_seconds:.1f} | {it.fitness_dtype} | {'yes' if it.selected else ''} |")
+    for it in report.iterations:
+        for w in ([it.warm_start] if it.warm_start is not None else []) + it.rescans:
+            lines.append(_scan_line(it.iteration, w))
+    for it in report.iterations:
+        if it.pool_scores:
+            best = min(it.pool_scores, key=lambda score: score.fitness)
+            values = ", ".join(f"{score.generation}: {score.fitness:.4f}" for score in it.pool_scores)
+            lines.append(f"- iteration {it.iteration} parent's KL on the pool by generation: {values}; the "
+                         f"result is the parent after generation {best.generation}")
+    lines += ["", "Sparse KL to the dense model per generation (the winner's, on that generation's fresh last-stage "
+              "tokens; the pool values above compare across iterations):", ""]
+    for it in report.iterations:
+        lines.append(f"- iteration {it.iteration}: " + ", ".join(f"{h.fitness:.4f}" for h in it.history))
+    return lines + [""]
+
+
+def _scan_line(iteration: int, w: WarmStart) -> str:
+    tried = ", ".join(f"{p.fitness:.4f} (penalty {p.penalty:.2g}, {p.moved} modules moved)" for p in w.proposals)
+    where = f"scan after generation {w.generation}" if w.generation else "warm start"
+    return (f"- iteration {iteration} {where}: {w.scanned} single-module moves scored on {w.tokens:,} tokens in "
+            f"{w.seconds:.1f} s; KL (pool) of the parent {w.start_fitness:.4f}, of the additive optima "
+            f"{tried or '-'}; the search goes on from "
+            + (f"optimum {w.chosen + 1}" if w.chosen is not None else "the parent"))
+
+
+def _stages_section(report: PruneReport) -> list[str]:
+    lines = ["## Stages", "", "| stage | seconds | peak RSS MiB | peak GPU MiB |", "|---|---|---|---|"]
     for s in report.stages:
         gpu = f"{s.peak_gpu_mb:.0f}" if s.peak_gpu_mb is not None else "-"
         lines.append(f"| {s.name} | {s.seconds:.1f} | {s.peak_rss_mb:.0f} | {gpu} |")
-    lines += ["", "## Layers", "", f"![per-layer sparsity]({REPORT_PNG})", "",
-              "| layer | heads | kv heads | ffn | attn params | mlp params | attn sparsity | mlp sparsity |",
-              "|---|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def _layers_section(report: PruneReport) -> list[str]:
+    lines = ["", "## Layers", "", f"![per-layer sparsity]({REPORT_PNG})", "",
+             "| layer | heads | kv heads | ffn | attn params | mlp params | attn sparsity | mlp sparsity |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report.layers:
         lines.append(f"| {r.layer} | {r.heads} | {r.kv_heads} | {r.ffn} | {r.attn_params:,} | {r.mlp_params:,} | "
                      f"{100 * r.attn_sparsity:.1f}% | {100 * r.mlp_sparsity:.1f}% |")
-    return "\n".join(lines) + "\n"
+    return lines

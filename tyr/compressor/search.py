@@ -24,8 +24,6 @@ every generation, so an interrupted search rerun with the same inputs ends bit-i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import time
@@ -39,7 +37,9 @@ from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
 from tyr.atomic import atomic_write_json
+from tyr.compressor.recipes import SearchRecipe, SelectionStage
 from tyr.errors import TyrError
+from tyr.fingerprint import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class SearchSpace:
     def fingerprint(self) -> str:
         data = [self.target, self.unit, self.step, [(m.name, m.dense_params, m.ticks) for m in self.modules],
                 self.costs, self.max_cost]
-        return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
+        return fingerprint(data, 16)
 
 
 def level_of(target: float, unit: float, tick: int) -> float:
@@ -253,14 +253,7 @@ class GenerationRecord(BaseModel):
     seconds: float
 
 
-@dataclass(frozen=True)
-class Stage:
-    batches: int          # selection batches scored in this stage
-    survivors: int
-    tokens: int           # for reports: batches x tokens per batch
-
-
-def staged_selection(offspring: list[Choice], parent: Choice, stages: list[tuple[Stage, Sequence[int]]],
+def staged_selection(offspring: list[Choice], parent: Choice, stages: list[tuple[SelectionStage, Sequence[int]]],
                      evaluate: Callable[[list[Choice], Sequence[int]], list[float]], fresh_final: bool = False
                      ) -> tuple[list[Choice], list[float], float, list[StageRecord]]:
     """Score, keep the best, re-score on more tokens, ...; the parent joins the last stage (elitism).
@@ -427,7 +420,8 @@ class SearchCheckpoint(BaseModel):
     seconds: float = 0.0
     warm_start: WarmStart | None = None
     rescans: list[WarmStart] = Field([], description="later scans from the parent (search.scan_every)")
-    pool_scores: list[PoolScore] = Field([], description="the parent's whole-pool fitness every rescore_every "
+    pool_scores: list[PoolScore] = Field([], description="the parent's whole-pool fitness every "
+                                         "search.pool_rescore_every "
                                          "generations (empty when off)")
     best: list[int] | None = Field(None, description="the lowest of those parents, when rescoring")
     complete: bool = False
@@ -443,158 +437,172 @@ class SearchResult(BaseModel):
     seconds: float
     warm_start: WarmStart | None = Field(None, description="the sensitivity scan, when the recipe asks for one")
     rescans: list[WarmStart] = Field([], description="later scans from the parent (search.scan_every)")
-    pool_scores: list[PoolScore] = Field([], description="the parent's whole-pool fitness every rescore_every "
+    pool_scores: list[PoolScore] = Field([], description="the parent's whole-pool fitness every "
+                                         "search.pool_rescore_every "
                                          "generations; the result is the lowest of them")
     resumed_from: int = Field(0, description="generations restored from a checkpoint")
 
 
-@dataclass(frozen=True)
-class SearchSettings:
-    generations: int
-    offspring: int
-    max_shifts: int
-    stages: list[Stage]
-    pool_batches: int     # selection batches available; every generation draws its stages' batches from them
-    seed: int
-    scan_levels: int = 0  # > 0: warm-start from the additive model of single-module moves up to this many steps
-    scan_batches: int = 0  # selection batches the scan scores each move on
-    scan_tokens: int = 0   # for reports: the tokens those batches hold
-    scan_penalties: tuple[float, ...] = WARM_START_PENALTIES
-    fresh_final: bool = False  # the parent meets the survivors on the last stage's new batches only
-    rescore_every: int = 0  # > 0: score the parent on the whole pool this often; end at the best one so scored
-    scan_every: int = 0     # > 0 (with scan_levels): scan again from the parent every this many generations
-
-    def __post_init__(self):
-        if self.scan_levels and not 0 < self.scan_batches <= self.pool_batches:
-            raise ValueError(f"the scan needs 1 to {self.pool_batches} batches, got {self.scan_batches}")
-        if self.fresh_final and len(self.stages) > 1 and self.stages[-1].batches <= self.stages[-2].batches:
-            raise ValueError("with fresh_final the last stage needs more batches than the one before it")
-        if self.stages[-1].batches > self.pool_batches:
-            raise ValueError(f"the last stage needs {self.stages[-1].batches} batches; the pool has {self.pool_batches}")
-
-
-def draw_batches(rng: np.random.Generator, settings: SearchSettings) -> list[list[int]]:
+def draw_batches(rng: np.random.Generator, settings: SearchRecipe) -> list[list[int]]:
     """This generation's batches per stage: a random subset of the pool, each stage's extending the previous."""
     order = [int(b) for b in rng.permutation(settings.pool_batches)]
-    return [order[:stage.batches] for stage in settings.stages]
+    return [order[:batches] for batches in settings.stage_batches()]
 
 
-def run_search(space: SearchSpace, fitness: Fitness, settings: SearchSettings, start: Choice,
-               checkpoint: str | Path | None = None,
+def run_search(space: SearchSpace, fitness: Fitness, settings: SearchRecipe, start: Choice, *, seed: int,
+               iteration: int = 0, checkpoint: str | Path | None = None,
                on_generation: Callable[[GenerationRecord], None] | None = None,
                progress: bool = True, description: str = "search") -> SearchResult:
-    """Evolve from ``start`` for ``settings.generations`` generations; resume from ``checkpoint`` if it exists.
+    """Evolve from ``start`` for the generations ``settings`` give coarse-to-fine ``iteration``, with all randomness
+    from ``seed``; resume from ``checkpoint`` if it exists.
 
     Each generation draws fresh selection batches from the pool (so the search cannot overfit a few fixed
     tokens); the start and the result are scored on the whole pool. ``on_generation`` runs after each
     generation's checkpoint is written (tests interrupt the search there).
     """
+    _check_start(space, start)
+    generations = settings.generations_of(iteration)
+    search = _Search(space, fitness, settings, start, generations, seed, Path(checkpoint) if checkpoint else None,
+                     progress)
+    state = search.resume()
+    resumed = state.generations_done if state is not None else 0
+    if state is None:
+        state = search.save(search.begin())
+    else:
+        log.info("%s: resuming after generation %d of %d", description, state.generations_done, generations)
+    bar = tqdm(total=generations, initial=state.generations_done, desc=description, unit="gen",
+               disable=not progress or state.complete, leave=False)
+    while not state.complete and state.generations_done < generations:
+        if search.rescan_due(state):
+            state = search.save(search.rescan(state))
+        evolved = search.generation(state)
+        if evolved is None:
+            log.warning("%s: the parent has no neighbours left to mutate into; stopping early", description)
+            break
+        state = search.save(evolved)
+        record = state.history[-1]
+        bar.update(1)
+        bar.set_postfix(kl=f"{record.fitness:.4f}")
+        if on_generation is not None:
+            on_generation(record)
+    bar.close()
+    if state.fitness is None:
+        state = search.save(search.finish(state))
+    return SearchResult(choice=state.parent, levels=space.levels(state.parent), fitness=state.fitness,
+                        start_fitness=state.start_fitness, history=state.history, seconds=state.seconds,
+                        warm_start=state.warm_start, rescans=state.rescans, pool_scores=state.pool_scores,
+                        resumed_from=resumed)
+
+
+def _check_start(space: SearchSpace, start: Choice) -> None:
     if space.budget_offset(start) != 0:
         raise TyrError(f"the start distribution's nominal sparsity {space.nominal_sparsity(start):.6f} is not the "
                        f"target {space.target}")
     if not space.feasible(start):
         raise TyrError(f"the start distribution's predicted latency {space.cost(start):.3f} ms exceeds the budget of "
                        f"{space.max_cost:.3f} ms: raise the target sparsity or the latency budget")
-    checkpoint = Path(checkpoint) if checkpoint is not None else None
-    fingerprint = _fingerprint(space, settings, start)
-    rng = np.random.Generator(np.random.PCG64(settings.seed))
-    everything = list(range(settings.pool_batches))
-    state = _load_checkpoint(checkpoint, fingerprint)
-    resumed = state.generations_done if state else 0
-    if state is None:
-        started = time.perf_counter()
+
+
+class _Search:
+    """One search's fixed parts (space, fitness, settings, the random generator, the checkpoint file) and its
+    steps; each step takes the checkpointed state and returns the next one."""
+
+    def __init__(self, space: SearchSpace, fitness: Fitness, settings: SearchRecipe, start: Choice, generations: int,
+                 seed: int, checkpoint: Path | None, progress: bool):
+        self.space, self.fitness, self.settings, self.start = space, fitness, settings, start
+        self.generations, self.checkpoint, self.progress = generations, checkpoint, progress
+        self.fingerprint = _fingerprint(space, settings, start, generations, seed)
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.everything = list(range(settings.pool_batches))
+
+    def resume(self) -> SearchCheckpoint | None:
+        """The checkpointed state of this very search (same space, settings, start and seed), if there is one."""
+        state = _load_checkpoint(self.checkpoint, self.fingerprint)
+        if state is not None:
+            self.rng.bit_generator.state = state.rng_state
+        return state
+
+    def save(self, state: SearchCheckpoint) -> SearchCheckpoint:
+        _save_checkpoint(self.checkpoint, state)
+        return state
+
+    def begin(self) -> SearchCheckpoint:
+        """Score the start on the whole pool, or let the sensitivity scan replace it (recipe scan_levels)."""
+        started, start = time.perf_counter(), self.start
         parent, warm = start, None
-        if settings.scan_levels:
-            batches = [int(b) for b in rng.permutation(settings.pool_batches)[:settings.scan_batches]]
-            parent, warm = warm_start(space, fitness, start, settings.scan_levels, batches, everything,
-                                      settings.scan_tokens, settings.scan_penalties, progress)
+        if self.settings.scan_levels:
+            parent, warm = self._scan(start)
             start_fitness = warm.start_fitness
         else:
-            fitness.set_parent(start)
-            start_fitness = fitness.evaluate([start], everything)[0]
+            self.fitness.set_parent(start)
+            start_fitness = self.fitness.evaluate([start], self.everything)[0]
         rescored: list[PoolScore] = []
-        if settings.rescore_every:
+        if self.settings.pool_rescore_every:
             rescored = [PoolScore(generation=0, fitness=warm.result_fitness if warm else start_fitness)]
-        state = SearchCheckpoint(fingerprint=fingerprint, generations_done=0, parent=list(parent),
-                                 start_fitness=start_fitness, history=[], rng_state=rng.bit_generator.state,
-                                 seconds=time.perf_counter() - started, warm_start=warm, pool_scores=rescored,
-                                 best=list(parent) if rescored else None)
-        _save_checkpoint(checkpoint, state)
-    else:
-        rng.bit_generator.state = state.rng_state
-        log.info("%s: resuming after generation %d of %d", description, state.generations_done, settings.generations)
-    parent = tuple(state.parent)
-    bar = tqdm(total=settings.generations, initial=state.generations_done, desc=description, unit="gen",
-               disable=not progress or state.complete, leave=False)
-    for generation in range(state.generations_done, settings.generations):
-        if state.complete:
-            break
-        if settings.scan_levels and settings.scan_every and generation % settings.scan_every == 0 \
-                and generation > 0 and all(scan.generation != generation for scan in state.rescans):
-            state = _rescan(state, space, fitness, settings, rng, parent, generation, everything, progress)
-            _save_checkpoint(checkpoint, state)
-            parent = tuple(state.parent)
+        return SearchCheckpoint(fingerprint=self.fingerprint, generations_done=0, parent=list(parent),
+                                start_fitness=start_fitness, history=[], rng_state=self.rng.bit_generator.state,
+                                seconds=time.perf_counter() - started, warm_start=warm, pool_scores=rescored,
+                                best=list(parent) if rescored else None)
+
+    def rescan_due(self, state: SearchCheckpoint) -> bool:
+        every, done = self.settings.scan_every, state.generations_done
+        return bool(self.settings.scan_levels and every and done and done % every == 0
+                    and all(scan.generation != done for scan in state.rescans))
+
+    def rescan(self, state: SearchCheckpoint) -> SearchCheckpoint:
+        """Scan again from the evolved parent: the additive model is re-linearised where the search now is."""
         started = time.perf_counter()
-        fitness.set_parent(parent)
-        children = make_offspring(parent, space, rng, settings.offspring, settings.max_shifts)
+        chosen, scan = self._scan(tuple(state.parent))
+        scan = scan.model_copy(update=dict(generation=state.generations_done))
+        update = dict(parent=list(chosen), rescans=state.rescans + [scan], rng_state=self.rng.bit_generator.state,
+                      seconds=state.seconds + time.perf_counter() - started)
+        if self.settings.pool_rescore_every:     # the scan scored the parent and its proposals on the whole pool
+            update.update(_pool_scored(state, chosen, state.generations_done, scan.result_fitness))
+        return state.model_copy(update=update)
+
+    def _scan(self, parent: Choice) -> tuple[Choice, WarmStart]:
+        settings = self.settings
+        batches = [int(b) for b in self.rng.permutation(settings.pool_batches)[:settings.scan_batches]]
+        return warm_start(self.space, self.fitness, parent, settings.scan_levels, batches, self.everything,
+                          settings.scan_batches * settings.batch_tokens, settings.scan_penalties, self.progress)
+
+    def generation(self, state: SearchCheckpoint) -> SearchCheckpoint | None:
+        """Mutate offspring from the parent, select on fresh batches, and rescore the winner when due (None: the
+        parent has no neighbours left)."""
+        settings, parent, done = self.settings, tuple(state.parent), state.generations_done + 1
+        started = time.perf_counter()
+        self.fitness.set_parent(parent)
+        children = make_offspring(parent, self.space, self.rng, settings.offspring, settings.max_shifts)
         if not children:
-            log.warning("%s: the parent has no neighbours left to mutate into; stopping early", description)
-            break
-        batches = draw_batches(rng, settings)
-        stages = [(Stage(s.batches, min(s.survivors, len(children)), s.tokens), b)
-                  for s, b in zip(settings.stages, batches)]
-        survivors, scores, parent_score, records = staged_selection(children, parent, stages, fitness.evaluate,
-                                                                    settings.fresh_final)
-        improved = survivors[0] != parent
-        parent = survivors[0]
-        record = GenerationRecord(generation=generation + 1, fitness=scores[0], parent_fitness=parent_score,
-                                  improved=improved, offspring=len(children), stages=records,
+            return None
+        stages = [(stage.model_copy(update=dict(survivors=min(stage.survivors, len(children)))), batches)
+                  for stage, batches in zip(settings.stages, draw_batches(self.rng, settings))]
+        survivors, scores, parent_score, records = staged_selection(children, parent, stages, self.fitness.evaluate,
+                                                                    settings.fresh_final_stage)
+        record = GenerationRecord(generation=done, fitness=scores[0], parent_fitness=parent_score,
+                                  improved=survivors[0] != parent, offspring=len(children), stages=records,
                                   seconds=time.perf_counter() - started)
-        update = dict(generations_done=generation + 1, parent=list(parent), history=state.history + [record],
-                      rng_state=rng.bit_generator.state)
-        if settings.rescore_every and (generation + 1) % settings.rescore_every == 0 \
-                and generation + 1 < settings.generations:
-            update.update(_rescore(state, fitness, parent, generation + 1, everything))
+        update = dict(generations_done=done, parent=list(survivors[0]), history=state.history + [record],
+                      rng_state=self.rng.bit_generator.state)
+        every = settings.pool_rescore_every
+        if every and done % every == 0 and done < self.generations:
+            update.update(_rescore(state, self.fitness, survivors[0], done, self.everything))
         update["seconds"] = state.seconds + time.perf_counter() - started
-        state = state.model_copy(update=update)
-        _save_checkpoint(checkpoint, state)
-        bar.update(1)
-        bar.set_postfix(kl=f"{scores[0]:.4f}")
-        if on_generation is not None:
-            on_generation(record)
-    bar.close()
-    if state.fitness is None:
+        return state.model_copy(update=update)
+
+    def finish(self, state: SearchCheckpoint) -> SearchCheckpoint:
+        """Score the result on the whole pool; with rescoring, the result is the lowest parent so scored."""
         started = time.perf_counter()
-        if settings.rescore_every:
-            update = _rescore(state, fitness, parent, state.generations_done, everything)
+        parent = tuple(state.parent)
+        if self.settings.pool_rescore_every:
+            update = _rescore(state, self.fitness, parent, state.generations_done, self.everything)
             parent = tuple(update["best"])
             final = min(score.fitness for score in update["pool_scores"])
         else:
-            fitness.set_parent(parent)
-            final, update = fitness.evaluate([parent], everything)[0], {}
-        state = state.model_copy(update=dict(update, complete=True, fitness=final, parent=list(parent),
-                                             seconds=state.seconds + time.perf_counter() - started))
-        _save_checkpoint(checkpoint, state)
-    return SearchResult(choice=list(parent), levels=space.levels(parent), fitness=state.fitness,
-                        start_fitness=state.start_fitness, history=state.history, seconds=state.seconds,
-                        warm_start=state.warm_start, rescans=state.rescans, pool_scores=state.pool_scores,
-                        resumed_from=resumed)
-
-
-def _rescan(state: SearchCheckpoint, space: SearchSpace, fitness: Fitness, settings: SearchSettings,
-            rng: np.random.Generator, parent: Choice, generation: int, everything: Sequence[int],
-            progress: bool) -> SearchCheckpoint:
-    """Scan again from the evolved parent: the additive model is re-linearised where the search now is."""
-    started = time.perf_counter()
-    batches = [int(b) for b in rng.permutation(settings.pool_batches)[:settings.scan_batches]]
-    chosen, scan = warm_start(space, fitness, parent, settings.scan_levels, batches, everything,
-                              settings.scan_tokens, settings.scan_penalties, progress)
-    scan = scan.model_copy(update=dict(generation=generation))
-    update = dict(parent=list(chosen), rescans=state.rescans + [scan], rng_state=rng.bit_generator.state,
-                  seconds=state.seconds + time.perf_counter() - started)
-    if settings.rescore_every:     # the scan scored the parent and its proposals on the whole pool
-        update.update(_pool_scored(state, chosen, generation, scan.result_fitness))
-    return state.model_copy(update=update)
+            self.fitness.set_parent(parent)
+            final, update = self.fitness.evaluate([parent], self.everything)[0], {}
+        return state.model_copy(update=dict(update, complete=True, fitness=final, parent=list(parent),
+                                            seconds=state.seconds + time.perf_counter() - started))
 
 
 def _rescore(state: SearchCheckpoint, fitness: Fitness, parent: Choice, generation: int,
@@ -619,31 +627,32 @@ def _pool_scored(state: SearchCheckpoint, parent: Choice, generation: int, value
                 best=state.best if keep else list(parent))
 
 
-def _fingerprint(space: SearchSpace, settings: SearchSettings, start: Choice) -> str:
-    data = [space.fingerprint(), settings.generations, settings.offspring, settings.max_shifts,
-            [(s.batches, s.survivors) for s in settings.stages], settings.pool_batches, settings.seed, list(start)]
+def _fingerprint(space: SearchSpace, settings: SearchRecipe, start: Choice, generations: int, seed: int) -> str:
+    data = [space.fingerprint(), generations, settings.offspring, settings.max_shifts,
+            [(batches, s.survivors) for batches, s in zip(settings.stage_batches(), settings.stages)],
+            settings.pool_batches, seed, list(start)]
     # Appended only when set, so checkpoints written without them stay valid.
     if settings.scan_levels:
         data += [settings.scan_levels, settings.scan_batches]
         if tuple(settings.scan_penalties) != WARM_START_PENALTIES:
             data.append(list(settings.scan_penalties))
-    if settings.fresh_final:
+    if settings.fresh_final_stage:
         data.append("fresh_final")
-    if settings.rescore_every:
-        data.append(["rescore_every", settings.rescore_every])
+    if settings.pool_rescore_every:
+        data.append(["rescore_every", settings.pool_rescore_every])
     if settings.scan_levels and settings.scan_every:
         data.append(["scan_every", settings.scan_every])
-    return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
+    return fingerprint(data, 16)
 
 
-def _load_checkpoint(path: Path | None, fingerprint: str) -> SearchCheckpoint | None:
+def _load_checkpoint(path: Path | None, expected: str) -> SearchCheckpoint | None:
     if path is None or not path.is_file():
         return None
     try:
         state = SearchCheckpoint.model_validate_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise TyrError(f"search checkpoint {path} is unreadable ({err}); delete it to restart this search") from err
-    if state.fingerprint != fingerprint:
+    if state.fingerprint != expected:
         raise TyrError(f"search checkpoint {path} belongs to a different search (other model, recipe, sparsity or "
                        "seed); use another work directory or delete it")
     return state

@@ -21,8 +21,6 @@ states; rerunning with the same inputs continues after the last finished module 
 from __future__ import annotations
 
 import errno
-import json
-import math
 import os
 import tempfile
 from collections import OrderedDict
@@ -39,24 +37,19 @@ from tqdm.auto import tqdm
 
 from tyr.atomic import atomic_write_json
 from tyr.compressor import calibration
-from tyr.compressor.layerwise import DenseParts, attention_heads, mlp_hidden, module_weights
-from tyr.compressor.local_pruner import PrunedLinear, gqa_targets, prune_columns_progressively, prune_heads_gqa
+from tyr.compressor.layerwise import KINDS, DenseParts, attention_heads, mlp_hidden, module_weights
+from tyr.compressor.local_pruner import PrunedLinear, prune_columns_progressively, prune_heads_gqa
+from tyr.compressor.recipes import EEAMode, LocalPrunerRecipe
 from tyr.device import resolve_device
 from tyr.errors import TyrError
-from tyr.models.slicing import LayerKeep, LayerWidth, layer_params, layer_widths, slice_model
+from tyr.fingerprint import fingerprint
+from tyr.models.facts import LayerWidth, ffn_width, gqa_widths, layer_params, layer_widths
+from tyr.models.slicing import LayerKeep, slice_model
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DEFAULT_LADDER = [i / 8 for i in range(9)]
-EEA = Literal["expectation", "current", "none"]
-
-
-class LocalPruneSettings(BaseModel):
-    damp: float = Field(0.01, gt=0, description="Hessian damping, as a fraction of its mean diagonal")
-    head_step: int = Field(1, ge=1, description="query heads per KV group dropped per step (only 1 is implemented)")
-    channel_step: int = Field(16, ge=1, description="FFN channels removed per OBS step")
-    refit: bool = Field(True, description="least-squares refit of the kept columns after the OBS path")
-    solver_dtype: Literal["float32", "float64"] = Field("float32", description="precision of the OBS solver")
+OUTPUT_PROJECTION = {"attn": "o_proj", "mlp": "down_proj"}   # the linear layer whose input columns are pruned
 
 
 class ModuleCandidates(BaseModel):
@@ -80,9 +73,9 @@ class SupernetManifest(BaseModel):
     num_key_value_heads: int
     intermediate_size: int
     dtype: str
-    eea: EEA
+    eea: EEAMode
     current_levels: list[float] | None = None
-    settings: LocalPruneSettings
+    settings: LocalPrunerRecipe
     calibration: dict
     fingerprint: str = Field(description="SHA-256 of everything that determines the result (inputs and weights)")
     modules: list[ModuleCandidates] = Field(description="finished modules: layer0.attn, layer0.mlp, layer1.attn, ...")
@@ -105,14 +98,10 @@ def module_file(index: int, layer: int, kind: str) -> str:
 
 def _check_dense(model) -> None:
     config = model.config
-    dense = (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size)
-    for i, w in enumerate(layer_widths(config)):
-        if (w.num_attention_heads, w.num_key_value_heads, w.intermediate_size) != dense:
-            raise TyrError(f"layer {i} is already pruned ({w.model_dump()}); build the supernet from the dense model")
-
-
-def _ffn_keep(level: float, ffn: int) -> int:
-    return int(math.floor((1 - level) * ffn + 0.5))
+    dense = LayerWidth(config.num_attention_heads, config.num_key_value_heads, config.intermediate_size)
+    for i, width in enumerate(layer_widths(config)):
+        if width != dense:
+            raise TyrError(f"layer {i} is already pruned ({width._asdict()}); build the supernet from the dense model")
 
 
 def level_index(ladder: list[float], level: float) -> int | None:
@@ -128,12 +117,6 @@ def _mixture(eea: str, levels: list[float], current: float | None) -> list[float
     keep = [1 - s for s in levels]
     total = sum(keep)
     return [k / total if total > 0 else 0.0 for k in keep]
-
-
-def _fingerprint(parts: dict) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, done: int, out_dir: Path) -> None:
@@ -169,13 +152,13 @@ def _write_manifest(manifest: SupernetManifest, out_dir: Path) -> None:
 
 
 def _prune_module(kind: str, W: torch.Tensor, H: torch.Tensor, levels: list[float], model_config,
-                  settings: LocalPruneSettings) -> list[PrunedLinear]:
+                  settings: LocalPrunerRecipe) -> list[PrunedLinear]:
     dtype = getattr(torch, settings.solver_dtype)
     if kind == "attn":
-        targets = [gqa_targets(model_config.num_attention_heads, model_config.num_key_value_heads, s) for s in levels]
+        targets = [gqa_widths(model_config.num_attention_heads, model_config.num_key_value_heads, s) for s in levels]
         return prune_heads_gqa(W, H, model_config.head_dim, model_config.num_key_value_heads, targets,
                                damp=settings.damp, refit=settings.refit, dtype=dtype)
-    counts = [_ffn_keep(s, W.shape[1]) for s in levels]
+    counts = [ffn_width(W.shape[1], s) for s in levels]
     return prune_columns_progressively(W, H, settings.channel_step, counts, damp=settings.damp,
                                        refit=settings.refit, dtype=dtype)
 
@@ -209,8 +192,8 @@ def _columns(kind: str, keep: list[int], head_dim: int, device) -> torch.Tensor:
 
 @torch.no_grad()
 def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, ladders: list[list[float]],
-                   eea: EEA = "expectation", current_levels: list[float] | None = None,
-                   settings: LocalPruneSettings = LocalPruneSettings(), device: str | torch.device | None = None,
+                   eea: EEAMode = "expectation", current_levels: list[float] | None = None,
+                   settings: LocalPrunerRecipe = LocalPrunerRecipe(), device: str | torch.device | None = None,
                    progress: bool = True, *, model_name: str | None = None, calibration_meta: dict | None = None,
                    on_module_done: Callable[[int, torch.Tensor], None] | None = None) -> SupernetManifest:
     """Build (or finish building) the supernet of a dense Llama-style ``model`` in ``out_dir``.
@@ -221,122 +204,181 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
     ``on_module_done(index, hidden)`` is called after each module is committed, with the hidden states that go on
     to the next module. Returns the manifest (also in out_dir/manifest.json).
     """
-    config = model.config
+    current_levels = _validate(model, calibration_ids, ladders, eea, current_levels)
+    device, out_dir = resolve_device(device), Path(out_dir)
+    manifest = _new_manifest(model, calibration_ids, ladders, eea, current_levels, settings, model_name,
+                             calibration_meta)
+    found = _existing_manifest(out_dir, manifest.fingerprint)
+    if found is not None and found.complete:
+        return found
+    hidden = _resume(found, manifest, out_dir, device)
+    builder = _ModuleBuilder(model, ladders, eea, current_levels, settings, out_dir, device,
+                             seq_len=calibration_ids.shape[1])
+    if hidden is None:
+        hidden = builder.parts.embed(calibration_ids.to(builder.parts.embed_tokens.device)).to(device, torch.float32)
+    num_modules = len(ladders)
+    bar = tqdm(range(len(manifest.modules), num_modules), desc="supernet", unit="module", disable=not progress,
+               initial=len(manifest.modules), total=num_modules)
+    for index in bar:
+        bar.set_postfix_str(f"layer {index // 2} {KINDS[index % 2]}")
+        record = builder.build(index, hidden, len(manifest.modules))
+        _commit(manifest, record, hidden, out_dir)
+        if on_module_done is not None:
+            on_module_done(index, hidden)
+    _finish(manifest, out_dir)
+    return manifest
+
+
+def _validate(model, calibration_ids: torch.Tensor, ladders: list[list[float]], eea: str,
+              current_levels: list[float] | None) -> list[float] | None:
+    """Raise TyrError on bad inputs; return the current levels the build uses (None unless eea="current")."""
     _check_dense(model)
-    num_modules = 2 * config.num_hidden_layers
+    num_modules = 2 * model.config.num_hidden_layers
     if len(ladders) != num_modules:
         raise TyrError(f"got {len(ladders)} ladders; the model has {num_modules} modules (2 per layer)")
     for m, ladder in enumerate(ladders):
         if not ladder or any(not 0 <= s <= 1 for s in ladder):
             raise TyrError(f"ladder of module {m} must be a non-empty list of levels in [0, 1], got {ladder}")
-    if settings.head_step != 1:
-        raise TyrError(f"head_step={settings.head_step}: only one query head per group per step is implemented")
     if eea not in ("expectation", "current", "none"):
         raise TyrError(f"eea must be expectation, current or none, got {eea!r}")
-    if eea == "current":
-        current_levels = list(current_levels) if current_levels is not None else [0.0] * num_modules
-        if len(current_levels) != num_modules:
-            raise TyrError(f"got {len(current_levels)} current levels for {num_modules} modules")
-        for m, (level, ladder) in enumerate(zip(current_levels, ladders)):
-            if level_index(ladder, level) is None:
-                raise TyrError(f"current level {level} of module {m} is not on its ladder {ladder}")
-    else:
-        current_levels = None
     if calibration_ids.ndim != 2 or calibration_ids.numel() == 0:
         raise TyrError("calibration ids must be a non-empty [sequences, tokens] tensor, "
                        f"got {tuple(calibration_ids.shape)}")
-    device = resolve_device(device)
-    out_dir = Path(out_dir)
-    parts = DenseParts.from_model(model)
-    head_dim = parts.head_dim
-    dtype = next(model.parameters()).dtype
+    if eea != "current":
+        return None
+    current_levels = list(current_levels) if current_levels is not None else [0.0] * num_modules
+    if len(current_levels) != num_modules:
+        raise TyrError(f"got {len(current_levels)} current levels for {num_modules} modules")
+    for m, (level, ladder) in enumerate(zip(current_levels, ladders)):
+        if level_index(ladder, level) is None:
+            raise TyrError(f"current level {level} of module {m} is not on its ladder {ladder}")
+    return current_levels
 
+
+def _new_manifest(model, calibration_ids: torch.Tensor, ladders: list[list[float]], eea: str,
+                  current_levels: list[float] | None, settings: LocalPrunerRecipe, model_name: str | None,
+                  calibration_meta: dict | None) -> SupernetManifest:
+    """The manifest of an empty build, with the fingerprint of everything that determines its bytes."""
+    config, dtype = model.config, next(model.parameters()).dtype
     num_sequences, seq_len = calibration_ids.shape
     calib = {"sequences": num_sequences, "seq_len": seq_len, "tokens": num_sequences * seq_len,
              "sha256": calibration.ids_digest(calibration_ids)} | dict(calibration_meta or {})
-    fingerprint = _fingerprint({
+    digest = fingerprint({
         "version": FORMAT_VERSION, "config": {k: v for k, v in config.to_dict().items()
                                               if k not in ("_name_or_path", "transformers_version", "architectures",
                                                            "auto_map")},
         "dtype": str(dtype), "ids": calib["sha256"], "ladders": ladders, "eea": eea, "current": current_levels,
         "settings": settings.model_dump(), "weights": calibration.tensors_digest(
             t for name, t in model.state_dict().items() if name.startswith("model.layers."))})
-    manifest = SupernetManifest(
+    return SupernetManifest(
         model=model_name or getattr(config, "_name_or_path", "") or "model", hidden_size=config.hidden_size,
-        head_dim=head_dim, num_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, intermediate_size=config.intermediate_size,
-        dtype=str(dtype).removeprefix("torch."), eea=eea, current_levels=current_levels, settings=settings,
-        calibration=calib, fingerprint=fingerprint, modules=[])
+        head_dim=DenseParts.from_model(model).head_dim, num_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+        intermediate_size=config.intermediate_size, dtype=str(dtype).removeprefix("torch."), eea=eea,
+        current_levels=current_levels, settings=settings, calibration=calib, fingerprint=digest, modules=[])
 
+
+def _existing_manifest(out_dir: Path, digest: str) -> SupernetManifest | None:
+    """The manifest already in ``out_dir`` if it is this build's (None for an empty or absent folder)."""
+    if not (out_dir / MANIFEST).is_file():
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise TyrError(f"{out_dir} exists and is not a supernet folder (no {MANIFEST}); choose an empty folder")
+        return None
+    try:
+        found = SupernetManifest.model_validate_json((out_dir / MANIFEST).read_text())
+    except ValueError as err:
+        raise TyrError(f"{out_dir / MANIFEST} is not a readable supernet manifest ({err}); "
+                       "remove the folder or choose another") from err
+    if found.fingerprint != digest:
+        raise TyrError(f"{out_dir} holds a supernet built from different inputs (model weights, calibration "
+                       "data, ladders, EEA mode or settings); remove it or choose another folder")
+    return found
+
+
+def _resume(found: SupernetManifest | None, manifest: SupernetManifest, out_dir: Path,
+            device: torch.device) -> torch.Tensor | None:
+    """Take over a partial build's finished modules; return its hidden states (None: start from the embedding).
+
+    Also removes what a killed run may leave: unfinished temp files, a checkpoint the manifest does not point to.
+    """
     hidden = None
-    if (out_dir / MANIFEST).is_file():
-        try:
-            found = SupernetManifest.model_validate_json((out_dir / MANIFEST).read_text())
-        except ValueError as err:
-            raise TyrError(f"{out_dir / MANIFEST} is not a readable supernet manifest ({err}); "
-                           "remove the folder or choose another") from err
-        if found.fingerprint != fingerprint:
-            raise TyrError(f"{out_dir} holds a supernet built from different inputs (model weights, calibration "
-                           "data, ladders, EEA mode or settings); remove it or choose another folder")
-        if found.complete:
-            return found
+    if found is not None and found.modules:
+        if found.checkpoint is None or not (out_dir / found.checkpoint).is_file():
+            raise TyrError(f"{out_dir}: the hidden-state checkpoint of the partial build is missing; "
+                           "remove the folder and rebuild")
+        hidden = load_file(out_dir / found.checkpoint)["hidden"].to(device)
+        manifest.modules, manifest.checkpoint = found.modules, found.checkpoint
+    elif found is not None:
         manifest.modules = found.modules
-        if found.modules:
-            if found.checkpoint is None or not (out_dir / found.checkpoint).is_file():
-                raise TyrError(f"{out_dir}: the hidden-state checkpoint of the partial build is missing; "
-                               "remove the folder and rebuild")
-            hidden = load_file(out_dir / found.checkpoint)["hidden"].to(device)
-            manifest.checkpoint = found.checkpoint
-    elif out_dir.exists() and any(out_dir.iterdir()):
-        raise TyrError(f"{out_dir} exists and is not a supernet folder (no {MANIFEST}); choose an empty folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    # What a killed run may leave: unfinished temp files, a checkpoint the manifest does not point to.
     stale = [*out_dir.glob(".*.tmp-*"), *out_dir.glob("modules/.*.tmp-*"), *out_dir.glob("checkpoint-*")]
     for path in stale:
         if path.name != manifest.checkpoint:
             path.unlink(missing_ok=True)
-    if hidden is None:
-        hidden = parts.embed(calibration_ids.to(parts.embed_tokens.device)).to(device, torch.float32)
-    cos, sin = parts.rope(seq_len, device=device)
-    cos, sin = cos.to(torch.float32), sin.to(torch.float32)
+    return hidden
 
-    start = len(manifest.modules)
-    bar = tqdm(range(start, num_modules), desc="supernet", unit="module", disable=not progress,
-               initial=start, total=num_modules)
-    for index in bar:
-        layer, kind = index // 2, ("attn", "mlp")[index % 2]
-        bar.set_postfix_str(f"layer {layer} {kind}")
-        dense = {k: v.to(device, torch.float32) for k, v in module_weights(model, layer, kind).items()}
-        out_name = "o_proj" if kind == "attn" else "down_proj"
+
+class _ModuleBuilder:
+    """Builds one module of the supernet at a time: its Hessian, its candidates on disk, and the next module's
+    input (the hidden states, updated in place)."""
+
+    def __init__(self, model, ladders: list[list[float]], eea: str, current_levels: list[float] | None,
+                 settings: LocalPrunerRecipe, out_dir: Path, device: torch.device, seq_len: int):
+        self.model, self.config = model, model.config
+        self.ladders, self.eea, self.current_levels = ladders, eea, current_levels
+        self.settings, self.out_dir, self.device = settings, out_dir, device
+        self.parts = DenseParts.from_model(model)
+        self.dtype = next(model.parameters()).dtype
+        cos, sin = self.parts.rope(seq_len, device=device)
+        self.cos, self.sin = cos.to(torch.float32), sin.to(torch.float32)
+
+    def build(self, index: int, hidden: torch.Tensor, done: int) -> ModuleCandidates:
+        """Prune module ``index`` on ``hidden`` (its input), write its candidates, and move ``hidden`` on."""
+        layer, kind = index // 2, KINDS[index % 2]
+        dense = {k: v.to(self.device, torch.float32) for k, v in module_weights(self.model, layer, kind).items()}
+        W = dense[OUTPUT_PROJECTION[kind]]
+        inputs = calibration.ModuleInputs(hidden, self._activation(kind, dense), W.shape[1])
+        levels = self.ladders[index]
+        pruned = _prune_module(kind, W, inputs.hessian(), levels, self.config, self.settings)
+        record = _candidates_record(index, kind, levels, pruned, self.config)
+        self._write_candidates(layer, kind, pruned, record, done)
+        self._propagate(hidden, inputs, kind, dense, pruned, index)
+        return record
+
+    def _activation(self, kind: str, dense: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The input of the module's output projection, as a function of the hidden states."""
+        parts, config = self.parts, self.config
         if kind == "attn":
-            activation = lambda x, w=dense: attention_heads(x, w, config.num_attention_heads,  # noqa: E731
-                                                             config.num_key_value_heads, cos, sin, head_dim, parts.eps)
-        else:
-            activation = lambda x, w=dense: mlp_hidden(x, w, parts.eps)  # noqa: E731
-        W = dense[out_name]
-        inputs = calibration.ModuleInputs(hidden, activation, W.shape[1])
-        H = inputs.hessian()
-        levels = ladders[index]
-        pruned = _prune_module(kind, W, H, levels, config, settings)
-        record = _candidates_record(index, kind, levels, pruned, config)
+            return lambda x: attention_heads(x, dense, config.num_attention_heads, config.num_key_value_heads,
+                                             self.cos, self.sin, parts.head_dim, parts.eps)
+        return lambda x: mlp_hidden(x, dense, parts.eps)
 
-        # Candidates to disk: the shared dense parts once, each candidate's updated output projection.
-        cpu_dense = module_weights(model, layer, kind)
-        tensors = {f"dense.{k}": v for k, v in cpu_dense.items() if k != out_name}
+    def _write_candidates(self, layer: int, kind: str, pruned: list[PrunedLinear], record: ModuleCandidates,
+                          done: int) -> None:
+        """One file per module: the shared dense parts once, each candidate's updated output projection."""
+        out_name = OUTPUT_PROJECTION[kind]
+        tensors = {f"dense.{k}": v for k, v in module_weights(self.model, layer, kind).items() if k != out_name}
         for c, p in enumerate(pruned):
             if p.keep:
-                tensors[f"cand{c}.{out_name}"] = p.weight.to(dtype).clone()  # duplicates share storage
-        _save_tensors(tensors, out_dir / record.file, len(manifest.modules), out_dir)
+                tensors[f"cand{c}.{out_name}"] = p.weight.to(self.dtype).clone()  # duplicates share storage
+        _save_tensors(tensors, self.out_dir / record.file, done, self.out_dir)
 
-        # The next module's input: a mixture of candidate outputs is one matmul with the mixed weights.
-        if eea == "none":
+    def _propagate(self, hidden: torch.Tensor, inputs: calibration.ModuleInputs, kind: str,
+                   dense: dict[str, torch.Tensor], pruned: list[PrunedLinear], index: int) -> None:
+        """Add the module's update to ``hidden``: a mixture of candidate outputs is one matmul with the mixed
+        weights (the EEA mode picks the mixture)."""
+        out_name = OUTPUT_PROJECTION[kind]
+        W = dense[out_name]
+        if self.eea == "none":
             mixed, bias_weight = W, 1.0
         else:
-            weights = _mixture(eea, levels, current_levels[index] if current_levels else None)
+            current = self.current_levels[index] if self.current_levels else None
+            weights = _mixture(self.eea, self.ladders[index], current)
             mixed, bias_weight = torch.zeros_like(W), 0.0
             for p, weight in zip(pruned, weights):
                 if weight and p.keep:
-                    mixed[:, _columns(kind, p.keep, head_dim, device)] += weight * p.weight.to(device, torch.float32)
+                    columns = _columns(kind, p.keep, self.parts.head_dim, self.device)
+                    mixed[:, columns] += weight * p.weight.to(self.device, torch.float32)
                     bias_weight += weight
         bias = dense.get(f"{out_name}.bias")
         for sl, act in inputs.chunks():
@@ -344,25 +386,28 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
             if bias is not None:
                 update += bias_weight * bias
             hidden[sl] += update
-        del inputs
 
-        checkpoint = f"checkpoint-{index:03d}.safetensors"
-        _save_tensors({"hidden": hidden}, out_dir / checkpoint, len(manifest.modules), out_dir)
-        previous = manifest.checkpoint
-        manifest.modules.append(record)
-        manifest.checkpoint = checkpoint
-        _write_manifest(manifest, out_dir)
-        if previous and previous != checkpoint:
-            (out_dir / previous).unlink(missing_ok=True)
-        if on_module_done is not None:
-            on_module_done(index, hidden)
 
+def _commit(manifest: SupernetManifest, record: ModuleCandidates, hidden: torch.Tensor, out_dir: Path) -> None:
+    """Checkpoint the hidden states, then record the module in the manifest (the commit point)."""
+    index = len(manifest.modules)
+    checkpoint = f"checkpoint-{index:03d}.safetensors"
+    _save_tensors({"hidden": hidden}, out_dir / checkpoint, index, out_dir)
+    previous = manifest.checkpoint
+    manifest.modules.append(record)
+    manifest.checkpoint = checkpoint
+    _write_manifest(manifest, out_dir)
+    if previous and previous != checkpoint:
+        (out_dir / previous).unlink(missing_ok=True)
+
+
+def _finish(manifest: SupernetManifest, out_dir: Path) -> None:
+    """Mark the build complete and drop the last hidden-state checkpoint."""
     if manifest.checkpoint:
         last = manifest.checkpoint
         manifest.checkpoint, manifest.complete = None, True
         _write_manifest(manifest, out_dir)
         (out_dir / last).unlink(missing_ok=True)
-    return manifest
 
 
 # ----- reading -----
@@ -407,7 +452,7 @@ class Supernet:
         if keep:
             head_dim = self.manifest.head_dim
             per_group = self.manifest.num_attention_heads // self.manifest.num_key_value_heads
-            out_name = "o_proj" if record.kind == "attn" else "down_proj"
+            out_name = OUTPUT_PROJECTION[record.kind]
             with safe_open(self.directory / record.file, framework="pt") as f:
                 for name in f.keys():
                     if name.startswith("dense."):

@@ -76,7 +76,7 @@ def load_text(source: str | TextSource | None = None, split: Split = "calibratio
         articles = wiki_articles()
         return [a.text for a in articles if _split_of(a.title, spec.validation_fraction) == split]
     if spec.kind == "txt":
-        return _split_txt(Path(spec.location).read_text(encoding="utf-8"), split, spec.validation_fraction)
+        return _split_txt(_read_utf8(Path(spec.location)), split, spec.validation_fraction)
     if spec.kind == "jsonl":
         documents = _read_jsonl(Path(spec.location), spec.text_field)
         return [d for d in documents if _split_of(d, spec.validation_fraction) == split]
@@ -131,22 +131,31 @@ def _split_txt(text: str, split: Split, validation_fraction: float) -> list[str]
     return [separator.join(pieces[:cut] if split == "calibration" else pieces[cut:])]
 
 
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise TyrError(f"text file {path} is not UTF-8 text (byte {err.start}: {err.reason}); convert it to "
+                       "UTF-8") from err
+    except OSError as err:
+        raise TyrError(f"cannot read text file {path}: {err.strerror}") from err
+
+
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     documents = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TyrError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict) or text_field not in record:
-                raise TyrError(f"{path}:{number}: no field {text_field!r} (choose the field with --text-field)")
-            if not isinstance(record[text_field], str):
-                raise TyrError(f"{path}:{number}: field {text_field!r} is not a string")
-            if record[text_field].strip():
-                documents.append(record[text_field])
+    for number, line in enumerate(_read_utf8(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TyrError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+        if not isinstance(record, dict) or text_field not in record:
+            raise TyrError(f"{path}:{number}: no field {text_field!r} (choose the field with --text-field)")
+        if not isinstance(record[text_field], str):
+            raise TyrError(f"{path}:{number}: field {text_field!r} is not a string")
+        if record[text_field].strip():
+            documents.append(record[text_field])
     if not documents:
         raise TyrError(f"{path} holds no non-empty documents in field {text_field!r}")
     return documents

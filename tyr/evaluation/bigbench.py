@@ -9,6 +9,7 @@ Each choice is then scored as a continuation of that prompt.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -82,9 +83,15 @@ def load_task(path: str | Path, limit: int | None = 100, seed: int = 0) -> Multi
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
         raise TyrError(f"cannot read BIG-bench task {path}: {err}") from err
-    raw_examples = [e for e in data.get("examples", []) if isinstance(e, dict) and e.get("target_scores")]
+    if not isinstance(data, dict) or not isinstance(data.get("examples", []), list):
+        raise TyrError(f"{path} is not a BIG-bench task (expected a JSON object with an \"examples\" list)")
+    raw_examples = []
+    for number, example in enumerate(data.get("examples", [])):
+        if isinstance(example, dict) and example.get("target_scores"):
+            _check_target_scores(example["target_scores"], f"{path}: example {number}")
+            raw_examples.append(example)
     if not raw_examples:
         raise TyrError(f"{path}: no multiple-choice examples (examples with target_scores)")
     indices = list(range(len(raw_examples)))
@@ -98,6 +105,13 @@ def load_task(path: str | Path, limit: int | None = 100, seed: int = 0) -> Multi
         if index in chosen:
             examples.append(format_example(raw_examples[index], data, permutation_rng))
     return MultipleChoiceTask(name=path.stem, examples=examples, total_examples=len(raw_examples))
+
+
+def _check_target_scores(scores, where: str) -> None:
+    valid = isinstance(scores, dict) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scores.values())
+    if not valid:
+        raise TyrError(f"{where}: target_scores must map each choice to a number, got {str(scores)[:80]!r}")
 
 
 def format_example(example: dict, task: dict, rng: np.random.RandomState) -> MultipleChoiceExample:

@@ -59,14 +59,19 @@ def run_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir():
         raise TyrError(f"--out {out} is a directory; give a file name such as {out / 'results.json'}")
+    if out is not None:
+        from tyr.atomic import check_output_path
+
+        check_output_path(out, folder=False)
 
     # Fail on a bad text source, task name or task folder before loading any model.
     source = TextSource.parse(args.text, text_field=args.text_field)
     if args.tasks.strip().lower() != "none":
-        from tyr.evaluation.bigbench import default_bigbench_dir, resolve_task_names
+        from tyr.evaluation.bigbench import default_bigbench_dir, load_task, resolve_task_names
 
         args.bigbench_dir = args.bigbench_dir or str(default_bigbench_dir())
-        resolve_task_names(args.tasks, args.bigbench_dir)
+        for name in resolve_task_names(args.tasks, args.bigbench_dir):
+            load_task(Path(args.bigbench_dir) / f"{name}.json", limit=args.limit or None, seed=args.seed)
 
     model, tokenizer = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
     reference = None

@@ -49,9 +49,10 @@ def evaluate_models(models: list[tuple[torch.nn.Module, str]], tokenizer, refere
                for model, name in models]
     task_names = []
     if tasks.strip().lower() != "none":
-        # Resolve tasks before the long perplexity pass, so a typo fails fast.
+        # Read the tasks before the long perplexity pass, so a typo or a broken task file fails fast.
         directory = Path(bigbench_dir) if bigbench_dir else default_bigbench_dir()
         task_names = resolve_task_names(tasks, directory)
+    loaded = [load_task(directory / f"{name}.json", limit=limit, seed=seed) for name in task_names]
     if num_blocks != 0:
         blocks = token_blocks(tokenizer, load_text(source, "validation"), seq_len, num_blocks, seed)
         for result in results:
@@ -62,8 +63,7 @@ def evaluate_models(models: list[tuple[torch.nn.Module, str]], tokenizer, refere
         started = time.perf_counter()
         if reference_model is not None and model is not reference_model:
             result.reference_parameters = count_parameters(reference_model)
-        for name in task_names:
-            task = load_task(directory / f"{name}.json", limit=limit, seed=seed)
+        for name, task in zip(task_names, loaded):
             result.tasks[name] = evaluate_task(model, tokenizer, task, progress=progress)
         result.wall_time_s = shared_s + time.perf_counter() - started
     return results

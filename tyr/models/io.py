@@ -29,7 +29,8 @@ AUTO_MAP = {
 
 
 def resolve_model_path(spec: str | Path | None) -> str:
-    """None or "default" -> the embedded SmolLM2 folder; an existing folder -> itself; anything else: a hub id."""
+    """None or "default" -> the embedded SmolLM2 folder; an existing folder -> itself; a path that does not exist ->
+    TyrError; anything else: a hub id."""
     if spec is None or str(spec) == "default":
         from tyr.models.default import default_model_dir
 
@@ -43,7 +44,17 @@ def resolve_model_path(spec: str | Path | None) -> str:
         if not any(path.glob("*.safetensors")):
             raise TyrError(f"{path} has no *.safetensors weights (tyr loads only safetensors, never pickles)")
         return str(path)
+    if _looks_like_path(str(spec)):
+        raise TyrError(f"no model folder at {spec} (a hub id has the form org/name)")
     return str(spec)
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A missing local folder, not a hub id: "./x", "../x", "/x", "~/x", "x/", "a/b/c", or "a/b" where a exists."""
+    if spec.startswith(("./", "../", "/", "~")) or spec in (".", "..") or spec.endswith(("/", "\\")):
+        return True
+    parts = spec.replace("\\", "/").split("/")
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).exists())
 
 
 def check_supported(config_dict: dict, where: str) -> None:

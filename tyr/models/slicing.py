@@ -13,6 +13,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from tyr.errors import TyrError
+from tyr.models.facts import LayerWidth, layer_params, layer_widths  # noqa: F401 (layer_params: callers import it from here)
 from tyr.models.modeling_tyr_llama import TyrLlamaConfig, TyrLlamaForCausalLM
 
 # Config fields that describe the dense architecture and are carried over into a TyrLlamaConfig.
@@ -26,25 +27,6 @@ class LayerKeep(BaseModel):
 
     keep_heads: list[int] = Field(description="query heads that stay (GQA-consistent: whole KV groups, same count each)")
     keep_ffn: list[int] = Field(description="FFN channels (rows of gate/up, columns of down) that stay")
-
-
-class LayerWidth(BaseModel):
-    num_attention_heads: int
-    num_key_value_heads: int
-    intermediate_size: int
-
-
-def layer_widths(config) -> list[LayerWidth]:
-    return [LayerWidth(num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
-                       intermediate_size=c.intermediate_size) for c in config.per_layer_config]
-
-
-def layer_params(config, width: LayerWidth) -> tuple[int, int]:
-    """(attention, mlp) parameter counts of a decoder layer: the matmul weights, norms included with their module."""
-    hidden, head_dim = config.hidden_size, config.head_dim
-    attn = (2 * width.num_attention_heads + 2 * width.num_key_value_heads) * head_dim * hidden
-    mlp = 3 * width.intermediate_size * hidden
-    return attn + (hidden if attn else 0), mlp + (hidden if mlp else 0)
 
 
 def kept_groups(keep_heads: list[int], heads_per_group: int, where: str) -> list[int]:
@@ -62,7 +44,7 @@ def tyr_config(config, widths: list[LayerWidth]) -> TyrLlamaConfig:
     """A TyrLlamaConfig with the dense sizes global and ``widths`` per layer."""
     base = {k: v for k, v in config.to_dict().items() if k not in _NOT_CARRIED}
     base.setdefault("head_dim", base["hidden_size"] // base["num_attention_heads"])
-    per_layer = {i: w.model_dump() for i, w in enumerate(widths)}
+    per_layer = {i: w._asdict() for i, w in enumerate(widths)}
     try:
         return TyrLlamaConfig(**base, per_layer_config=per_layer)
     except ValueError as err:

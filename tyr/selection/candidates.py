@@ -19,6 +19,8 @@ import logging
 from pathlib import Path
 from typing import Literal
 
+from pydantic import ValidationError
+
 from tyr.errors import TyrError
 from tyr.benchmarking.results import BenchResult, is_bench_result
 from tyr.selection.selection import Measurement
@@ -53,8 +55,11 @@ def _parse(data, where: str, measurements: list[Measurement], results: list[Benc
             results.append(BenchResult.model_validate(data))
         else:
             measurements.append(Measurement.model_validate((defaults or {}) | data))
-    except ValueError as err:
-        raise TyrError(f"{where} is neither a measurement nor a benchmark result: {err}") from err
+    except ValidationError as err:
+        label = f" (candidate {data['label']!r})" if isinstance(data.get("label"), str) else ""
+        kind = "benchmark result" if is_bench_result(data) else "measurement"
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e['input']!r})" for e in err.errors())
+        raise TyrError(f"{where}{label} is not a valid {kind}: {problems}") from err
 
 
 def read_candidates(paths: list[str | Path], runtime: str = "vllm", speed_source: SpeedSource = "auto"

@@ -28,17 +28,19 @@ def add_select(parser: argparse.ArgumentParser) -> None:
 
 def run_select(args: argparse.Namespace) -> int:
     """Pick the fastest model meeting a quality and a speed-up target (Pareto front, report); exit 1 if none."""
+    from tyr.atomic import check_output_path
     from tyr.selection.candidates import read_candidates
     from tyr.selection.report import selection_table, write_selection_report
     from tyr.selection.selection import Targets, select
 
+    out = check_output_path(args.out or default_out("select"))
     try:
         targets = Targets(max_ppl_increase=args.max_ppl_increase, min_accuracy_retention=args.min_accuracy_retention,
                           min_speedup=args.min_speedup, runtime=args.runtime)
     except ValueError as err:
         raise TyrError(f"bad targets: {err}") from err
     selection = select(read_candidates(args.candidates, args.runtime, args.speed_source), targets)
-    paths = write_selection_report(Path(args.out or default_out("select")), selection)
+    paths = write_selection_report(out, selection)
     print(selection_table(selection))
     print()
     print(selection.message)

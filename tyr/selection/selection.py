@@ -12,7 +12,7 @@ the one with the smallest summed relative shortfall (quality shortfall + speed s
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -30,9 +30,10 @@ class Measurement(BaseModel):
     model: str | None = None  # folder, for matching benchmark results and for the user
     baseline: bool = False
     sparsity: float | None = Field(None, ge=0, le=1)
-    perplexity: float | None = Field(None, gt=0)
-    accuracy: float | None = Field(None, ge=0)
-    tokens_per_s: dict[str, float] = Field(default_factory=dict)  # runtime ("vllm", "onnx") -> output tokens/s
+    perplexity: float | None = Field(None, gt=0, allow_inf_nan=False)
+    accuracy: float | None = Field(None, ge=0, allow_inf_nan=False)
+    # runtime ("vllm", "onnx") -> output tokens/s
+    tokens_per_s: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(default_factory=dict)
     matmul_params: int | None = Field(None, ge=0)
 
 

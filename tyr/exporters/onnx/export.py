@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel
 
-from tyr.atomic import atomic_dir, atomic_write_json
+from tyr.atomic import atomic_dir, atomic_write_json, check_output_path, exclusive
 from tyr.errors import TyrError
 from tyr.exporters.onnx.layout import GraphLayout
 from tyr.exporters.onnx.runner import OPT_LEVELS, OptLevel
@@ -136,6 +136,7 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, dtype: Dtype 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise TyrError(f"{out_dir} already exists (pass --overwrite to replace it)")
+    check_output_path(out_dir)
     started = time.perf_counter()
     source = resolve_model_path(model_dir)
     model, tokenizer = load_model(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
@@ -146,7 +147,7 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, dtype: Dtype 
         weight_bytes += traced.lm_head.weight.numel() * traced.lm_head.weight.element_size()
     use_external = external_data if external_data is not None else weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES
 
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with exclusive(out_dir), atomic_dir(out_dir, overwrite=overwrite) as tmp:
         raw = tmp / ".trace"
         raw.mkdir()
         log.info("tracing %s (%s, %d layers, %d with attention)", source, dtype, layout.num_layers,

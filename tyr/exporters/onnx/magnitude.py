@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from tyr.errors import TyrError
-from tyr.models.slicing import LayerKeep, LayerWidth, layer_params, layer_widths
+from tyr.models.facts import LayerWidth, layer_params, layer_widths
+from tyr.models.slicing import LayerKeep
 
 
 def _layer_fractions(num_layers: int, keep: float, spread: float) -> list[float]:

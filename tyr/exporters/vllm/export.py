@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from tyr.atomic import atomic_dir
+from tyr.atomic import atomic_dir, check_output_path, exclusive
 from tyr.errors import TyrError
 from tyr.exporters.vllm.check import DEFAULT_PROMPTS, CheckResult, check_folder
 from tyr.exporters.vllm.plugin import ARCHITECTURE as TYR_ARCHITECTURE
@@ -49,7 +48,7 @@ class ExportResult(BaseModel):
 
 def serve_command(out_dir: Path, trust_remote_code: bool) -> str:
     flags = " --trust-remote-code" if trust_remote_code else ""
-    return f"python -m vllm.entrypoints.openai.api_server --model {out_dir}{flags}"
+    return f"python -m vllm.entrypoints.openai.api_server --model {out_dir} --host 127.0.0.1{flags}"
 
 
 def _read_config(source: str):
@@ -105,9 +104,7 @@ def export_vllm(model_dir: str | Path, out_dir: str | Path, check: bool = True, 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite to replace it)")
-    spec = str(model_dir)
-    if not Path(spec).exists() and (os.sep in spec or spec.startswith(".")):
-        raise TyrError(f"{spec} does not exist")
+    check_output_path(out_dir)
     source = resolve_model_path(model_dir)
     config = _read_config(source)
     if Path(source).is_dir():
@@ -133,7 +130,7 @@ def export_vllm(model_dir: str | Path, out_dir: str | Path, check: bool = True, 
                           serve_command=serve_command(out_dir, trust_remote_code))
 
     save_dtype = _save_dtype(config)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with exclusive(out_dir), atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.to(save_dtype)
         if fmt == "tyr":
             save_model(model, tokenizer, tmp, overwrite=True)  # replaces tmp atomically with the saved folder
