@@ -1,7 +1,8 @@
 """Serving harness: a real vLLM CPU server under a real locust load, offline vllm.LLM throughput, the result
 format, reports, `tyr select` on recorded measurements, and the per-shape latency table.
 
-Engine starts are the cost here, so the module starts one vLLM server and one offline engine for all its tests.
+Engine starts are the cost here, so the module starts one vLLM server and one offline engine for all its tests, and
+one more server for the batch that `tyr run` sends through the benchmark's own server.
 """
 
 from __future__ import annotations
