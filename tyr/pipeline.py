@@ -158,27 +158,24 @@ def _heal(config: RunConfig, dense_dir: Path, c: Candidate, device: str) -> Cand
 
 
 def _evaluate(config: RunConfig, dense: Candidate, pruned: list[Candidate], device: str) -> dict:
+    """Every model's EvalResult by label; the missing ones are evaluated together, dense running once per block."""
     from tyr.evaluation.report import EvalResult
-    from tyr.evaluation.run import evaluate_model
+    from tyr.evaluation.run import evaluate_models
     from tyr.models.io import load_model
 
-    results, reference = {}, None
-    for c in [dense, *pruned]:
-        path = config.out / "eval" / f"{c.label}.json"
-        if path.is_file():
-            results[c.label] = EvalResult.read(path)
-            continue
-        if reference is None:
-            reference, _ = load_model(dense.model_dir, device=device)
-        model, tokenizer = load_model(c.model_dir, device=device)
-        result = evaluate_model(model, tokenizer, str(c.model_dir),
-                                reference_model=None if c is dense else reference,
-                                reference_name=None if c is dense else str(dense.model_dir),
-                                num_blocks=config.eval_blocks, limit=config.eval_limit, seed=config.seed)
-        result.write(path)
-        print(result.to_text())
-        results[c.label] = result
-    return results
+    paths = {c.label: config.out / "eval" / f"{c.label}.json" for c in [dense, *pruned]}
+    missing = [c for c in [dense, *pruned] if not paths[c.label].is_file()]
+    if missing:
+        reference, tokenizer = load_model(dense.model_dir, device=device)
+        models = [(reference if c is dense else load_model(c.model_dir, device=device)[0], str(c.model_dir))
+                  for c in missing]
+        evaluated = evaluate_models(models, tokenizer, reference_model=reference,
+                                    reference_name=str(dense.model_dir), num_blocks=config.eval_blocks,
+                                    limit=config.eval_limit, seed=config.seed)
+        for c, result in zip(missing, evaluated):
+            result.write(paths[c.label])
+            print(result.to_text())
+    return {label: EvalResult.read(path) for label, path in paths.items()}
 
 
 def _export_vllm(c: Candidate, out: Path) -> Path:
@@ -206,7 +203,8 @@ def _bench_vllm(config: RunConfig, dense: Candidate, pruned: list[Candidate]) ->
     out = config.out / "bench-vllm"
     if not (out / "results.json").is_file():
         bench = BenchConfig(load=LoadConfig(users=4, duration_s=20, prompt_tokens=64, output_tokens=32),
-                            offline=OfflineConfig(num_prompts=16, prompt_tokens=64, output_tokens=64))
+                            # Through the server already up for the load: one engine start per model, not two.
+                            offline=OfflineConfig(num_prompts=16, prompt_tokens=64, output_tokens=64, via="server"))
         bench_vllm([dense.vllm_dir, *[c.vllm_dir for c in pruned]], bench, out,
                    labels=[dense.label, *[c.label for c in pruned]])
     run = load_run(out / "results.json")
@@ -278,8 +276,16 @@ def _markdown(summary: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Targets: {summary['targets']}", "", summary["message"]]
     if summary.get("timings_s"):
-        lines += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items())]
+        lines += ["", stage_table(summary["timings_s"])]
     return "\n".join(lines) + "\n"
+
+
+def stage_table(timings: dict[str, float]) -> str:
+    """Seconds per stage of this invocation (a stage reused from an earlier run takes about none)."""
+    rows = [f"| {stage} | {seconds:.1f} | {seconds / 60:.1f} |" for stage, seconds in timings.items()]
+    total = sum(timings.values())
+    return "\n".join(["| stage | seconds | minutes |", "|---|---:|---:|", *rows,
+                      f"| total | {total:.1f} | {total / 60:.1f} |"])
 
 
 def add_run(parser: argparse.ArgumentParser) -> None:

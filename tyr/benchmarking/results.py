@@ -63,6 +63,8 @@ class OfflineThroughput(BaseModel):
     output_tokens_per_s: float = Field(gt=0, allow_inf_nan=False)
     requests_per_s: float = Field(gt=0)
     batch_seconds: list[float] = Field(default_factory=list, description="every timed batch, in order")
+    via: str = Field("offline API", description="'offline API', or 'server': one batched request to the running "
+                                                "server")
 
 
 class ParamCounts(BaseModel):
