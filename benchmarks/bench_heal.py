@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_pruning import evaluate  # the same held-out perplexity, KL and BIG-bench as the pruning benchmark
+
 METHODS = ("tyr", "uniform")
 DEFAULT_TARGET_PPL_RATIO = 2.0    # tyr run's default quality target: perplexity at most (1 + 1.0) x dense
 HEALED_TARGET_RATIO = 0.65        # issue 16: healed Týr perplexity at most 0.65x unhealed Týr at 50%
@@ -101,20 +103,6 @@ def heal_dir(args, source: Path, teacher: str, tokens: int | None, out: Path, la
             raise SystemExit(f"healing {label} failed with exit code {run.returncode}")
         print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
     return healed
-
-
-def evaluate(model_dir, dense, blocks, tasks) -> dict:
-    from tyr.evaluation.language_modeling import compare_to_reference
-    from tyr.evaluation.multiple_choice import evaluate_task
-    from tyr.models.io import load_model
-
-    model, tokenizer = load_model(model_dir)
-    comparison = compare_to_reference(model, dense, blocks, progress=False)
-    row = {"perplexity": comparison.perplexity, "kl": comparison.kl}
-    if tasks:
-        scores = [evaluate_task(model, tokenizer, task, progress=False) for task in tasks]
-        row["bigbench"] = sum(s.accuracy for s in scores) / len(scores)
-    return row
 
 
 def main(argv=None) -> int:

@@ -48,6 +48,22 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def publish_dir(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Move a folder finished elsewhere (in a work folder) to ``final``, replacing what is there; a crash leaves
+    either the old folder or the new one under that name."""
+    staging, final = Path(staging), Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    try:
+        os.replace(staging, final)
+    except OSError:  # the work folder is on another filesystem
+        shutil.move(str(staging), str(final))
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,6 @@ import errno
 import functools
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tyr.atomic import atomic_dir, atomic_write_json, check_output_path, exclusive
+from tyr.atomic import atomic_dir, atomic_write_json, check_output_path, exclusive, publish_dir
 from tyr.data import TextSource
 from tyr.errors import TyrError
 
@@ -514,11 +513,5 @@ def _save(healed, tokenizer, student_dir: Path, out_dir: Path, work_dir: Path, r
         if (student_dir / name).is_file():
             shutil.copy(student_dir / name, staging / name)
     paths = write_heal_report(report, staging)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(staging, out_dir)
-    except OSError:
-        shutil.move(str(staging), str(out_dir))
+    publish_dir(staging, out_dir)
     return {k: out_dir / p.name for k, p in paths.items()}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from tyr.atomic import atomic_write_json, check_output_path, exclusive
+from tyr.atomic import atomic_write_json, check_output_path, exclusive, publish_dir
 from tyr.compressor.layerwise import KINDS
 from tyr.compressor.recipes import Recipe, fitness_dtype, load_recipe
 from tyr.compressor.report import (IterationReport, LayerReport, PruneReport, StageMeter, max_rss_mb,
@@ -532,11 +531,5 @@ def _save(job: PruneJob, pruned, report: PruneReport, started: float) -> dict[st
     if torch.cuda.is_available() and str(report.device).startswith("cuda"):
         report.peak_gpu_mb = max(s.peak_gpu_mb or 0 for s in job.meter.stages)
     paths = write_report(report, staging)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(staging, out_dir)
-    except OSError:
-        shutil.move(str(staging), str(out_dir))
+    publish_dir(staging, out_dir)
     return {k: out_dir / p.name for k, p in paths.items()}
