@@ -230,12 +230,13 @@ class BudgetRepair(BaseModel):
 
 def repair_budget(space: SearchSpace, choice: Choice,
                   move_cost: Callable[[int, int], float] | None = None) -> tuple[Choice, BudgetRepair | None]:
-    """Move single modules one level at a time until ``choice`` lies in the parameter band (None: it already does).
+    """Move modules one level at a time until ``choice`` lies in the parameter band (None: it already does).
 
-    Each step considers every one-level move that brings the removed parameters closer to the band; a move that
-    lands in the band comes first, then the cheapest by ``move_cost(module, candidate)`` (default: its nominal
-    change, dense_params · levels moved), then modules moved least so far, so equal moves spread over the layers;
-    the rest is a fixed order. Deterministic; TyrError when no move brings the choice closer.
+    Each step makes one move, or two moves of different modules, that bring the removed parameters closer to the
+    band (pairs reach the band where coarse head steps make every single move overshoot): moves that land in the
+    band come first, then the cheapest by ``move_cost(module, candidate)`` (default: the nominal change,
+    dense_params · levels moved), then modules moved least so far, so equal moves spread over the layers; the rest
+    is a fixed order. Deterministic; TyrError when no step brings the choice closer.
     """
     if space.in_budget(choice):
         return choice, None
@@ -244,27 +245,32 @@ def repair_budget(space: SearchSpace, choice: Choice,
                        f"{space.target}")
     cost = move_cost or (lambda m, c: space.modules[m].dense_params * abs(space.modules[m].ticks[c]
                                                                           - space.modules[m].ticks[choice[m]]))
-    current, moved, moves = list(choice), [0] * len(space), []
+    current, moved, made = list(choice), [0] * len(space), []
     while not space.in_budget(current):
-        excess = _band_excess(space, space.budget_gap(current))
+        gap = space.budget_gap(current)
+        singles = [(m, c, space.params[m][current[m]] - space.params[m][c])
+                   for m in range(len(space)) for c in (space.down(m, current[m]), space.up(m, current[m]))
+                   if c is not None]
+        steps = [((m, c),) for m, c, _ in singles]
+        steps += [((m, c), (n, d)) for i, (m, c, _) in enumerate(singles) for n, d, _ in singles[i + 1:] if n != m]
+        removed = {(m, c): delta for m, c, delta in singles}
+        excess = _band_excess(space, gap)
         options = []
-        for m, c in enumerate(current):
-            for candidate in (space.down(m, c), space.up(m, c)):
-                if candidate is None:
-                    continue
-                after = _band_excess(space, space.budget_gap(current) + space.params[m][c] - space.params[m][candidate])
-                if after < excess:
-                    options.append((after > 0, cost(m, candidate), moved[m], after, m, candidate))
+        for step in steps:
+            after = _band_excess(space, gap + sum(removed[move] for move in step))
+            if after < excess:
+                options.append((after > 0, sum(cost(m, c) for m, c in step), sum(moved[m] for m, _ in step), after,
+                                step))
         if not options:
-            raise TyrError(f"no single-module level move brings the distribution (real sparsity "
+            raise TyrError(f"no level move brings the distribution (real sparsity "
                            f"{100 * space.achieved_sparsity(current):.2f}%) within {space.tolerance:,.0f} parameters of "
                            f"the target {100 * space.target:.2f}%: the model's head and channel steps are too coarse "
                            "for that tolerance; raise search.budget_tolerance")
-        *_, m, candidate = min(options)
-        moves.append(f"{space.modules[m].name} {space.level(m, current[m]):.6g} -> {space.level(m, candidate):.6g}")
-        current[m], moved[m] = candidate, moved[m] + 1
+        for m, c in min(options)[-1]:
+            made.append(f"{space.modules[m].name} {space.level(m, current[m]):.6g} -> {space.level(m, c):.6g}")
+            current[m], moved[m] = c, moved[m] + 1
     return tuple(current), BudgetRepair(before=space.achieved_sparsity(choice), after=space.achieved_sparsity(current),
-                                        moves=moves)
+                                        moves=made)
 
 
 def _band_excess(space: SearchSpace, gap: float) -> float:
