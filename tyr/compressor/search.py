@@ -233,10 +233,11 @@ def repair_budget(space: SearchSpace, choice: Choice,
     """Move modules one level at a time until ``choice`` lies in the parameter band (None: it already does).
 
     Each step makes one move, or two moves of different modules, that bring the removed parameters closer to the
-    band (pairs reach the band where coarse head steps make every single move overshoot): moves that land in the
-    band come first, then the cheapest by ``move_cost(module, candidate)`` (default: the nominal change,
-    dense_params · levels moved), then modules moved least so far, so equal moves spread over the layers; the rest
-    is a fixed order. Deterministic; TyrError when no step brings the choice closer.
+    band (pairs reach the band where coarse head steps make every single move overshoot). Preferred, in order:
+    moves within the latency budget (if any); moves that land in the band; the cheapest by ``move_cost(module,
+    candidate)`` (default: the nominal change, dense_params · levels moved); modules moved least so far, so equal
+    moves spread over the layers; late layers for moves that prune more, early ones for moves that prune less.
+    Deterministic; TyrError when no step brings the choice closer.
     """
     if space.in_budget(choice):
         return choice, None
@@ -254,13 +255,18 @@ def repair_budget(space: SearchSpace, choice: Choice,
         steps = [((m, c),) for m, c, _ in singles]
         steps += [((m, c), (n, d)) for i, (m, c, _) in enumerate(singles) for n, d, _ in singles[i + 1:] if n != m]
         removed = {(m, c): delta for m, c, delta in singles}
-        excess = _band_excess(space, gap)
+        excess, latency = _band_excess(space, gap), space.cost(current)
         options = []
         for step in steps:
             after = _band_excess(space, gap + sum(removed[move] for move in step))
             if after < excess:
-                options.append((after > 0, sum(cost(m, c) for m, c in step), sum(moved[m] for m, _ in step), after,
-                                step))
+                slower = latency is not None and latency + sum(space.costs[m][c] - space.costs[m][current[m]]
+                                                               for m, c in step) > space.max_cost * (1 + 1e-9)
+                # Equal moves go to late layers when pruning more and to early ones when pruning less (early
+                # layers are usually the most sensitive); the search then moves sparsity where it pays.
+                depth = sum(space.modules[m].layer * (1 if c == space.down(m, current[m]) else -1) for m, c in step)
+                options.append((slower, after > 0, sum(cost(m, c) for m, c in step), sum(moved[m] for m, _ in step),
+                                after, depth, step))
         if not options:
             raise TyrError(f"no level move brings the distribution (real sparsity "
                            f"{100 * space.achieved_sparsity(current):.2f}%) within {space.tolerance:,.0f} parameters of "
