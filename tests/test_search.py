@@ -1,4 +1,4 @@
-"""The evolutionary search: exact budgets, staged selection, improvement, resume, activation reuse, recipes."""
+"""The evolutionary search: budgets, staged selection, improvement, resume, activation reuse, recipes."""
 
 from __future__ import annotations
 
@@ -207,9 +207,8 @@ def rounded_space(seed: int, target: float, layers: int = 8, tolerance: float = 
     params = []
     for m, module in enumerate(nominal.modules):
         grain, offset = (130 if module.kind == "attn" else 47), int(rng.integers(0, 40))
-        params.append(tuple(min(module.dense_params, max(0, grain * round((module.dense_params * (1 - nominal.level(m, c))
-                                                                           + offset) / grain)))
-                            for c in range(len(module.ticks))))
+        kept = [module.dense_params * (1 - nominal.level(m, c)) for c in range(len(module.ticks))]
+        params.append(tuple(min(module.dense_params, max(0, grain * round((k + offset) / grain))) for k in kept))
     return SearchSpace(target=target, unit=nominal.unit, step=nominal.step, modules=nominal.modules, params=params,
                        tolerance=tolerance * nominal.dense_params())
 

@@ -10,8 +10,8 @@ is moved into the band before the search by single-module level moves (``repair_
 
 Mutation is the paper's sparsity shift: one module moves one level down (less sparse) and another module with the
 same dense size (same kind, in practice) moves one level up, so the nominal budget never changes; the real count
-moves by the two modules' rounding, so children outside the band are discarded like those over a latency budget. Each generation
-mutates ``offspring`` distinct children from the parent; staged selection scores all of them on a few tokens,
+moves by the two modules' rounding, so children outside the band are discarded like those over a latency budget.
+Each generation mutates ``offspring`` distinct children from the parent; staged selection scores all of them on a few tokens,
 keeps the best, re-scores those on more tokens, and so on; the parent joins the last stage (elitism) and the
 winner becomes the next parent. As in the reference implementation, every generation draws its selection tokens
 afresh (here: batches of a pool whose dense targets were computed once), so the search does not overfit a small
@@ -269,8 +269,8 @@ def repair_budget(space: SearchSpace, choice: Choice,
                                 after, depth, step))
         if not options:
             raise TyrError(f"no level move brings the distribution (real sparsity "
-                           f"{100 * space.achieved_sparsity(current):.2f}%) within {space.tolerance:,.0f} parameters of "
-                           f"the target {100 * space.target:.2f}%: the model's head and channel steps are too coarse "
+                           f"{100 * space.achieved_sparsity(current):.2f}%) within {space.tolerance:,.0f} "
+                           f"parameters of the target {100 * space.target:.2f}%: the model's head and channel steps are too coarse "
                            "for that tolerance; raise search.budget_tolerance")
         for m, c in min(options)[-1]:
             made.append(f"{space.modules[m].name} {space.level(m, current[m]):.6g} -> {space.level(m, c):.6g}")

@@ -52,7 +52,8 @@ def pareto_figure(selection: Selection) -> Figure:
 def selection_section(selection: Selection) -> str:
     ppl = selection.targets.metric == "perplexity"
     verdict_class = "ok" if selection.chosen else "bad"
-    rows = [[s.label, s.sparsity, s.target_sparsity, s.quality, f"{s.quality_change:+.1%}" if ppl else f"{s.quality_change:.1%}",
+    rows = [[s.label, s.sparsity, s.target_sparsity, s.quality,
+             f"{s.quality_change:+.1%}" if ppl else f"{s.quality_change:.1%}",
              s.tokens_per_s, f"{s.speedup:.2f}x", "yes" if s.meets_quality else "no",
              "yes" if s.meets_speed else "no", "yes" if s.on_front else "", s.shortfall]
             for s in sorted(selection.candidates, key=lambda s: s.speedup)]
