@@ -6,16 +6,17 @@ spacing of the whole coarse-to-fine run. A candidate's real width is its level r
 heads (attention) or channels (MLP), so the nominal budget Σ_m dense_params(m) · level(m) is not what the pruned
 model removes. The budget is therefore a band on the real parameters: a choice is allowed when the parameters its
 candidates remove lie within ``tolerance`` of target · Σ_m dense_params(m). The start (every module at the target)
-is moved into the band before the search by single-module level moves (``repair_budget``).
+is moved into the band before the search by single-module level moves (``repair_budget``); later coarse-to-fine
+iterations start from the previous result, whose candidates keep the same widths, so it is already in the band.
 
 Mutation is the paper's sparsity shift: one module moves one level down (less sparse) and another module with the
 same dense size (same kind, in practice) moves one level up, so the nominal budget never changes; the real count
 moves by the two modules' rounding, so children outside the band are discarded like those over a latency budget.
-Each generation mutates ``offspring`` distinct children from the parent; staged selection scores all of them on a few tokens,
-keeps the best, re-scores those on more tokens, and so on; the parent joins the last stage (elitism) and the
-winner becomes the next parent. As in the reference implementation, every generation draws its selection tokens
-afresh (here: batches of a pool whose dense targets were computed once), so the search does not overfit a small
-fixed token set.
+Each generation mutates ``offspring`` distinct children from the parent; staged selection scores all of them on a
+few tokens, keeps the best, re-scores those on more tokens, and so on; the parent joins the last stage (elitism)
+and the winner becomes the next parent. As in the reference implementation, every generation draws its selection
+tokens afresh (here: batches of a pool whose dense targets were computed once), so the search does not overfit a
+small fixed token set.
 
 Optionally (recipe ``search.scan_levels``, not in the paper) the search first scores every single-module move of
 its start, combines the moves under the budget by an additive model and starts from that combination if it scores
@@ -270,8 +271,8 @@ def repair_budget(space: SearchSpace, choice: Choice,
         if not options:
             raise TyrError(f"no level move brings the distribution (real sparsity "
                            f"{100 * space.achieved_sparsity(current):.2f}%) within {space.tolerance:,.0f} "
-                           f"parameters of the target {100 * space.target:.2f}%: the model's head and channel steps are too coarse "
-                           "for that tolerance; raise search.budget_tolerance")
+                           f"parameters of the target {100 * space.target:.2f}%: the model's head and channel steps "
+                           "are too coarse for that tolerance; raise search.budget_tolerance")
         for m, c in min(options)[-1]:
             made.append(f"{space.modules[m].name} {space.level(m, current[m]):.6g} -> {space.level(m, c):.6g}")
             current[m], moved[m] = c, moved[m] + 1
