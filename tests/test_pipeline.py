@@ -50,6 +50,12 @@ def test_run_prunes_measures_selects_and_resumes(tmp_path, tiny_dir):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["chosen"] is None and summary["message"].startswith("no model meets both targets")
     assert [row["label"] for row in summary["models"]] == ["dense", "tyr-0.25", "tyr-0.5"]
+    # The table's sparsity is what each model removes (its prune report), with the target beside it.
+    for row, target in zip(summary["models"][1:], (0.25, 0.5)):
+        report = json.loads((run / f"pruned-{target:g}" / "prune_report.json").read_text())
+        assert row["sparsity"] == report["achieved_sparsity"] != target and row["target_sparsity"] == target
+        assert abs(row["sparsity"] - target) <= report["budget_tolerance"]
+    assert [m.sparsity for m in measurements] == [row["sparsity"] for row in summary["models"]]
     assert summary["models"][2]["ideal_speedup"] > summary["models"][1]["ideal_speedup"] > 1
     assert "onnx_speedup_vs_ideal" in summary["models"][2]
     for name in ("report.html", "summary.md", "bench-onnx/results.json"):

@@ -1,4 +1,4 @@
-"""The evolutionary search: exact budgets, staged selection, improvement, resume, activation reuse, recipes."""
+"""The evolutionary search: budgets, staged selection, improvement, resume, activation reuse, recipes."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from tyr.compressor.fitness import SupernetKL, dense_targets, sparse_kl
 from tyr.compressor.layerwise import DenseParts, module_weights
 from tyr.compressor.recipes import Recipe, SearchRecipe, SelectionStage, fitness_dtype, load_recipe
 from tyr.compressor.search import (ModuleLadder, SearchSpace, SharedFitness, additive_optimum, grid_ticks,
-                                   make_offspring, mutate, run_search, scan_variants, staged_selection)
+                                   make_offspring, mutate, repair_budget, run_search, scan_variants,
+                                   staged_selection)
 from tyr.errors import TyrError
 from tyr.testing import tiny_llama
 
@@ -196,6 +197,72 @@ def test_latency_budget_keeps_every_visited_distribution_within_it():
                         max_cost=budget / 2)
     with pytest.raises(TyrError, match="exceeds the budget"):
         run_search(tight, QuadraticFitness(tight), settings, start, seed=seed, progress=False)
+
+
+def rounded_space(seed: int, target: float, layers: int = 8, tolerance: float = 0.005) -> SearchSpace:
+    """``paper_like_space`` whose candidates' real parameters are their nominal ones rounded to coarse, uneven
+    steps (whole heads and channels), each module with its own rounding offset."""
+    nominal = paper_like_space(layers=layers, target=target)
+    rng = np.random.default_rng(seed)
+    params = []
+    for m, module in enumerate(nominal.modules):
+        grain, offset = (130 if module.kind == "attn" else 47), int(rng.integers(0, 40))
+        kept = [module.dense_params * (1 - nominal.level(m, c)) for c in range(len(module.ticks))]
+        params.append(tuple(min(module.dense_params, max(0, grain * round((k + offset) / grain))) for k in kept))
+    return SearchSpace(target=target, unit=nominal.unit, step=nominal.step, modules=nominal.modules, params=params,
+                       tolerance=tolerance * nominal.dense_params())
+
+
+class RecordingFitness(QuadraticFitness):
+    """Remembers the choices scored on each number of batches (in the test below, 3 batches: the scan's probes)."""
+
+    def __init__(self, space: SearchSpace):
+        super().__init__(space)
+        self.seen: dict[int, set[tuple[int, ...]]] = {}
+
+    def evaluate(self, choices, batches):
+        self.seen.setdefault(len(batches), set()).update(choices)
+        return super().evaluate(choices, batches)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_distribution_the_search_visits_stays_in_the_real_parameter_band(seed):
+    space = rounded_space(seed, target=(0.5, 0.25, 0.375, 0.625, 0.5)[seed])
+    uniform = space.choice_at([0] * len(space))
+    start, repair = repair_budget(space, uniform)
+    assert space.in_budget(start) and abs(space.budget_gap(start)) <= space.tolerance
+    if repair is not None:
+        assert not space.in_budget(uniform) and repair.moves and repair.after == space.achieved_sparsity(start)
+        assert repair_budget(space, uniform)[0] == start                        # deterministic
+    settings = search_settings(12, [(1, 3), (2, 1)], pool_batches=4, offspring=8, max_shifts=4, scan_levels=1,
+                               scan_tokens=3 * 16, scan_every=5, pool_rescore_every=4)
+    fitness = RecordingFitness(space)
+    parents = []
+    result = run_search(space, fitness, settings, start, seed=seed, progress=False,
+                        on_generation=lambda record: parents.append(record.fitness))
+    assert len(parents) == 12 and result.fitness <= result.start_fitness
+    # Offspring (stage 1: one batch), survivors and parents (stage 2: two), the start, the warm start's proposals
+    # and rescored parents (the pool: four); the scan's single-module probes (three batches) are scored, not visited.
+    assert set(fitness.seen) == {1, 2, 3, 4}
+    visited = fitness.seen[1] | fitness.seen[2] | fitness.seen[4]
+    assert len(visited) > 20 and all(space.in_budget(choice) for choice in visited)
+    assert abs(space.achieved_sparsity(result.choice) - space.target) <= space.tolerance / space.dense_params()
+    assert any(not space.in_budget(probe) for probe in fitness.seen[3])     # the band did bind
+
+
+def test_budget_repair_moves_the_start_into_the_band_or_says_why_it_cannot():
+    space = rounded_space(0, target=0.25)
+    uniform = space.choice_at([0] * len(space))
+    assert not space.in_budget(uniform)             # rounding alone misses the band: the search could not start
+    with pytest.raises(TyrError, match="real sparsity"):
+        run_search(space, QuadraticFitness(space), search_settings(1, [(1, 1)], pool_batches=1, offspring=2), uniform,
+                   seed=0, progress=False)
+    start, repair = repair_budget(space, uniform)
+    assert space.in_budget(start) and len(repair.moves) == sum(a != b for a, b in zip(start, uniform)) <= 4
+    coarse = SearchSpace(target=0.5, unit=0.25, step=1, modules=[ModuleLadder("a", 0, "mlp", 1000, (-2, -1, 0, 1, 2))],
+                         params=[(1000, 1000, 400, 400, 0)], tolerance=50)
+    with pytest.raises(TyrError, match="budget_tolerance"):
+        repair_budget(coarse, coarse.choice_at([0]))
 
 
 def test_search_resume_is_bit_identical_synthetic(tmp_path):

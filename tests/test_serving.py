@@ -263,6 +263,18 @@ def test_select_fastest_meeting_both_targets():
     assert scored["s30"].speedup == pytest.approx(1.4) and scored["s30"].quality_change == pytest.approx(0.1)
 
 
+def test_selection_tables_show_achieved_sparsity_beside_the_target():
+    from tyr.selection.report import selection_section, selection_table
+
+    measured = [*CANDIDATES[:2], Measurement(label="tyr-0.25", perplexity=21.5, tokens_per_s={"vllm": 130.0},
+                                             sparsity=0.2491, target_sparsity=0.25)]
+    sel = select(measured, Targets(max_ppl_increase=0.10, min_speedup=1.2))
+    row = next(line for line in selection_table(sel).splitlines() if line.startswith("tyr-0.25"))
+    assert "24.91%" in row and "25.00%" in row
+    assert {s.label: s.target_sparsity for s in sel.candidates} == {"dense": None, "s20": None, "tyr-0.25": 0.25}
+    assert "<th>target</th>" in selection_section(sel)
+
+
 def test_select_pareto_front_drops_dominated_models():
     sel = select(CANDIDATES, Targets(max_ppl_increase=0.5, min_speedup=1.0))
     assert sel.pareto_front == ["dense", "s20", "s30", "s40", "s60"]

@@ -59,7 +59,9 @@ class RunConfig(BaseModel):
 
 class Candidate(BaseModel):
     label: str
-    sparsity: float
+    sparsity: float = Field(description="the sparsity asked of the pruner (labels and folders are named by it)")
+    achieved: float | None = Field(None, description="share of decoder parameters the pruned model removes, "
+                                   "from its prune report")
     model_dir: Path
     vllm_dir: Path | None = None
     onnx_dir: Path | None = None
@@ -76,7 +78,7 @@ def run_pipeline(config: RunConfig) -> dict:
     atomic_write_json(out / "run_config.json", config.model_dump(mode="json"))
     timings: dict[str, float] = {}
     dense_dir = Path(resolve_model_path(config.model))
-    dense = Candidate(label="dense", sparsity=0.0, model_dir=dense_dir, vllm_dir=dense_dir)
+    dense = Candidate(label="dense", sparsity=0.0, achieved=0.0, model_dir=dense_dir, vllm_dir=dense_dir)
     pruned = [Candidate(label=f"tyr-{s:g}", sparsity=s, model_dir=out / f"pruned-{s:g}") for s in config.sparsities]
 
     with _timed(timings, "prune"):
@@ -85,6 +87,7 @@ def run_pipeline(config: RunConfig) -> dict:
         supernets = config.out / "work" / "supernets"
         for c in pruned:
             _prune(config, dense_dir, c, supernets, device)
+            c.achieved = _achieved_sparsity(c.model_dir)
         shutil.rmtree(supernets, ignore_errors=True)
     if config.heal is not None:
         with _timed(timings, "heal"):
@@ -130,6 +133,17 @@ class _timed:
 
     def __exit__(self, *exc):
         self.timings[self.stage] = round(time.perf_counter() - self.started, 1)
+
+
+def _achieved_sparsity(model_dir: Path) -> float:
+    """The achieved (real-parameter) sparsity a pruned folder's report records."""
+    from tyr.compressor.report import REPORT_JSON, PruneReport
+
+    path = model_dir / REPORT_JSON
+    try:
+        return PruneReport.model_validate_json(path.read_text(encoding="utf-8")).achieved_sparsity
+    except (OSError, ValueError) as err:
+        raise TyrError(f"{path} is missing or unreadable ({err}); delete {model_dir} to prune it again") from err
 
 
 def _prune(config: RunConfig, dense_dir: Path, c: Candidate, supernet_cache: Path, device: str) -> None:
@@ -236,7 +250,8 @@ def _select(config: RunConfig, dense: Candidate, pruned: list[Candidate], evalua
     from tyr.selection.selection import Measurement, select
 
     measurements = [
-        Measurement(label=c.label, model=str(c.model_dir), baseline=c is dense, sparsity=c.sparsity,
+        Measurement(label=c.label, model=str(c.model_dir), baseline=c is dense, sparsity=c.achieved,
+                    target_sparsity=c.sparsity,
                     perplexity=evaluations[c.label].perplexity, accuracy=evaluations[c.label].mean_accuracy,
                     tokens_per_s=speeds[c.label], matmul_params=matmul_params(c.model_dir))
         for c in [dense, *pruned]]
@@ -247,7 +262,8 @@ def _select(config: RunConfig, dense: Candidate, pruned: list[Candidate], evalua
     rows = []
     for m in measurements:
         e = evaluations[m.label]
-        rows.append({"label": m.label, "sparsity": m.sparsity, "matmul_params": m.matmul_params,
+        rows.append({"label": m.label, "sparsity": m.sparsity, "target_sparsity": m.target_sparsity,
+                     "matmul_params": m.matmul_params,
                      "perplexity": e.perplexity, "kl_to_dense": e.kl_to_reference, "accuracy": e.mean_accuracy,
                      "accuracy_norm": e.mean_accuracy_norm, "chance": e.mean_chance,
                      **{f"{rt}_tokens_per_s": v for rt, v in m.tokens_per_s.items()}})
@@ -264,7 +280,9 @@ def _select(config: RunConfig, dense: Candidate, pruned: list[Candidate], evalua
 
 
 def _markdown(summary: dict) -> str:
-    columns = [("label", "model", "{}"), ("sparsity", "sparsity", "{:.3f}"), ("matmul_params", "matmul params", "{:,}"),
+    # Sparsity: the share of decoder parameters the model removes; the target is what the pruner was asked for.
+    columns = [("label", "model", "{}"), ("sparsity", "sparsity", "{:.2%}"), ("target_sparsity", "target", "{:.2%}"),
+               ("matmul_params", "matmul params", "{:,}"),
                ("perplexity", "ppl", "{:.2f}"), ("kl_to_dense", "KL", "{:.3f}"), ("accuracy", "BIG-bench acc", "{:.3f}"),
                ("vllm_tokens_per_s", "vLLM tok/s", "{:.1f}"), ("vllm_speedup", "vLLM speed-up", "{:.2f}x"),
                ("onnx_tokens_per_s", "ORT tok/s", "{:.1f}"), ("onnx_speedup", "ORT speed-up", "{:.2f}x"),

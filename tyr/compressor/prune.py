@@ -5,7 +5,8 @@ Týr (method "tyr"), per iteration i of the recipe:
      ..., 100% at targets that are multiples of 12.5%); later iterations halve the spacing and give each module
      ``ladder_size`` levels centred on its current level, clipped to [0, 1];
   2. build the supernet for those ladders (local OBS pruning with expectation error accumulation; resumable);
-  3. evolutionary search from the current distribution (the uniform one at first), checkpointed every generation.
+  3. evolutionary search from the current distribution (the uniform one at first, moved into the real-parameter
+     band: candidates are rounded to whole heads and channels), checkpointed every generation.
 The best iteration's supernet (lowest KL on the selection pool) assembles the pruned model. Everything lands in
 ``work_dir`` (supernets, search checkpoints, per-iteration results), so rerunning the same command after a crash
 continues where it stopped.
@@ -37,7 +38,7 @@ from tyr.compressor.recipes import Recipe, fitness_dtype, load_recipe
 from tyr.compressor.report import (IterationReport, LayerReport, PruneReport, StageMeter, max_rss_mb,
                                    write_report)
 from tyr.compressor.search import (GenerationRecord, ModuleLadder, SearchResult, SearchSpace, SharedFitness,
-                                   grid_ticks, level_of, run_search, tick_of)
+                                   grid_ticks, level_of, repair_budget, run_search, tick_of)
 from tyr.errors import TyrError
 from tyr.fingerprint import fingerprint
 from tyr.models.facts import layer_widths, module_params, total_params
@@ -61,7 +62,7 @@ class PruneResult:
 
 class LatencyBudget(BaseModel):
     """Hardware-aware search: the pruned model's predicted decode step (from a per-layer-shape latency table,
-    `tyr bench layers`) must stay within ``max_ms``, on top of the exact parameter budget."""
+    `tyr bench layers`) must stay within ``max_ms``, on top of the parameter budget."""
 
     table: LatencyTable
     max_ms: float = Field(gt=0)
@@ -356,7 +357,12 @@ class _CoarseToFine:
         with meter.stage(f"iteration {iteration}: supernet"):
             manifest = self.build(supernet_dir, ladders, ticks)
         supernet_seconds = time.perf_counter() - started
-        space = _space(manifest, self.modules, self.job.sparsity, self.unit, self.step(iteration), self.job.latency)
+        space = _space(manifest, self.modules, self.job.sparsity, self.unit, self.step(iteration),
+                       search.budget_tolerance, self.job.latency)
+        start, repair = repair_budget(space, space.choice_at(ticks))
+        if repair is not None:
+            log.info("iteration %d: the start removes %.3f%% of the decoder parameters; %d level moves bring it to "
+                     "%.3f%%", iteration, 100 * repair.before, len(repair.moves), 100 * repair.after)
         if self.targets is None:
             with meter.stage("dense targets"):
                 self.targets = dense_targets(self.job.model, self.selection, search.kl_top_k, search.batch_sequences,
@@ -364,7 +370,7 @@ class _CoarseToFine:
         started = time.perf_counter()
         with meter.stage(f"iteration {iteration}: search"):
             # In a function, so the fitness and its caches are freed before the next supernet is built.
-            result, stats = _search(self.job, supernet_dir, space, ticks, self.targets, iteration)
+            result, stats = _search(self.job, supernet_dir, space, start, self.targets, iteration)
         report = IterationReport(
             iteration=iteration, spacing=self.recipe.spacing(iteration), generations=len(result.history),
             start_fitness=result.start_fitness, fitness=result.fitness, history=result.history,
@@ -372,7 +378,9 @@ class _CoarseToFine:
             resumed_from_generation=result.resumed_from, module_evaluations=stats.module_evaluations,
             module_evaluations_without_reuse=stats.module_evaluations_without_reuse,
             activation_reuse_saving=stats.saving, fitness_seconds=stats.seconds, fitness_dtype=stats.compute_dtype,
-            warm_start=result.warm_start, rescans=result.rescans, pool_scores=result.pool_scores)
+            warm_start=result.warm_start, rescans=result.rescans, pool_scores=result.pool_scores,
+            start_sparsity=space.achieved_sparsity(start), budget_repair=repair,
+            achieved_sparsity=space.achieved_sparsity(result.choice))
         outcome = IterationOutcome(ticks=space.ticks_of(result.choice), choice=result.choice, start_ticks=list(ticks),
                                    ladders=ladders, report=report)
         atomic_write_json(self.job.work_dir / f"iter{iteration}" / "result.json", outcome.model_dump(mode="json"))
@@ -402,7 +410,7 @@ class _CoarseToFine:
             return Supernet.open(directory).assemble(self.job.model, chosen.choice)
 
 
-def _search(job: PruneJob, supernet_dir: Path, space: SearchSpace, ticks: list[int], targets, iteration: int):
+def _search(job: PruneJob, supernet_dir: Path, space: SearchSpace, start: tuple[int, ...], targets, iteration: int):
     from tyr.compressor.fitness import SupernetKL
     from tyr.compressor.layerwise import DenseParts
     from tyr.compressor.supernet import Supernet
@@ -417,7 +425,7 @@ def _search(job: PruneJob, supernet_dir: Path, space: SearchSpace, ticks: list[i
                          compute_dtype=fitness_dtype(settings.dtype, device))
     on_generation = job.on_generation
     callback = (lambda record: on_generation(iteration, record)) if on_generation else None
-    result = run_search(space, SharedFitness(fitness), settings, space.choice_at(ticks),
+    result = run_search(space, SharedFitness(fitness), settings, start,
                         seed=iteration_seed(job.seed, iteration), iteration=iteration,
                         checkpoint=job.work_dir / f"iter{iteration}" / "search.json", on_generation=callback,
                         progress=job.progress, description=f"search {iteration + 1}/{job.recipe.iterations}")
@@ -443,8 +451,10 @@ def _first_supernet_key(job: PruneJob, calibration, levels: list[list[float]]) -
     return "iter0-" + fingerprint(parts, 16)
 
 
-def _space(manifest, modules, target: float, unit: float, step: int,
+def _space(manifest, modules, target: float, unit: float, step: int, tolerance: float,
            latency: LatencyBudget | None = None) -> SearchSpace:
+    """The search space of a supernet: every module's ladder as ticks, its candidates' real parameters (from the
+    manifest) and a band of ``tolerance`` · the decoder parameters around the target."""
     ladders = []
     for (layer, kind, params), candidates in zip(modules, manifest.modules, strict=True):
         if (candidates.layer, candidates.kind) != (layer, kind):
@@ -452,11 +462,13 @@ def _space(manifest, modules, target: float, unit: float, step: int,
                            f"layers.{candidates.layer}.{candidates.kind}")
         ticks = tuple(tick_of(target, unit, level) for level in candidates.levels)
         ladders.append(ModuleLadder(f"layers.{layer}.{kind}", layer, kind, params, ticks))
+    params = [tuple(record.params) for record in manifest.modules]
+    band = tolerance * sum(ladder.dense_params for ladder in ladders)
     if latency is None:
-        return SearchSpace(target=target, unit=unit, step=step, modules=ladders)
+        return SearchSpace(target=target, unit=unit, step=step, modules=ladders, params=params, tolerance=band)
     costs = [latency.module_costs(record) for record in manifest.modules]
-    return SearchSpace(target=target, unit=unit, step=step, modules=ladders, costs=costs,
-                       max_cost=latency.max_ms - latency.table.lm_head_ms)
+    return SearchSpace(target=target, unit=unit, step=step, modules=ladders, params=params, tolerance=band,
+                       costs=costs, max_cost=latency.max_ms - latency.table.lm_head_ms)
 
 
 # ----- shared helpers -----
@@ -512,6 +524,7 @@ def _report(job: PruneJob, pruned: Pruned) -> PruneReport:
     return PruneReport(
         method=job.method, model=job.model_name, out_dir=str(job.out_dir), target_sparsity=job.sparsity,
         achieved_sparsity=1 - pruned_decoder / dense_decoder, nominal_sparsity=pruned.nominal,
+        budget_tolerance=job.recipe.search.budget_tolerance if job.method == "tyr" else None,
         dense_decoder_params=dense_decoder, pruned_decoder_params=pruned_decoder,
         dense_total_params=total_params(job.model), pruned_total_params=total_params(pruned.model),
         recipe=job.recipe.model_dump() if job.method != "magnitude" else None, seed=job.seed, device=str(job.device),

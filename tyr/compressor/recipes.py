@@ -82,7 +82,7 @@ class SearchRecipe(_Strict):
                           "the sparse KL fitness: sum over top-k of p_i (log p_i - log q_i)")
     scan_levels: int = Field(0, ge=0, le=64, description="warm start (not in the paper; 0 = off): before evolving, "
                              "score every single-module move of the start up to this many levels either way, "
-                             "combine the moves under the exact budget by an additive model (a knapsack solved "
+                             "combine the moves under the parameter budget by an additive model (a knapsack solved "
                              "exactly, with and without a penalty per level moved), and start from whichever of "
                              "the start and those combinations scores lowest on the pool")
     scan_tokens: int | None = Field(None, ge=16, le=100_000_000, description="selection tokens each move of the "
@@ -99,6 +99,9 @@ class SearchRecipe(_Strict):
                                     "many generations, score the parent on the whole pool, and end the iteration "
                                     "at the lowest parent so scored (the start included) rather than the last one: "
                                     "selection on a few fresh tokens can accept lucky, slightly worse children")
+    budget_tolerance: float = Field(0.0025, ge=0, le=0.1, description="the parameter budget is held in real "
+                                    "parameters (candidates rounded to whole heads and channels): every distribution "
+                                    "the search visits removes target ± this share of the decoder parameters")
     reuse_activations: bool = Field(True, description="restart an offspring's forward at its first mutated module "
                                     "from the parent's cached hidden states (same results, less compute)")
     activation_cache_mb: int = Field(1024, ge=0, le=10_000_000, description="memory cap of the parent's cached "

@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from tyr.atomic import atomic_write_json, atomic_write_text
-from tyr.compressor.search import GenerationRecord, PoolScore, WarmStart
+from tyr.compressor.search import BudgetRepair, GenerationRecord, PoolScore, WarmStart
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "prune_report.json", "prune_report.md", "prune_sparsity.png"
 
@@ -63,6 +63,11 @@ class IterationReport(BaseModel):
     rescans: list[WarmStart] = Field([], description="later scans from the parent (search.scan_every)")
     pool_scores: list[PoolScore] = Field([], description="the parent's KL on the whole pool every "
                                          "search.pool_rescore_every generations, when set")
+    start_sparsity: float | None = Field(None, description="real sparsity (share of decoder parameters removed) of "
+                                         "the distribution the search started from, after any budget repair")
+    budget_repair: BudgetRepair | None = Field(None, description="the level moves that brought the start into the "
+                                               "real-parameter band (None: it was already in it)")
+    achieved_sparsity: float | None = Field(None, description="real sparsity of the iteration's result")
     selected: bool = Field(False, description="this iteration's result is the output (lowest KL of all iterations, "
                            "all measured on the same selection tokens)")
 
@@ -72,8 +77,12 @@ class PruneReport(BaseModel):
     model: str
     out_dir: str
     target_sparsity: float
-    achieved_sparsity: float = Field(description="1 - decoder parameters (attention + MLP, norms included) / dense")
-    nominal_sparsity: float | None = Field(None, description="Σ dense_params · searched level / Σ dense_params")
+    achieved_sparsity: float = Field(description="1 - decoder parameters (attention + MLP, norms included) / dense: "
+                                     "the sparsity in real parameters")
+    nominal_sparsity: float | None = Field(None, description="Σ dense_params · searched level / Σ dense_params "
+                                           "(levels before rounding to whole heads and channels)")
+    budget_tolerance: float | None = Field(None, description="the search kept the achieved sparsity within target ± "
+                                           "this (recipe search.budget_tolerance; None: no search)")
     dense_decoder_params: int
     pruned_decoder_params: int
     dense_total_params: int
@@ -190,8 +199,11 @@ def render_markdown(report: PruneReport) -> str:
 def _summary(report: PruneReport) -> list[str]:
     lines = [f"# Pruning report: {report.method}", "",
              f"- model: `{report.model}` -> `{report.out_dir}`",
-             f"- target sparsity {100 * report.target_sparsity:.2f}%, achieved {100 * report.achieved_sparsity:.2f}%"
-             + (f" (nominal {100 * report.nominal_sparsity:.2f}%)" if report.nominal_sparsity is not None else ""),
+             f"- sparsity achieved {100 * report.achieved_sparsity:.2f}% of decoder parameters removed (target "
+             f"{100 * report.target_sparsity:.2f}%"
+             + (f" ± {100 * report.budget_tolerance:.2f} pp" if report.budget_tolerance is not None else "")
+             + (f"; searched levels' nominal {100 * report.nominal_sparsity:.2f}%"
+                if report.nominal_sparsity is not None else "") + ")",
              f"- decoder parameters {report.dense_decoder_params:,} -> {report.pruned_decoder_params:,}; all "
              f"parameters {report.dense_total_params:,} -> {report.pruned_total_params:,}",
              f"- recipe `{(report.recipe or {}).get('name', '-')}`, seed {report.seed}, device {report.device}, "
@@ -206,12 +218,20 @@ def _summary(report: PruneReport) -> list[str]:
 def _search_section(report: PruneReport) -> list[str]:
     if not report.iterations:
         return []
-    lines = ["## Search", "", "| iteration | spacing | generations | KL start (pool) | KL end (pool) | reuse saving | "
-             "supernet s | search s | fitness dtype | output |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["## Search", "", "| iteration | spacing | generations | sparsity start | sparsity end | KL start (pool) | "
+             "KL end (pool) | reuse saving | supernet s | search s | fitness dtype | output |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for it in report.iterations:
-        lines.append(f"| {it.iteration} | {100 * it.spacing:.4g}% | {it.generations} | {it.start_fitness:.4f} | "
+        lines.append(f"| {it.iteration} | {100 * it.spacing:.4g}% | {it.generations} | {_percent(it.start_sparsity)} | "
+                     f"{_percent(it.achieved_sparsity)} | {it.start_fitness:.4f} | "
                      f"{it.fitness:.4f} | {100 * it.activation_reuse_saving:.1f}% | {it.supernet_seconds:.1f} | "
                      f"{it.search_seconds:.1f} | {it.fitness_dtype} | {'yes' if it.selected else ''} |")
+    for it in report.iterations:
+        if it.budget_repair is not None:
+            r = it.budget_repair
+            lines.append(f"- iteration {it.iteration}: the start removed {100 * r.before:.3f}% of the decoder "
+                         f"parameters (levels rounded to whole heads and channels); {len(r.moves)} level moves "
+                         f"brought it to {100 * r.after:.3f}%: " + ", ".join(r.moves))
     for it in report.iterations:
         for w in ([it.warm_start] if it.warm_start is not None else []) + it.rescans:
             lines.append(_scan_line(it.iteration, w))
@@ -226,6 +246,10 @@ def _search_section(report: PruneReport) -> list[str]:
     for it in report.iterations:
         lines.append(f"- iteration {it.iteration}: " + ", ".join(f"{h.fitness:.4f}" for h in it.history))
     return lines + [""]
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
 
 
 def _scan_line(iteration: int, w: WarmStart) -> str:

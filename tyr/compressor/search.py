@@ -1,22 +1,27 @@
-"""Evolutionary search over the sparsity level of every module, under an exact global parameter budget.
+"""Evolutionary search over the sparsity level of every module, under a global parameter budget held in real parameters.
 
 An individual ("choice") picks one candidate per prunable module (layer0.attn, layer0.mlp, layer1.attn, ...).
 Candidate levels are sparsities on an integer grid: level = target + tick · unit, where ``unit`` is the finest
-spacing of the whole coarse-to-fine run. The nominal budget of a choice is Σ_m dense_params(m) · level(m); it
-equals target · Σ_m dense_params(m) exactly when Σ_m dense_params(m) · tick(m) == 0, which integer arithmetic
-checks without rounding.
+spacing of the whole coarse-to-fine run. A candidate's real width is its level rounded to whole GQA groups and
+heads (attention) or channels (MLP), so the nominal budget Σ_m dense_params(m) · level(m) is not what the pruned
+model removes. The budget is therefore a band on the real parameters: a choice is allowed when the parameters its
+candidates remove lie within ``tolerance`` of target · Σ_m dense_params(m). The start (every module at the target)
+is moved into the band before the search by single-module level moves (``repair_budget``); later coarse-to-fine
+iterations start from the previous result, whose candidates keep the same widths, so it is already in the band.
 
 Mutation is the paper's sparsity shift: one module moves one level down (less sparse) and another module with the
-same dense size (same kind, in practice) moves one level up, so the nominal budget never changes. Each generation
-mutates ``offspring`` distinct children from the parent; staged selection scores all of them on a few tokens,
-keeps the best, re-scores those on more tokens, and so on; the parent joins the last stage (elitism) and the
-winner becomes the next parent. As in the reference implementation, every generation draws its selection tokens
-afresh (here: batches of a pool whose dense targets were computed once), so the search does not overfit a small
-fixed token set.
+same dense size (same kind, in practice) moves one level up, so the nominal budget never changes; the real count
+moves by the two modules' rounding, so children outside the band are discarded like those over a latency budget.
+Each generation mutates ``offspring`` distinct children from the parent; staged selection scores all of them on a
+few tokens, keeps the best, re-scores those on more tokens, and so on; the parent joins the last stage (elitism)
+and the winner becomes the next parent. As in the reference implementation, every generation draws its selection
+tokens afresh (here: batches of a pool whose dense targets were computed once), so the search does not overfit a
+small fixed token set.
 
 Optionally (recipe ``search.scan_levels``, not in the paper) the search first scores every single-module move of
 its start, combines the moves under the budget by an additive model and starts from that combination if it scores
-lower: the first iteration otherwise spends many generations walking away from the uniform distribution.
+lower: the first iteration otherwise spends many generations walking away from the uniform distribution. The
+combination is moved into the band like the start, by the moves the scan found cheapest.
 
 Everything random comes from one ``numpy.random.Generator`` whose state is checkpointed after
 every generation, so an interrupted search rerun with the same inputs ends bit-identically.
@@ -73,8 +78,13 @@ class SearchSpace:
     unit: float
     step: int                        # ticks between neighbouring levels in this iteration
     modules: list[ModuleLadder]
+    # Real parameters of every module's candidates (after rounding to whole heads and channels) and how far
+    # (in parameters) a choice's removed count may lie from target · dense. Without them the budget is nominal
+    # and exact: Σ dense_params · tick == 0.
+    params: list[tuple[int, ...]] | None = None
+    tolerance: float = 0.0
     # Optional latency budget: predicted cost (ms) of every module's candidates and the most a choice may cost.
-    # The parameter budget stays exact; the search then only visits distributions that also fit this one.
+    # The search then only visits distributions that fit both budgets.
     costs: list[tuple[float, ...]] | None = None
     max_cost: float | None = None
     _down: list[dict[int, int]] = field(init=False, repr=False)
@@ -98,6 +108,10 @@ class SearchSpace:
             raise ValueError("costs and max_cost go together")
         if self.costs is not None and [len(c) for c in self.costs] != [len(m.ticks) for m in self.modules]:
             raise ValueError("costs need one value per candidate of every module")
+        if self.params is not None and [len(p) for p in self.params] != [len(m.ticks) for m in self.modules]:
+            raise ValueError("params need one count per candidate of every module")
+        if self.tolerance < 0:
+            raise ValueError(f"the budget tolerance must be >= 0 parameters, got {self.tolerance}")
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -118,12 +132,35 @@ class SearchSpace:
     def nominal_sparsity(self, choice: Sequence[int]) -> float:
         return self.target + self.unit * self.budget_offset(choice) / self.dense_params()
 
+    def removed(self, choice: Sequence[int]) -> float:
+        """Parameters the choice removes: real ones (from the candidates' counts), else nominal ones."""
+        if self.params is None:
+            return self.dense_params() * self.nominal_sparsity(choice)
+        return sum(m.dense_params - p[c] for m, p, c in zip(self.modules, self.params, choice, strict=True))
+
+    def budget_gap(self, choice: Sequence[int]) -> float:
+        """Removed parameters minus target · dense: positive when the choice prunes more than asked."""
+        return self.removed(choice) - self.target * self.dense_params()
+
+    def achieved_sparsity(self, choice: Sequence[int]) -> float:
+        return self.removed(choice) / self.dense_params()
+
+    def in_budget(self, choice: Sequence[int]) -> bool:
+        """Within the parameter band (real counts), or exactly on the nominal budget (no counts)."""
+        if self.params is None:
+            return self.budget_offset(choice) == 0
+        return abs(self.budget_gap(choice)) <= self.tolerance
+
     def cost(self, choice: Sequence[int]) -> float | None:
         """Predicted cost of a choice under the latency budget (None without one)."""
         return None if self.costs is None else sum(self.costs[m][c] for m, c in enumerate(choice))
 
-    def feasible(self, choice: Sequence[int]) -> bool:
+    def within_latency(self, choice: Sequence[int]) -> bool:
         return self.max_cost is None or self.cost(choice) <= self.max_cost * (1 + 1e-9)
+
+    def feasible(self, choice: Sequence[int]) -> bool:
+        """Within both budgets: parameters and (when set) latency."""
+        return self.in_budget(choice) and self.within_latency(choice)
 
     def down(self, module: int, candidate: int) -> int | None:
         """The candidate one level less sparse, if the ladder has it."""
@@ -148,6 +185,8 @@ class SearchSpace:
     def fingerprint(self) -> str:
         data = [self.target, self.unit, self.step, [(m.name, m.dense_params, m.ticks) for m in self.modules],
                 self.costs, self.max_cost]
+        if self.params is not None:       # appended only when set, so nominal-budget fingerprints stay as they were
+            data.append([list(p) for p in self.params] + [self.tolerance])
         return fingerprint(data, 16)
 
 
@@ -178,6 +217,72 @@ def grid_ticks(target: float, unit: float, step: int, centre: int, half_width: i
         first = centre - ((centre - lowest) // step) * step
         return tuple(range(first, highest + 1, step))
     return tuple(t for t in (centre + k * step for k in range(-half_width, half_width + 1)) if lowest <= t <= highest)
+
+
+# ----- the parameter band -----
+
+class BudgetRepair(BaseModel):
+    """How a distribution outside the parameter band was moved into it, one module one level at a time."""
+
+    before: float = Field(description="real sparsity (share of decoder parameters removed) before the moves")
+    after: float = Field(description="real sparsity after them: within the band")
+    moves: list[str] = Field(description="'layers.3.mlp 0.5 -> 0.5625', in the order made")
+
+
+def repair_budget(space: SearchSpace, choice: Choice,
+                  move_cost: Callable[[int, int], float] | None = None) -> tuple[Choice, BudgetRepair | None]:
+    """Move modules one level at a time until ``choice`` lies in the parameter band (None: it already does).
+
+    Each step makes one move, or two moves of different modules, that bring the removed parameters closer to the
+    band (pairs reach the band where coarse head steps make every single move overshoot). Preferred, in order:
+    moves within the latency budget (if any); moves that land in the band; the cheapest by ``move_cost(module,
+    candidate)`` (default: the nominal change, dense_params · levels moved); modules moved least so far, so equal
+    moves spread over the layers; late layers for moves that prune more, early ones for moves that prune less.
+    Deterministic; TyrError when no step brings the choice closer.
+    """
+    if space.in_budget(choice):
+        return choice, None
+    if space.params is None:
+        raise TyrError(f"the distribution's nominal sparsity {space.nominal_sparsity(choice):.6f} is not the target "
+                       f"{space.target}")
+    cost = move_cost or (lambda m, c: space.modules[m].dense_params * abs(space.modules[m].ticks[c]
+                                                                          - space.modules[m].ticks[choice[m]]))
+    current, moved, made = list(choice), [0] * len(space), []
+    while not space.in_budget(current):
+        gap = space.budget_gap(current)
+        singles = [(m, c, space.params[m][current[m]] - space.params[m][c])
+                   for m in range(len(space)) for c in (space.down(m, current[m]), space.up(m, current[m]))
+                   if c is not None]
+        steps = [((m, c),) for m, c, _ in singles]
+        steps += [((m, c), (n, d)) for i, (m, c, _) in enumerate(singles) for n, d, _ in singles[i + 1:] if n != m]
+        removed = {(m, c): delta for m, c, delta in singles}
+        excess, latency = _band_excess(space, gap), space.cost(current)
+        options = []
+        for step in steps:
+            after = _band_excess(space, gap + sum(removed[move] for move in step))
+            if after < excess:
+                slower = latency is not None and latency + sum(space.costs[m][c] - space.costs[m][current[m]]
+                                                               for m, c in step) > space.max_cost * (1 + 1e-9)
+                # Equal moves go to late layers when pruning more and to early ones when pruning less (early
+                # layers are usually the most sensitive); the search then moves sparsity where it pays.
+                depth = sum(space.modules[m].layer * (1 if c == space.down(m, current[m]) else -1) for m, c in step)
+                options.append((slower, after > 0, sum(cost(m, c) for m, c in step), sum(moved[m] for m, _ in step),
+                                after, depth, step))
+        if not options:
+            raise TyrError(f"no level move brings the distribution (real sparsity "
+                           f"{100 * space.achieved_sparsity(current):.2f}%) within {space.tolerance:,.0f} "
+                           f"parameters of the target {100 * space.target:.2f}%: the model's head and channel steps "
+                           "are too coarse for that tolerance; raise search.budget_tolerance")
+        for m, c in min(options)[-1]:
+            made.append(f"{space.modules[m].name} {space.level(m, current[m]):.6g} -> {space.level(m, c):.6g}")
+            current[m], moved[m] = c, moved[m] + 1
+    return tuple(current), BudgetRepair(before=space.achieved_sparsity(choice), after=space.achieved_sparsity(current),
+                                        moves=made)
+
+
+def _band_excess(space: SearchSpace, gap: float) -> float:
+    """How far (in parameters) a budget gap lies outside the band; 0 inside it."""
+    return max(0.0, abs(gap) - space.tolerance)
 
 
 # ----- mutation -----
@@ -334,11 +439,12 @@ def scan_variants(space: SearchSpace, start: Choice, levels: int) -> list[tuple[
 
 def additive_optimum(space: SearchSpace, start: Choice, change: dict[tuple[int, int], float],
                      penalty: float = 0.0) -> Choice:
-    """The choice that minimises Σ_m (change[(m, c_m)] + penalty · levels moved) under the exact budget (a
-    module at the start's candidate costs 0; candidates missing from ``change`` are not considered).
+    """The choice that minimises Σ_m (change[(m, c_m)] + penalty · levels moved) under the start's nominal budget
+    (a module at the start's candidate costs 0; candidates missing from ``change`` are not considered).
 
-    Each group of equal-size modules keeps its tick sum, as sparsity shifts do, so the budget stays exact. Per
-    group this is a knapsack over the running tick offset, solved exactly by dynamic programming.
+    Each group of equal-size modules keeps its tick sum, as sparsity shifts do, so the nominal budget stays that of
+    the start. Per group this is a knapsack over the running tick offset, solved exactly by dynamic programming;
+    the warm start then moves the result into the real-parameter band.
     """
     best = list(start)
     for group in space.groups:
@@ -384,8 +490,8 @@ def warm_start(space: SearchSpace, fitness: Fitness, start: Choice, levels: int,
     scale = float(np.median(np.abs(list(change.values())))) if change else 0.0
     optima: dict[Choice, float] = {}           # distinct feasible proposals, by their smallest penalty
     for weight in penalties:
-        proposal = additive_optimum(space, start, change, weight * scale)
-        if proposal != start and space.feasible(proposal):
+        proposal = _into_band(space, additive_optimum(space, start, change, weight * scale), change)
+        if proposal is not None and proposal != start and space.feasible(proposal):
             optima.setdefault(proposal, weight * scale)
     start_fitness, *fitnesses = fitness.evaluate([start, *optima], everything)
     proposals = [WarmStartProposal(penalty=penalty, moved=sum(a != b for a, b in zip(start, proposal)),
@@ -397,6 +503,18 @@ def warm_start(space: SearchSpace, fitness: Fitness, start: Choice, levels: int,
     record = WarmStart(scanned=len(variants), tokens=tokens, start_fitness=start_fitness, proposals=proposals,
                        chosen=chosen, seconds=time.perf_counter() - started)
     return (list(optima)[chosen] if chosen is not None else start), record
+
+
+def _into_band(space: SearchSpace, proposal: Choice, change: dict[tuple[int, int], float]) -> Choice | None:
+    """The knapsack keeps each group's nominal tick sum, not the real count: move ``proposal`` into the band by
+    the moves the scan found cheapest (unscanned ones last); None if it cannot be."""
+    def move_cost(m: int, c: int) -> float:
+        return change.get((m, c), math.inf) - change.get((m, proposal[m]), 0.0)
+
+    try:
+        return repair_budget(space, proposal, move_cost)[0]
+    except TyrError:
+        return None
 
 
 # ----- the search loop, checkpointed -----
@@ -495,10 +613,14 @@ def run_search(space: SearchSpace, fitness: Fitness, settings: SearchRecipe, sta
 
 
 def _check_start(space: SearchSpace, start: Choice) -> None:
-    if space.budget_offset(start) != 0:
-        raise TyrError(f"the start distribution's nominal sparsity {space.nominal_sparsity(start):.6f} is not the "
-                       f"target {space.target}")
-    if not space.feasible(start):
+    if not space.in_budget(start):
+        if space.params is None:
+            raise TyrError(f"the start distribution's nominal sparsity {space.nominal_sparsity(start):.6f} is not "
+                           f"the target {space.target}")
+        raise TyrError(f"the start distribution's real sparsity {100 * space.achieved_sparsity(start):.3f}% is "
+                       f"more than {space.tolerance:,.0f} parameters from the target {100 * space.target:.2f}% "
+                       "(repair it with repair_budget first)")
+    if not space.within_latency(start):
         raise TyrError(f"the start distribution's predicted latency {space.cost(start):.3f} ms exceeds the budget of "
                        f"{space.max_cost:.3f} ms: raise the target sparsity or the latency budget")
 

@@ -52,11 +52,12 @@ def pareto_figure(selection: Selection) -> Figure:
 def selection_section(selection: Selection) -> str:
     ppl = selection.targets.metric == "perplexity"
     verdict_class = "ok" if selection.chosen else "bad"
-    rows = [[s.label, s.sparsity, s.quality, f"{s.quality_change:+.1%}" if ppl else f"{s.quality_change:.1%}",
+    rows = [[s.label, s.sparsity, s.target_sparsity, s.quality,
+             f"{s.quality_change:+.1%}" if ppl else f"{s.quality_change:.1%}",
              s.tokens_per_s, f"{s.speedup:.2f}x", "yes" if s.meets_quality else "no",
              "yes" if s.meets_speed else "no", "yes" if s.on_front else "", s.shortfall]
             for s in sorted(selection.candidates, key=lambda s: s.speedup)]
-    table = html_table(["model", "sparsity", "perplexity" if ppl else "accuracy",
+    table = html_table(["model", "sparsity", "target", "perplexity" if ppl else "accuracy",
                         "ppl increase" if ppl else "retention", "tokens/s", "speed-up", "quality ok", "speed ok",
                         "Pareto", "shortfall"], rows)
     skipped = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in selection.skipped.items())
@@ -67,12 +68,14 @@ def selection_section(selection: Selection) -> str:
 
 def selection_table(selection: Selection) -> str:
     ppl = selection.targets.metric == "perplexity"
-    rows = [[s.label + (" *" if s.label == selection.chosen else ""), number_cell(s.sparsity, ".2f"),
+    rows = [[s.label + (" *" if s.label == selection.chosen else ""), number_cell(s.sparsity, ".2%"),
+             number_cell(s.target_sparsity, ".2%"),
              f"{s.quality:.4g}", f"{s.quality_change:+.1%}" if ppl else f"{s.quality_change:.1%}",
              f"{s.speedup:.2f}x", "yes" if s.meets_quality else "no", "yes" if s.meets_speed else "no",
              "yes" if s.on_front else ""]
             for s in sorted(selection.candidates, key=lambda s: s.speedup)]
-    return text_table(["model", "sparsity", "perplexity" if ppl else "accuracy", "ppl increase" if ppl else "retention",
+    return text_table(["model", "sparsity", "target", "perplexity" if ppl else "accuracy",
+                       "ppl increase" if ppl else "retention",
                        "speed-up", "quality ok", "speed ok", "Pareto"], rows)
 
 

@@ -29,7 +29,8 @@ class Measurement(BaseModel):
     label: str
     model: str | None = None  # folder, for matching benchmark results and for the user
     baseline: bool = False
-    sparsity: float | None = Field(None, ge=0, le=1)
+    sparsity: float | None = Field(None, ge=0, le=1, description="share of parameters the model removes (achieved)")
+    target_sparsity: float | None = Field(None, ge=0, le=1, description="the sparsity asked of the pruner, if known")
     perplexity: float | None = Field(None, gt=0, allow_inf_nan=False)
     accuracy: float | None = Field(None, ge=0, allow_inf_nan=False)
     # runtime ("vllm", "onnx") -> output tokens/s
@@ -64,7 +65,8 @@ class Targets(BaseModel):
 class Scored(BaseModel):
     label: str
     model: str | None
-    sparsity: float | None
+    sparsity: float | None  # achieved
+    target_sparsity: float | None = None
     quality: float  # the raw metric (perplexity or accuracy)
     quality_change: float  # perplexity increase (fraction) or accuracy retention (fraction)
     speedup: float
@@ -144,7 +146,8 @@ def select(measurements: list[Measurement], targets: Targets) -> Selection:
         speedup = speed / base_speed
         meets_speed = speedup >= targets.min_speedup - TOLERANCE
         shortfall = _quality_gap(targets, change) + max(0.0, (targets.min_speedup - speedup) / targets.min_speedup)
-        scored.append(Scored(label=m.label, model=m.model, sparsity=m.sparsity, quality=quality,
+        scored.append(Scored(label=m.label, model=m.model, sparsity=m.sparsity, target_sparsity=m.target_sparsity,
+                             quality=quality,
                              quality_change=change, speedup=speedup, tokens_per_s=speed, meets_quality=meets_quality,
                              meets_speed=meets_speed, shortfall=shortfall))
 
