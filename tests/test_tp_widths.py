@@ -254,3 +254,43 @@ def test_server_command_and_cpu_binding_for_tensor_parallelism(monkeypatch):
     assert len(groups) == 2 and len(groups[0]) == len(groups[1]) == len(cores) // 2
     assert set(groups[0]).isdisjoint(groups[1]) and set(groups[0]) | set(groups[1]) <= set(cores)
     assert "VLLM_CPU_OMP_THREADS_BIND" not in vllm_env(ServerConfig(), "cpu")
+
+
+@pytest.mark.slow
+def test_tp2_prune_exports_and_serves_in_vllm_like_transformers(tmp_path, default_model_dir):
+    """`tyr prune --tensor-parallel 2`, `tyr export vllm`, then vLLM's OpenAI server with --tensor-parallel-size 2
+    (two CPU workers, as `tyr bench vllm --tensor-parallel 2` starts it): the same greedy tokens as transformers."""
+    import requests
+    from transformers import AutoTokenizer
+
+    from tyr.benchmarking.config import ServerConfig
+    from tyr.benchmarking.server import VLLMServer
+    from tyr.exporters.vllm.check import reference_greedy
+    from tyr.models.io import load_model, save_model
+    from tyr.models.slicing import to_tyr
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    dense = to_tyr(tiny_llama(vocab_size=len(tokenizer), hidden=192, layers=3, heads=6, kv_heads=3, ffn=128,
+                              seed=5))   # head_dim 32 (vLLM's CPU attention); dense 6/3 heads cannot split 2 ways
+    src = save_model(dense, tokenizer, tmp_path / "dense")
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({**TINY_RECIPE, "local_pruner": {**TINY_RECIPE["local_pruner"],
+                                                                  "ffn_multiple": MULTIPLE}}))
+    pruned, export = tmp_path / "pruned", tmp_path / "export"
+    assert tyr_main(["prune", "--model", str(src), "--sparsity", "0.5", "--recipe", str(recipe), "--method",
+                     "uniform", "--tensor-parallel", "2", "--out", str(pruned), "--no-progress"]) == 0
+    assert tyr_main(["export", "vllm", str(pruned), str(export), "--no-check"]) == 0
+    assert 2 in json.loads((export / "tyr_export.json").read_text())["tensor_parallel_sizes"]
+    model, _ = load_model(pruned, dtype=torch.float32)
+    prompts = ["The capital of France is", "Structured pruning removes", "Once upon a time"]
+    expected = reference_greedy(model, [tokenizer(p).input_ids for p in prompts], 12)[0]
+    served = []
+    with VLLMServer(export, tmp_path / "server.log", ServerConfig(max_model_len=256, tensor_parallel_size=2)) as server:
+        for prompt in prompts:
+            response = requests.post(f"{server.base_url}/v1/completions", timeout=120, json={
+                "model": server.model_name, "prompt": prompt, "max_tokens": 12, "temperature": 0,
+                "ignore_eos": True, "return_token_ids": True})
+            response.raise_for_status()
+            served.append(response.json()["choices"][0]["token_ids"])
+    assert "world_size=2" in (tmp_path / "server.log").read_text()
+    assert served == expected

@@ -1,5 +1,6 @@
-"""Facts about a model's structure, in one place for every package: per-layer widths, parameter counts, the width a
-sparsity level leaves, and the tensors a safetensors folder holds.
+"""Facts about a model's structure, in one place for every package: per-layer widths, parameter counts, the widths
+vLLM can split over tensor-parallel devices, the width a sparsity level leaves under the width rules, and the
+tensors a safetensors folder holds.
 
 The facts below are those of the Llama family, the one tyr prunes today: Llama and Mistral checkpoints, and
 tyr_llama, the heterogeneous format tyr writes. Their decoder layers are GQA attention (q/k/v/o projections without
