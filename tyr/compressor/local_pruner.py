@@ -248,8 +248,8 @@ def prune_heads_gqa(W: torch.Tensor, H: torch.Tensor, head_dim: int, n_kv_heads:
 
     ``targets``: per request, the acceptable (kv groups, heads per group) configurations: those
     ``tyr.models.facts.gqa_widths`` allows under the width rules (a tensor-parallel size may exclude the dense
-    configuration itself, so even the least pruned request can drop heads); [(0, 0)] means remove the attention. Each request follows the constrained greedy path from dense (paths share
-    their common prefix). ``keep`` of each result lists the kept query heads: whole KV groups (head h belongs to
+    configuration itself, so even the least pruned request can drop heads); [(0, 0)] means remove the attention.
+    Each request follows the constrained greedy path from dense (paths share their common prefix). ``keep`` of each result lists the kept query heads: whole KV groups (head h belongs to
     group h // heads_per_group), the same number in each kept group.
     """
     n_heads = W.shape[1] // head_dim
