@@ -10,12 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tyr.data import load_text, token_blocks
 from tyr.evaluation.bigbench import (PACKAGED_TASKS_DIR, MultipleChoiceExample, MultipleChoiceTask, load_task,
                                     resolve_task_names)
-from tyr.evaluation.language_modeling import compare_to_reference, kl_to_reference, perplexity
+from tyr.evaluation.language_modeling import (compare_all_to_reference, compare_to_reference, kl_to_reference,
+                                              perplexity)
 from tyr.evaluation.multiple_choice import encode_pair, evaluate_task, score_choices
 from tyr.evaluation.report import EvalResult, ParameterCount
-from tyr.evaluation.run import count_parameters
+from tyr.evaluation.run import count_parameters, evaluate_models
 from tyr.errors import TyrError
 from tyr.testing import tiny_hetero, tiny_llama
 
@@ -65,6 +67,38 @@ def test_kl_is_zero_to_itself_and_positive_to_a_perturbed_copy(blocks):
     assert ppl != pytest.approx(reference_ppl, rel=1e-3)
     # KL is not symmetric: swapping the roles measures a different quantity.
     assert kl_to_reference(model, perturbed, blocks, progress=False) != pytest.approx(kl, rel=1e-6)
+
+
+def test_several_models_share_one_reference_pass(blocks):
+    model = tiny_llama()
+    halved, zeroed = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        halved.model.layers[1].mlp.down_proj.weight.mul_(0.5)
+        zeroed.model.layers[0].self_attn.o_proj.weight.zero_()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    comparisons = compare_all_to_reference([halved, zeroed], model, blocks, batch_size=2, progress=False)
+    assert len(calls) == 3  # one reference forward per batch of 2 out of 5 blocks, for both models
+    for other, comparison in zip([halved, zeroed], comparisons):
+        assert comparison.kl == pytest.approx(kl_to_reference(other, model, blocks, progress=False), rel=1e-5)
+        assert comparison.perplexity == pytest.approx(perplexity(other, blocks, progress=False), rel=1e-5)
+        assert comparison.reference_perplexity == pytest.approx(perplexity(model, blocks, progress=False), rel=1e-5)
+    assert comparisons[0].kl != pytest.approx(comparisons[1].kl, rel=1e-3)
+
+
+def test_evaluate_models_gives_the_reference_its_perplexity_and_the_others_kl(tokenizer):
+    model = tiny_llama(vocab_size=len(tokenizer))
+    halved = copy.deepcopy(model)
+    with torch.no_grad():
+        halved.model.layers[1].mlp.down_proj.weight.mul_(0.5)
+    dense, pruned = evaluate_models([(model, "dense"), (halved, "halved")], tokenizer, reference_model=model,
+                                    reference_name="dense", seq_len=16, num_blocks=4, tasks="none", progress=False)
+    blocks = token_blocks(tokenizer, load_text(None, "validation"), 16, 4, 0)
+    assert dense.reference is None and dense.kl_to_reference is None
+    assert dense.perplexity == pytest.approx(perplexity(model, blocks, progress=False), rel=1e-5)
+    assert pruned.reference == "dense" and pruned.kl_to_reference > 1e-4
+    assert pruned.perplexity == pytest.approx(perplexity(halved, blocks, progress=False), rel=1e-5)
+    assert pruned.reference_perplexity == pytest.approx(dense.perplexity, rel=1e-6)
 
 
 def test_bad_blocks_are_rejected():

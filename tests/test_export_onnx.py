@@ -197,7 +197,8 @@ def test_cli_export_and_bench(tiny_dir, tiny_export, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def pruned_smollm2(smollm2, tmp_path_factory):
     from tyr.exporters.onnx.magnitude import magnitude_keeps
-    from tyr.models.slicing import layer_params, layer_widths, slice_model
+    from tyr.models.facts import layer_params, layer_widths
+    from tyr.models.slicing import slice_model
 
     model, tokenizer = smollm2
     pruned = slice_model(model, magnitude_keeps(model, keep=0.5))

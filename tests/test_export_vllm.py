@@ -23,7 +23,8 @@ from tyr.exporters.vllm.check import compare, explain_failure, reference_greedy,
 from tyr.exporters.vllm.export import export_vllm
 from tyr.exporters.vllm.vllm_greedy import GreedyRequest
 from tyr.models.io import save_model
-from tyr.models.slicing import LayerKeep, layer_params, layer_widths, slice_model
+from tyr.models.facts import layer_params, layer_widths
+from tyr.models.slicing import LayerKeep, slice_model
 from tyr.testing import tiny_hetero
 
 VOCAB = 49152  # SmolLM2's tokenizer: vLLM needs a real tokenizer

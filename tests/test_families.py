@@ -21,7 +21,8 @@ from tyr.cli import main as tyr_main
 from tyr.compressor.layerwise import DenseParts, attention_delta, heads_of, mlp_delta, module_weights
 from tyr.errors import TyrError
 from tyr.models.io import load_model, save_model
-from tyr.models.slicing import LayerKeep, layer_widths, mask_model, slice_model, to_tyr
+from tyr.models.facts import layer_widths
+from tyr.models.slicing import LayerKeep, mask_model, slice_model, to_tyr
 from tyr.testing import tiny_llama
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

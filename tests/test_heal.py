@@ -162,3 +162,29 @@ def test_cli(tmp_path, student_dir, capsys):
     assert tyr_main(["heal", str(tmp_path / "missing"), "--teacher", str(student_dir), "--out",
                      str(tmp_path / "x")]) == 2
     assert "no such model folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_heals_each_pruned_model_and_measures_both(tmp_path, teacher_dir):
+    import yaml
+
+    from tyr.testing import TINY_RECIPE
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(TINY_RECIPE))
+    run = tmp_path / "run"
+    assert tyr_main(["run", "--model", str(teacher_dir), "--sparsities", "0.5", "--recipe", str(recipe), "--no-vllm",
+                     "--runtime", "onnx", "--heal-tokens", "256", "--eval-blocks", "2", "--eval-limit", "2",
+                     "--out", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    rows = {row["label"]: row for row in summary["models"]}
+    assert list(rows) == ["dense", "tyr-0.5", "tyr-0.5-healed"]
+    assert "heal" in summary["timings_s"]
+    healed, pruned = rows["tyr-0.5-healed"], rows["tyr-0.5"]
+    assert healed["matmul_params"] == pruned["matmul_params"]          # healing keeps the widths
+    assert healed["perplexity"] != pruned["perplexity"]                # but changes the weights
+    assert healed["onnx_tokens_per_s"] > 0                             # measured in the runtime like the others
+    report = json.loads((run / "healed-0.5" / "heal_report.json").read_text())
+    assert report["settings"]["tokens"] == 256
+    assert json.loads((run / "healed-0.5" / "config.json").read_text())["per_layer_config"] == \
+        json.loads((run / "pruned-0.5" / "config.json").read_text())["per_layer_config"]

@@ -54,6 +54,14 @@ def test_run_prunes_measures_selects_and_resumes(tmp_path, tiny_dir):
     assert "onnx_speedup_vs_ideal" in summary["models"][2]
     for name in ("report.html", "summary.md", "bench-onnx/results.json"):
         assert (run / name).is_file(), name
+    assert list(summary["timings_s"]) == ["prune", "evaluate", "export onnx", "bench onnx", "select"]
+    assert "| prune |" in (run / "summary.md").read_text() and "| total |" in (run / "summary.md").read_text()
+    evaluations = {label: json.loads((run / "eval" / f"{label}.json").read_text())
+                   for label in ("dense", "tyr-0.25", "tyr-0.5")}
+    assert evaluations["dense"]["kl_to_reference"] is None
+    for label in ("tyr-0.25", "tyr-0.5"):  # compared with dense in the same pass that measured dense
+        assert evaluations[label]["kl_to_reference"] > 0
+        assert evaluations[label]["reference_perplexity"] == evaluations["dense"]["perplexity"]
 
     # The same command on the same folder resumes: nothing is pruned, exported or measured again.
     stamps = {p: p.stat().st_mtime_ns for p in [run / "pruned-0.5" / "config.json", run / "eval" / "dense.json",

@@ -1,7 +1,8 @@
 """Serving harness: a real vLLM CPU server under a real locust load, offline vllm.LLM throughput, the result
 format, reports, `tyr select` on recorded measurements, and the per-shape latency table.
 
-Engine starts are the cost here, so the module starts one vLLM server and one offline engine for all its tests.
+Engine starts are the cost here, so the module starts one vLLM server and one offline engine for all its tests, and
+one more server for the batch that `tyr run` sends through the benchmark's own server.
 """
 
 from __future__ import annotations
@@ -113,6 +114,26 @@ def test_bench_vllm_measures_a_real_server(bench_out, tiny_dir):
                                           "embedding": 3_145_728}
     assert result.config["load"]["users"] == 2 and result.config["server"]["max_model_len"] == 256
     assert (out / "tiny" / "server.log").stat().st_size > 0  # the server's log is kept
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_batch_through_a_running_server(tiny_dir, tmp_path):
+    """The batch throughput `tyr run` measures on the benchmark's own server instead of a second engine."""
+    from tyr.benchmarking.offline import batch_through_server
+    from tyr.benchmarking.prompts import random_prompts
+
+    prompts = random_prompts(tiny_dir, 9, 24, seed=1)
+    server_config = ServerConfig(max_model_len=256, startup_timeout_s=900)
+    with VLLMServer(tiny_dir, tmp_path / "server.log", server_config, "cpu") as server:
+        offline = batch_through_server(server.base_url, server.model_name, [prompts[:3], prompts[3:6], prompts[6:]],
+                                       output_tokens=12, timeout=600)
+        with pytest.raises(TyrError, match="HTTP 4"):  # the server refuses a batch longer than its context
+            batch_through_server(server.base_url, server.model_name, [prompts[:2]], output_tokens=300, timeout=600)
+    assert offline.via == "server" and offline.num_prompts == 3 and offline.prompt_tokens == 24
+    assert offline.output_tokens == 3 * 12 and len(offline.batch_seconds) == 3
+    assert offline.elapsed_s == sorted(offline.batch_seconds)[1]  # the median batch
+    assert offline.output_tokens_per_s == pytest.approx(36 / offline.elapsed_s)
 
 
 @pytest.mark.slow

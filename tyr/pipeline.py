@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tyr.atomic import atomic_write_json, atomic_write_text
+from tyr.compressor.heal import HealSettings
 from tyr.errors import TyrError
 from tyr.selection.selection import Targets
 
@@ -37,6 +38,8 @@ class RunConfig(BaseModel):
     onnx: bool = Field(True, description="export to and benchmark in onnxruntime")
     device: str | None = Field(None, description="torch device for pruning and evaluation (default: the GPU when "
                                "torch sees one, else the CPU); vLLM and onnxruntime pick their own")
+    heal: HealSettings | None = Field(None, description="also distil the dense model into each pruned one and "
+                                      "measure both (None: no healing)")
     seed: int = 0
 
     @field_validator("sparsities")
@@ -83,6 +86,9 @@ def run_pipeline(config: RunConfig) -> dict:
         for c in pruned:
             _prune(config, dense_dir, c, supernets, device)
         shutil.rmtree(supernets, ignore_errors=True)
+    if config.heal is not None:
+        with _timed(timings, "heal"):
+            pruned += [_heal(config, dense_dir, c, device) for c in pruned]
     with _timed(timings, "evaluate"):
         evaluations = _evaluate(config, dense, pruned, device)
     if config.vllm:
@@ -138,28 +144,38 @@ def _prune(config: RunConfig, dense_dir: Path, c: Candidate, supernet_cache: Pat
           supernet_cache=supernet_cache)
 
 
+def _heal(config: RunConfig, dense_dir: Path, c: Candidate, device: str) -> Candidate:
+    from tyr.compressor.heal import heal
+
+    healed = Candidate(label=f"{c.label}-healed", sparsity=c.sparsity, model_dir=config.out / f"healed-{c.sparsity:g}")
+    if (healed.model_dir / "heal_report.json").is_file():
+        log.info("%s: reusing %s", healed.label, healed.model_dir)
+    else:
+        # overwrite: a work folder left by a heal of an earlier pruned model is discarded, not refused.
+        heal(c.model_dir, teacher=dense_dir, out_dir=healed.model_dir, settings=config.heal,
+             work_dir=config.out / "work" / f"heal-{c.sparsity:g}", device=device, overwrite=True)
+    return healed
+
+
 def _evaluate(config: RunConfig, dense: Candidate, pruned: list[Candidate], device: str) -> dict:
+    """Every model's EvalResult by label; the missing ones are evaluated together, dense running once per block."""
     from tyr.evaluation.report import EvalResult
-    from tyr.evaluation.run import evaluate_model
+    from tyr.evaluation.run import evaluate_models
     from tyr.models.io import load_model
 
-    results, reference = {}, None
-    for c in [dense, *pruned]:
-        path = config.out / "eval" / f"{c.label}.json"
-        if path.is_file():
-            results[c.label] = EvalResult.read(path)
-            continue
-        if reference is None:
-            reference, _ = load_model(dense.model_dir, device=device)
-        model, tokenizer = load_model(c.model_dir, device=device)
-        result = evaluate_model(model, tokenizer, str(c.model_dir),
-                                reference_model=None if c is dense else reference,
-                                reference_name=None if c is dense else str(dense.model_dir),
-                                num_blocks=config.eval_blocks, limit=config.eval_limit, seed=config.seed)
-        result.write(path)
-        print(result.to_text())
-        results[c.label] = result
-    return results
+    paths = {c.label: config.out / "eval" / f"{c.label}.json" for c in [dense, *pruned]}
+    missing = [c for c in [dense, *pruned] if not paths[c.label].is_file()]
+    if missing:
+        reference, tokenizer = load_model(dense.model_dir, device=device)
+        models = [(reference if c is dense else load_model(c.model_dir, device=device)[0], str(c.model_dir))
+                  for c in missing]
+        evaluated = evaluate_models(models, tokenizer, reference_model=reference,
+                                    reference_name=str(dense.model_dir), num_blocks=config.eval_blocks,
+                                    limit=config.eval_limit, seed=config.seed)
+        for c, result in zip(missing, evaluated):
+            result.write(paths[c.label])
+            print(result.to_text())
+    return {label: EvalResult.read(path) for label, path in paths.items()}
 
 
 def _export_vllm(c: Candidate, out: Path) -> Path:
@@ -187,7 +203,8 @@ def _bench_vllm(config: RunConfig, dense: Candidate, pruned: list[Candidate]) ->
     out = config.out / "bench-vllm"
     if not (out / "results.json").is_file():
         bench = BenchConfig(load=LoadConfig(users=4, duration_s=20, prompt_tokens=64, output_tokens=32),
-                            offline=OfflineConfig(num_prompts=16, prompt_tokens=64, output_tokens=64))
+                            # Through the server already up for the load: one engine start per model, not two.
+                            offline=OfflineConfig(num_prompts=16, prompt_tokens=64, output_tokens=64, via="server"))
         bench_vllm([dense.vllm_dir, *[c.vllm_dir for c in pruned]], bench, out,
                    labels=[dense.label, *[c.label for c in pruned]])
     run = load_run(out / "results.json")
@@ -259,8 +276,16 @@ def _markdown(summary: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Targets: {summary['targets']}", "", summary["message"]]
     if summary.get("timings_s"):
-        lines += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items())]
+        lines += ["", stage_table(summary["timings_s"])]
     return "\n".join(lines) + "\n"
+
+
+def stage_table(timings: dict[str, float]) -> str:
+    """Seconds per stage of this invocation (a stage reused from an earlier run takes about none)."""
+    rows = [f"| {stage} | {seconds:.1f} | {seconds / 60:.1f} |" for stage, seconds in timings.items()]
+    total = sum(timings.values())
+    return "\n".join(["| stage | seconds | minutes |", "|---|---:|---:|", *rows,
+                      f"| total | {total:.1f} | {total / 60:.1f} |"])
 
 
 def add_run(parser: argparse.ArgumentParser) -> None:
@@ -285,12 +310,20 @@ def add_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-blocks", type=int, help=RunConfig.model_fields["eval_blocks"].description)
     parser.add_argument("--eval-limit", type=int, help=RunConfig.model_fields["eval_limit"].description)
     parser.add_argument("--device", help=RunConfig.model_fields["device"].description)
+    parser.add_argument("--heal", action="store_true", help="also heal each pruned model by distillation from the "
+                        "dense one (`tyr heal`) and measure healed and unhealed side by side")
+    parser.add_argument("--heal-tokens", type=int, metavar="N", help="training tokens per healed model (implies --heal; "
+                        f"default {HealSettings().tokens})")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Prune a model at several sparsities, evaluate, export to vLLM and ONNX, benchmark against dense, select."""
     fields = {k: v for k, v in vars(args).items() if k in RunConfig.model_fields and v is not None}
+    fields.pop("heal")
+    if args.heal or args.heal_tokens is not None:
+        tokens = {} if args.heal_tokens is None else {"tokens": args.heal_tokens}
+        fields["heal"] = {"seed": args.seed, **tokens}
     quality = {"max_ppl_increase": args.max_ppl_increase, "min_accuracy_retention": args.min_accuracy_retention}
     if all(v is None for v in quality.values()):
         quality = {"max_ppl_increase": RunConfig().targets.max_ppl_increase}

@@ -44,11 +44,14 @@ def add_vllm(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--trust-remote-code", action="store_true", default=None)
     server.add_argument("--host", metavar="URL", help="benchmark this already running server instead of starting "
                                                        "one (one --model, used for prompts and parameter counts)")
-    offline = parser.add_argument_group("offline throughput (vllm.LLM)")
+    offline = parser.add_argument_group("batch throughput (vllm.LLM, or one batched request to the server)")
     offline.add_argument("--offline", action=argparse.BooleanOptionalAction, default=None,
                          help="measure offline batch throughput too (default on)")
     offline.add_argument("--offline-prompts", type=int, help="prompts in the offline batch (default 32)")
     offline.add_argument("--offline-output-tokens", type=int, help="tokens generated per offline prompt (default 64)")
+    offline.add_argument("--offline-via", choices=["engine", "server"],
+                         help="engine: its own vllm.LLM engine after the server is down (default); server: one "
+                              "batched request to the benchmark's server, no second engine start")
 
 
 # flag -> (section, field) of BenchConfig
@@ -60,7 +63,7 @@ _BENCH_FLAGS = {
     "startup_timeout": ("server", "startup_timeout_s"), "trust_remote_code": ("server", "trust_remote_code"),
     "tensor_parallel": ("server", "tensor_parallel_size"),
     "offline": ("offline", "enabled"), "offline_prompts": ("offline", "num_prompts"),
-    "offline_output_tokens": ("offline", "output_tokens"),
+    "offline_output_tokens": ("offline", "output_tokens"), "offline_via": ("offline", "via"),
 }
 
 

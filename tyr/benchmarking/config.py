@@ -83,11 +83,15 @@ class LoadConfig(BaseModel):
 
 
 class OfflineConfig(BaseModel):
-    """Offline batch throughput through vllm.LLM.generate (a separate engine start after the server is down)."""
+    """Batch throughput: every prompt at once, each generating exactly `output_tokens`; the median batch counts."""
 
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
+    via: Literal["engine", "server"] = Field(
+        "engine", description="engine: vllm.LLM.generate in its own engine, started after the server is down; "
+        "server: one request holding the whole batch, sent to the benchmark's server after its load (no second "
+        "engine start)")
     num_prompts: int = Field(32, ge=1, le=100_000)
     prompt_tokens: int = Field(64, ge=1, le=131_072)
     output_tokens: int = Field(64, ge=1, le=131_072)

@@ -1,13 +1,18 @@
-"""Offline batch throughput through vllm.LLM, measured in a subprocess.
+"""Batch throughput: through vllm.LLM in a subprocess, or as one batched request to a running server.
 
 `run_offline_throughput` runs this module as a script (`python -m tyr.benchmarking.offline SPEC OUT`). vLLM's workers
 re-import the main script, so the engine is built only under `if __name__ == "__main__":`. One warm-up batch runs
 first; each timed batch is every prompt at once, each generating exactly `output_tokens` tokens (ignore_eos), and
 the median of `repeats` batches counts.
+
+`batch_through_server` times the same batches sent to the server the load already warmed up, as one /v1/completions
+request each (vLLM schedules a request's prompts together), and so spares a second engine start per model. Each
+batch has its own prompts, so no batch reads another's prefix from the cache.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -15,6 +20,8 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -72,6 +79,40 @@ def run_offline_throughput(model_dir: str | Path, prompts: list[list[int]], offl
         raise TyrError(f"offline throughput for {model_dir} failed (exit code {proc.returncode}); last lines of "
                        f"{log_path}:\n{log_tail(log_path)}")
     return OfflineThroughput.model_validate_json(out_path.read_text())
+
+
+def batch_through_server(base_url: str, model_name: str, batches: list[list[list[int]]], output_tokens: int,
+                         timeout: float) -> OfflineThroughput:
+    """Time each batch of prompt token ids as one request to an OpenAI-compatible vLLM server; the median counts."""
+    seconds, generated = [], []
+    for prompts in batches:
+        body = {"model": model_name, "prompt": prompts, "max_tokens": output_tokens, "min_tokens": output_tokens,
+                "ignore_eos": True, "temperature": 0.0}
+        start = time.perf_counter()
+        answer = _post_json(f"{base_url}/v1/completions", body, timeout)
+        seconds.append(time.perf_counter() - start)
+        generated.append(int((answer.get("usage") or {}).get("completion_tokens") or 0))
+        if len(answer.get("choices") or []) != len(prompts) or generated[-1] != len(prompts) * output_tokens:
+            raise TyrError(f"{base_url} answered a batch of {len(prompts)} prompts x {output_tokens} tokens with "
+                           f"{len(answer.get('choices') or [])} completions and {generated[-1]} tokens")
+    median = sorted(range(len(seconds)), key=seconds.__getitem__)[(len(seconds) - 1) // 2]
+    return OfflineThroughput(num_prompts=len(batches[median]), prompt_tokens=len(batches[median][0]),
+                             output_tokens=generated[median], elapsed_s=seconds[median],
+                             output_tokens_per_s=generated[median] / seconds[median],
+                             requests_per_s=len(batches[median]) / seconds[median], batch_seconds=seconds,
+                             via="server")
+
+
+def _post_json(url: str, body: dict, timeout: float) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback never goes through a proxy
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        raise TyrError(f"{url} answered HTTP {err.code}: {err.read()[:500]!r}") from err
+    except (urllib.error.URLError, TimeoutError, json.JSONDecodeError) as err:
+        raise TyrError(f"batch request to {url} failed: {err}") from err
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

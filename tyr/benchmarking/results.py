@@ -10,7 +10,6 @@ import csv
 import io
 import json
 import math
-import struct
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -18,8 +17,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from tyr.atomic import atomic_write_json, atomic_write_text
-from tyr.errors import TyrError
 from tyr.benchmarking.platform_info import PlatformInfo
+from tyr.errors import TyrError
+from tyr.models.facts import tensor_shapes
 
 SCHEMA_VERSION = 1
 Runtime = Literal["vllm", "onnxruntime"]
@@ -63,6 +63,8 @@ class OfflineThroughput(BaseModel):
     output_tokens_per_s: float = Field(gt=0, allow_inf_nan=False)
     requests_per_s: float = Field(gt=0)
     batch_seconds: list[float] = Field(default_factory=list, description="every timed batch, in order")
+    via: str = Field("offline API", description="'offline API', or 'server': one batched request to the running "
+                                                "server")
 
 
 class ParamCounts(BaseModel):
@@ -96,36 +98,7 @@ class BenchResult(BaseModel):
         return offline if offline is not None else online
 
 
-# ---- parameter counts from safetensors headers (no tensor is loaded) ----
-
-def safetensors_header(path: str | Path) -> dict[str, dict]:
-    """{tensor name: {"dtype", "shape", "data_offsets"}} read from a safetensors file's JSON header."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) != 8:
-            raise TyrError(f"{path} is not a safetensors file (shorter than its 8-byte header length)")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > 100_000_000:
-            raise TyrError(f"{path} is not a safetensors file (header length {length} is implausible)")
-        try:
-            header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise TyrError(f"{path}: unreadable safetensors header: {err}") from err
-    header.pop("__metadata__", None)
-    return header
-
-
-def _weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return sorted({model_dir / name for name in weight_map.values()})
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise TyrError(f"{model_dir} has no *.safetensors weights to count parameters from")
-    return files
-
+# ---- parameter counts from the weight files' shapes (no tensor is loaded) ----
 
 def _is_embedding(name: str) -> bool:
     return "embed_tokens" in name or name.endswith(("wte.weight", "word_embeddings.weight"))
@@ -137,10 +110,7 @@ def param_counts(model_dir: str | Path) -> ParamCounts:
     matmul = every 2-D weight except the input embedding (a lookup, not a matmul), plus the lm_head; with tied
     embeddings (no lm_head tensor stored) the lm_head multiply uses the embedding matrix, so it counts that.
     """
-    model_dir = Path(model_dir)
-    shapes: dict[str, list[int]] = {}
-    for file in _weight_files(model_dir):
-        shapes.update({name: info["shape"] for name, info in safetensors_header(file).items()})
+    shapes = tensor_shapes(model_dir)
     numel = {name: math.prod(shape) for name, shape in shapes.items()}
     embedding = sum(n for name, n in numel.items() if _is_embedding(name))
     lm_head = sum(n for name, n in numel.items() if name.endswith("lm_head.weight"))

@@ -19,7 +19,7 @@ from tyr.errors import TyrError
 from tyr.models.facts import check_tensor_parallel, folder_layer_widths
 from tyr.benchmarking.config import BenchConfig
 from tyr.benchmarking.load import first_errors, run_load
-from tyr.benchmarking.offline import run_offline_throughput
+from tyr.benchmarking.offline import batch_through_server, run_offline_throughput
 from tyr.benchmarking.platform_info import PlatformInfo, detect_platform
 from tyr.benchmarking.prompts import random_prompts
 from tyr.benchmarking.results import BenchResult, load_result, param_counts, write_result, write_results_csv
@@ -86,6 +86,7 @@ def bench_vllm_model(model_dir: str | Path, label: str, config: BenchConfig, out
     used = config.model_dump(mode="json")
     used["engine"] = {"dtype": config.server.resolved_dtype(platform.accelerator),  # what "auto" and None became
                       "eager": config.server.eager(platform.accelerator)}
+    offline = None
     if server_url is None:
         with VLLMServer(model_dir, model_out / "server.log", config.server, platform.accelerator) as server:
             warm_up(server.base_url, server.model_name, load_prompts[0], config.load.warmup_requests,
@@ -96,6 +97,10 @@ def bench_vllm_model(model_dir: str | Path, label: str, config: BenchConfig, out
             if throughput.completed_requests == 0:
                 raise ServerError(f"no request to {label} completed: {first_errors(model_out / 'load_records.json')}"
                                   f"\nLast lines of {server.log_path}:\n{log_tail(server.log_path)}")
+            if config.offline.enabled and config.offline.via == "server":
+                offline = batch_through_server(server.base_url, server.model_name, _offline_batches(model_dir, config),
+                                               config.offline.output_tokens, config.offline.timeout_s)
+                server.check_alive()
     else:
         name = _served_model_name(server_url)
         warm_up(server_url, name, load_prompts[0], config.load.warmup_requests, config.load.request_timeout_s)
@@ -103,8 +108,10 @@ def bench_vllm_model(model_dir: str | Path, label: str, config: BenchConfig, out
         used["server_url"] = server_url  # platform below describes this client machine, not that server
         if throughput.completed_requests == 0:
             raise TyrError(f"no request to {server_url} completed: {first_errors(model_out / 'load_records.json')}")
-    offline = None
-    if config.offline.enabled and server_url is None:
+        if config.offline.enabled and config.offline.via == "server":
+            offline = batch_through_server(server_url, name, _offline_batches(model_dir, config),
+                                           config.offline.output_tokens, config.offline.timeout_s)
+    if config.offline.enabled and config.offline.via == "engine" and server_url is None:
         offline_prompts = random_prompts(model_dir, config.offline.num_prompts, config.offline.prompt_tokens,
                                          config.offline.seed + 1)
         offline = run_offline_throughput(model_dir, offline_prompts, config.offline, config.server,
@@ -113,6 +120,13 @@ def bench_vllm_model(model_dir: str | Path, label: str, config: BenchConfig, out
                          latency=latency, throughput=throughput, offline=offline, config=used)
     write_result(result, model_out / "result.json")
     return result
+
+
+def _offline_batches(model_dir: Path, config: BenchConfig) -> list[list[list[int]]]:
+    """`repeats` batches of distinct prompts (the server's prefix cache stays on)."""
+    offline = config.offline
+    prompts = random_prompts(model_dir, offline.num_prompts * offline.repeats, offline.prompt_tokens, offline.seed + 1)
+    return [prompts[i:i + offline.num_prompts] for i in range(0, len(prompts), offline.num_prompts)]
 
 
 def bench_vllm(models: list[str | Path], config: BenchConfig, out_dir: str | Path, labels: list[str] | None = None,

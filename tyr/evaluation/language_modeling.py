@@ -54,35 +54,53 @@ class ReferenceComparison(NamedTuple):
     reference_perplexity: float
 
 
-@torch.no_grad()
 def compare_to_reference(model: torch.nn.Module, reference_model: torch.nn.Module, blocks: torch.LongTensor,
                          batch_size: int = 1, progress: bool = True) -> ReferenceComparison:
     """KL to the reference and both models' perplexities, from one forward pass of each model per batch."""
+    return compare_all_to_reference([model], reference_model, blocks, batch_size, progress)[0]
+
+
+@torch.no_grad()
+def compare_all_to_reference(models: list[torch.nn.Module], reference_model: torch.nn.Module,
+                             blocks: torch.LongTensor, batch_size: int = 1,
+                             progress: bool = True) -> list[ReferenceComparison]:
+    """``compare_to_reference`` for several models at once: the reference runs once per batch for all of them,
+    and each model's log-probabilities serve both its KL and its perplexity."""
     _check_blocks(blocks)
-    device, reference_device = model_device(model), model_device(reference_model)
-    total_kl, total_positions = 0.0, 0
-    nll, reference_nll, predicted_tokens = 0.0, 0.0, 0
+    reference_device = model_device(reference_model)
+    kl, nll = [0.0] * len(models), [0.0] * len(models)
+    total_positions, reference_nll, predicted_tokens = 0, 0.0, 0
     for batch in tqdm(blocks.split(batch_size), desc="KL to reference", unit="batch", disable=not progress,
                       leave=False):
-        batch = batch.to(device)
-        logits = model(input_ids=batch).logits
-        reference_logits = reference_model(input_ids=batch.to(reference_device)).logits.to(device)
-        if reference_logits.shape != logits.shape:
-            raise ValueError(f"the models disagree on output shape: {tuple(reference_logits.shape)} (reference) "
-                             f"vs {tuple(logits.shape)}; they must share the vocabulary")
-        for q_chunk, p_chunk in _position_chunks(logits, reference_logits):
-            log_q = F.log_softmax(q_chunk.float(), dim=-1)
-            log_p = F.log_softmax(p_chunk.float(), dim=-1)
-            total_kl += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
-            total_positions += q_chunk.shape[0]
-        targets = batch[:, 1:]
-        for logit_chunk, target_chunk in _position_chunks(logits[:, :-1], targets):
-            nll += F.cross_entropy(logit_chunk.float(), target_chunk, reduction="sum").item()
-        for logit_chunk, target_chunk in _position_chunks(reference_logits[:, :-1], targets):
-            reference_nll += F.cross_entropy(logit_chunk.float(), target_chunk, reduction="sum").item()
-        predicted_tokens += targets.numel()
-    return ReferenceComparison(total_kl / total_positions, math.exp(nll / predicted_tokens),
-                               math.exp(reference_nll / predicted_tokens))
+        log_p = _log_probs(reference_model(input_ids=batch.to(reference_device)).logits)
+        reference_nll += _nll(log_p, batch)
+        for i, model in enumerate(models):
+            log_q = _log_probs(model(input_ids=batch.to(model_device(model))).logits)
+            if log_q.shape != log_p.shape:
+                raise ValueError(f"the models disagree on output shape: {tuple(log_p.shape)} (reference) "
+                                 f"vs {tuple(log_q.shape)}; they must share the vocabulary")
+            for q_chunk, p_chunk in _position_chunks(log_q, log_p.to(log_q.device)):
+                kl[i] += F.kl_div(q_chunk, p_chunk, log_target=True, reduction="sum").item()
+            nll[i] += _nll(log_q, batch)
+        total_positions += batch.numel()
+        predicted_tokens += batch[:, 1:].numel()
+    reference_perplexity = math.exp(reference_nll / predicted_tokens)
+    return [ReferenceComparison(kl[i] / total_positions, math.exp(nll[i] / predicted_tokens), reference_perplexity)
+            for i in range(len(models))]
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """[batch, positions, vocab] logits -> float32 log-probabilities of the same shape, a chunk at a time."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    chunks = [F.log_softmax(flat[i:i + POSITIONS_PER_CHUNK].float(), dim=-1)
+              for i in range(0, flat.shape[0], POSITIONS_PER_CHUNK)]
+    return torch.cat(chunks).view(*logits.shape)
+
+
+def _nll(log_probs: torch.Tensor, batch: torch.Tensor) -> float:
+    """Summed negative log-likelihood of each block's next tokens under ``log_probs`` [batch, positions, vocab]."""
+    targets = batch[:, 1:, None].to(log_probs.device)
+    return -log_probs[:, :-1].gather(-1, targets).sum().item()
 
 
 def _position_chunks(first: torch.Tensor, second: torch.Tensor):

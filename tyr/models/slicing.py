@@ -13,7 +13,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from tyr.errors import TyrError
-from tyr.models.facts import LayerWidth, layer_params, layer_widths  # noqa: F401 (layer_params: callers import it from here)
+from tyr.models.facts import LayerWidth, layer_widths
 from tyr.models.families import TYR_CAUSAL_LM_CLASSES, family_of
 from tyr.models.modeling_tyr_llama import TyrLlamaConfig, TyrLlamaForCausalLM
 

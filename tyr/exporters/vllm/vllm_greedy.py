@@ -1,8 +1,9 @@
 """Greedy generation in vLLM, run as a script in its own process: ``python vllm_greedy.py REQUEST.json RESULT.json``.
 
-A separate process keeps the caller free of vLLM's engine state (threads, forked workers, global config). This file
-imports nothing from tyr, so the same script also checks a folder on a machine where tyr is not installed (the
-trust_remote_code path). Prompts are token ids, so vLLM and transformers see exactly the same input.
+A separate process keeps the caller free of vLLM's engine state (threads, global config); the engine runs inside
+it, not in engine-core and worker processes of its own. This file imports nothing from tyr, so the same script also
+checks a folder on a machine where tyr is not installed (the trust_remote_code path). Prompts are token ids, so
+vLLM and transformers see exactly the same input.
 
 ``VllmProbe`` is a vLLM worker extension: ``collective_rpc("tyr_probe")`` returns the model class vLLM built and
 the KV cache it allocated per attention layer, so callers can check that removed attention layers have none.
@@ -71,6 +72,9 @@ def run(request: GreedyRequest) -> GreedyResult:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent),
                                                              os.environ.get("PYTHONPATH")]))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # A check needs tokens and the probe, not serving speed: the engine core and its worker run in this process
+    # instead of two more interpreters that each import vLLM and torch (most of an engine start on a CPU).
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import vllm
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
