@@ -583,8 +583,9 @@ def test_shipped_recipes_validate():
     assert fast.iterations >= 1 and fast.search.selection_sequences >= 1
     assert fast.search.scan_levels == 2 and fast.search.scan_penalties == [0.0] and fast.search.scan_batches == 4
     assert fast.search.scan_every == 16
-    gpu = load_recipe("gpu")       # fast's calibration and pruner with a larger search
-    assert gpu.calibration == fast.calibration and gpu.local_pruner == fast.local_pruner
+    gpu = load_recipe("gpu")       # fast's calibration and pruner (with GPU-aligned FFN widths), a larger search
+    assert gpu.calibration == fast.calibration
+    assert gpu.local_pruner == fast.local_pruner.model_copy(update={"ffn_multiple": 64})
     assert gpu.search.offspring > fast.search.offspring and gpu.search.pool_size > fast.search.pool_size
 
 

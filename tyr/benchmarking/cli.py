@@ -37,6 +37,10 @@ def add_vllm(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile and CUDA graphs (default: on for GPUs, off on CPU; --no-compile: eager)")
     server.add_argument("--kv-cache-gib", type=int, help="CPU only: VLLM_CPU_KVCACHE_SPACE (default 1)")
     server.add_argument("--startup-timeout", type=float, help="seconds to wait for /health (default 600)")
+    server.add_argument("--tensor-parallel", type=int, metavar="N",
+                        help="vLLM --tensor-parallel-size N (default 1); refused for a model whose layer widths "
+                             "vLLM cannot split N ways (prune with `tyr prune --tensor-parallel N`). On CPU each "
+                             "worker gets 1/N of the cores")
     server.add_argument("--trust-remote-code", action="store_true", default=None)
     server.add_argument("--host", metavar="URL", help="benchmark this already running server instead of starting "
                                                        "one (one --model, used for prompts and parameter counts)")
@@ -57,6 +61,7 @@ _BENCH_FLAGS = {
     "num_prompts": ("load", "num_prompts"), "max_model_len": ("server", "max_model_len"),
     "dtype": ("server", "dtype"), "compile": ("server", "compile"), "kv_cache_gib": ("server", "kv_cache_space_gib"),
     "startup_timeout": ("server", "startup_timeout_s"), "trust_remote_code": ("server", "trust_remote_code"),
+    "tensor_parallel": ("server", "tensor_parallel_size"),
     "offline": ("offline", "enabled"), "offline_prompts": ("offline", "num_prompts"),
     "offline_output_tokens": ("offline", "output_tokens"), "offline_via": ("offline", "via"),
 }

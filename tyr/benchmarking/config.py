@@ -25,6 +25,8 @@ class ServerConfig(BaseModel):
     compile: bool | None = None  # None: compiled_by_default()
     kv_cache_space_gib: int = Field(1, ge=1, le=1024)  # CPU only: VLLM_CPU_KVCACHE_SPACE
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)  # GPUs only; None keeps vLLM's default
+    # vLLM --tensor-parallel-size: devices (GPUs, or CPU cores split into one group per worker) the model is split over
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
     trust_remote_code: bool = False
     startup_timeout_s: float = Field(600, gt=0, le=7200)
     shutdown_timeout_s: float = Field(30, gt=0, le=600)

@@ -43,6 +43,7 @@ class OfflineSpec(BaseModel):
     enforce_eager: bool
     trust_remote_code: bool
     gpu_memory_utilization: float | None
+    tensor_parallel_size: int = 1
     prompts: list[list[int]] = Field(min_length=1)
     output_tokens: int
     repeats: int = 1
@@ -57,6 +58,7 @@ def run_offline_throughput(model_dir: str | Path, prompts: list[list[int]], offl
                        max_model_len=server.max_model_len, enforce_eager=server.eager(accelerator),
                        trust_remote_code=server.trust_remote_code,
                        gpu_memory_utilization=server.gpu_memory_utilization if accelerator != "cpu" else None,
+                       tensor_parallel_size=server.tensor_parallel_size,
                        prompts=prompts, output_tokens=offline.output_tokens, repeats=offline.repeats)
     atomic_write_json(spec_path, spec.model_dump(mode="json"))
     out_path.unlink(missing_ok=True)
@@ -125,7 +127,7 @@ def _measure(spec: OfflineSpec) -> OfflineThroughput:
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=spec.model, dtype=spec.dtype, max_model_len=spec.max_model_len, enforce_eager=spec.enforce_eager,
-              trust_remote_code=spec.trust_remote_code, seed=0,
+              trust_remote_code=spec.trust_remote_code, seed=0, tensor_parallel_size=spec.tensor_parallel_size,
               **({"gpu_memory_utilization": spec.gpu_memory_utilization} if spec.gpu_memory_utilization else {}))
     params = SamplingParams(max_tokens=spec.output_tokens, min_tokens=spec.output_tokens, ignore_eos=True,
                             temperature=0.0)

@@ -62,9 +62,24 @@ def vllm_env(config: ServerConfig, accelerator: Accelerator) -> dict[str, str]:
     env = dict(os.environ)
     if accelerator == "cpu":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_space_gib))
+        if config.tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_worker_binding(config.tensor_parallel_size)
     env.setdefault("HF_HUB_OFFLINE", "1")  # load only the given folder, never reach for a hub
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
+
+
+def cpu_worker_binding(workers: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for ``workers`` CPU workers: this process's allowed cores in equal contiguous
+    groups ("0-3|4-7"). vLLM's automatic binding gives each worker its own NUMA node and refuses when there are
+    fewer nodes than workers, as on a one-socket machine."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < workers:
+        raise TyrError(f"tensor parallelism {workers} on CPU needs a core per worker; this process may use "
+                       f"{len(cores)}")
+    size = len(cores) // workers
+    groups = [cores[i * size:(i + 1) * size] for i in range(workers)]
+    return "|".join(",".join(map(str, group)) for group in groups)
 
 
 def server_command(model_dir: str | Path, port: int, config: ServerConfig, accelerator: Accelerator,
@@ -75,6 +90,8 @@ def server_command(model_dir: str | Path, port: int, config: ServerConfig, accel
            "--served-model-name", SERVED_MODEL_NAME, "--host", host, "--port", str(port),
            "--max-model-len", str(config.max_model_len), "--dtype", config.resolved_dtype(accelerator),
            "--disable-uvicorn-access-log"]
+    if config.tensor_parallel_size > 1:
+        cmd += ["--tensor-parallel-size", str(config.tensor_parallel_size)]
     if config.eager(accelerator):
         cmd.append("--enforce-eager")
     if config.gpu_memory_utilization is not None and accelerator != "cpu":

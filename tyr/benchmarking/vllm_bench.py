@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from tyr.atomic import atomic_write_json
 from tyr.errors import TyrError
+from tyr.models.facts import check_tensor_parallel, folder_layer_widths
 from tyr.benchmarking.config import BenchConfig
 from tyr.benchmarking.load import first_errors, run_load
 from tyr.benchmarking.offline import batch_through_server, run_offline_throughput
@@ -132,7 +133,6 @@ def bench_vllm(models: list[str | Path], config: BenchConfig, out_dir: str | Pat
                server_url: str | None = None) -> BenchRun:
     """Benchmark every model in turn (the first is the baseline); failures are recorded, not raised."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     labels = labels or model_labels(models)
     if len(labels) != len(models):
         raise TyrError(f"{len(labels)} labels for {len(models)} models")
@@ -141,6 +141,8 @@ def bench_vllm(models: list[str | Path], config: BenchConfig, out_dir: str | Pat
     for model in models:
         if not (Path(model) / "config.json").is_file():
             raise TyrError(f"{model} is not a model folder (no config.json)")
+        check_tensor_parallel(folder_layer_widths(model), config.server.tensor_parallel_size, str(model))
+    out_dir.mkdir(parents=True, exist_ok=True)
     platform = detect_platform()
     log.info("platform: %s (%s), vLLM %s, torch %s, %d CPUs", platform.accelerator, platform.device_name,
              platform.vllm_version, platform.torch_version, platform.cpu_count)

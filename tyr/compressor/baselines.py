@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tyr.errors import TyrError
-from tyr.models.facts import ffn_width, gqa_widths, layer_widths
+from tyr.models.facts import WidthRules, ffn_width, gqa_widths, layer_widths
 from tyr.models.families import family_of
 from tyr.models.slicing import LayerKeep, slice_model, to_tyr
 
@@ -47,8 +47,9 @@ def _choose_heads(head_scores: torch.Tensor, group_extra: torch.Tensor, kv_heads
 
 
 @torch.no_grad()
-def uniform_magnitude_keeps(model, level: float) -> list[LayerKeep]:
-    """Uniform L2-norm keep sets: heads (GQA-consistent) and FFN channels, every layer at sparsity ``level``."""
+def uniform_magnitude_keeps(model, level: float, rules: WidthRules = WidthRules()) -> list[LayerKeep]:
+    """Uniform L2-norm keep sets: heads (GQA-consistent) and FFN channels, every layer at sparsity ``level`` (the
+    widths ``rules`` allow)."""
     head_dim = model.config.head_dim
     keeps = []
     for layer, width in zip(model.model.layers, layer_widths(model.config)):
@@ -59,22 +60,22 @@ def uniform_magnitude_keeps(model, level: float) -> list[LayerKeep]:
             o = attn.o_proj.weight.view(-1, width.num_attention_heads, head_dim).float().pow(2).sum((0, 2))
             kv = (attn.k_proj.weight.view(width.num_key_value_heads, head_dim, -1).float().pow(2).sum((1, 2))
                   + attn.v_proj.weight.view(width.num_key_value_heads, head_dim, -1).float().pow(2).sum((1, 2)))
-            configs = gqa_widths(width.num_attention_heads, width.num_key_value_heads, level)
+            configs = gqa_widths(width.num_attention_heads, width.num_key_value_heads, level, rules)
             keep_heads = _choose_heads((q + o).sqrt(), kv.sqrt(), width.num_key_value_heads, configs)
         keep_ffn: list[int] = []
         if layer.mlp is not None:
             mlp = layer.mlp
             score = (mlp.gate_proj.weight.float().pow(2).sum(1) + mlp.up_proj.weight.float().pow(2).sum(1)
                      + mlp.down_proj.weight.float().pow(2).sum(0)).sqrt()
-            n = ffn_width(width.intermediate_size, level)
+            n = ffn_width(width.intermediate_size, level, rules)
             keep_ffn = score.topk(n).indices.sort().values.tolist() if n else []
         keeps.append(LayerKeep(keep_heads=keep_heads, keep_ffn=keep_ffn))
     return keeps
 
 
-def magnitude_prune(model, level: float):
+def magnitude_prune(model, level: float, rules: WidthRules = WidthRules()):
     """The magnitude baseline as a physically smaller TyrLlamaForCausalLM."""
-    return slice_model(to_tyr(model), uniform_magnitude_keeps(model, level))
+    return slice_model(to_tyr(model), uniform_magnitude_keeps(model, level, rules))
 
 
 class _InputStats:
@@ -103,7 +104,7 @@ class _InputStats:
 
 @torch.no_grad()
 def flap_prune(model, calibration_ids: torch.LongTensor, level: float, batch_sequences: int = 4,
-               progress: bool = True):
+               progress: bool = True, rules: WidthRules = WidthRules()):
     """The FLAP baseline: fluctuation metric, uniform per layer, bias compensation on o_proj and down_proj.
 
     The result carries biases (config attention_bias and mlp_bias; q/k/v/gate/up biases are zero), which the
@@ -122,7 +123,7 @@ def flap_prune(model, calibration_ids: torch.LongTensor, level: float, batch_seq
             s, w = stats[i, "attn"], layer.self_attn.o_proj.weight.to(torch.float64)
             metric = s.variance * w.pow(2).sum(0)
             heads = metric.view(width.num_attention_heads, head_dim).sum(1)
-            configs = gqa_widths(width.num_attention_heads, width.num_key_value_heads, level)
+            configs = gqa_widths(width.num_attention_heads, width.num_key_value_heads, level, rules)
             keep_heads = _choose_heads(heads, torch.zeros(width.num_key_value_heads, dtype=heads.dtype),
                                        width.num_key_value_heads, configs)
             kept = torch.zeros(w.shape[1], dtype=torch.bool)
@@ -133,7 +134,7 @@ def flap_prune(model, calibration_ids: torch.LongTensor, level: float, batch_seq
         if layer.mlp is not None:
             s, w = stats[i, "mlp"], layer.mlp.down_proj.weight.to(torch.float64)
             metric = s.variance * w.pow(2).sum(0)
-            n = ffn_width(width.intermediate_size, level)
+            n = ffn_width(width.intermediate_size, level, rules)
             keep_ffn = metric.topk(n).indices.sort().values.tolist() if n else []
             kept = torch.zeros(w.shape[1], dtype=torch.bool)
             kept[keep_ffn] = True

@@ -32,6 +32,11 @@ def add_prune(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-latency-ms", type=float, default=None, metavar="MS",
                         help="hardware-aware search: the pruned model's predicted decode step must take at most MS "
                              "(on top of the parameter budget; needs --latency-table)")
+    parser.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                        help="only widths vLLM can serve with tensor parallelism N: every layer's query heads "
+                             "divisible by N, KV heads divisible by N or dividing it, FFN widths divisible by N x "
+                             "the recipe's ffn_multiple, or the block removed (default: the recipe's "
+                             "local_pruner.tensor_parallel)")
     parser.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and the search")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--overwrite", action="store_true",
@@ -43,9 +48,11 @@ def add_prune(parser: argparse.ArgumentParser) -> None:
 def run_prune(args: argparse.Namespace) -> int:
     """Prune a model with Týr-the-Pruner (supernet + evolutionary search) or a baseline; write it with a report."""
     from tyr.compressor.prune import LatencyBudget, prune
+    from tyr.compressor.recipes import load_recipe
     from tyr.device import resolve_device
     from tyr.errors import TyrError
     from tyr.compressor.latency import LatencyTable
+    from tyr.models.facts import LayerWidth, supported_tensor_parallel
 
     if (args.latency_table is None) != (args.max_latency_ms is None):
         raise TyrError("--latency-table and --max-latency-ms go together")
@@ -55,8 +62,11 @@ def run_prune(args: argparse.Namespace) -> int:
             latency = LatencyBudget(table=LatencyTable.load(args.latency_table), max_ms=args.max_latency_ms)
         except ValueError as err:
             raise TyrError(f"bad latency budget: {err}") from err
+    recipe = load_recipe(args.recipe)
+    if args.tensor_parallel is not None:
+        recipe = recipe.with_tensor_parallel(args.tensor_parallel)
     device = str(resolve_device(args.device))
-    result = prune(args.model, sparsity=args.sparsity, recipe=args.recipe, out_dir=args.out, work_dir=args.work_dir,
+    result = prune(args.model, sparsity=args.sparsity, recipe=recipe, out_dir=args.out, work_dir=args.work_dir,
                    text=args.text, method=args.method, seed=args.seed, device=device, overwrite=args.overwrite,
                    progress=not args.no_progress, latency=latency)
     r = result.report
@@ -67,6 +77,8 @@ def run_prune(args: argparse.Namespace) -> int:
               f"generations, activation reuse saved {100 * it.activation_reuse_saving:.1f}% of module evaluations")
     for note in r.notes:
         print(f"  {note}")
+    widths = [LayerWidth(layer.heads, layer.kv_heads, layer.ffn) for layer in r.layers]
+    print(f"  vLLM tensor-parallel sizes it supports: {', '.join(map(str, supported_tensor_parallel(widths)))}")
     print(f"  {r.wall_seconds:.0f} s, peak RSS {r.peak_rss_mb:.0f} MiB")
     print(f"model: {result.out_dir}\nreport: {result.report_paths.get('markdown')}")
     return 0

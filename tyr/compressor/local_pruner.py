@@ -121,7 +121,9 @@ def prune_columns_progressively(W: torch.Tensor, H: torch.Tensor, group_size: in
                                 dtype: torch.dtype = torch.float32) -> list[PrunedLinear]:
     """Remove input columns of W [out, in] from all to none, ``group_size`` at a time, cheapest OBS error first.
 
-    One pass yields every requested keep count as a snapshot, so the kept sets are nested. Each step removes the
+    One pass yields every requested keep count as a snapshot, so the kept sets are nested; the counts are exactly
+    the widths asked for (``tyr.models.facts.ffn_width`` gives them under the width rules: multiples of the
+    tensor-parallel size times the FFN alignment), whatever ``group_size``. Each step removes the
     ``group_size`` columns with the smallest single-column OBS error ||w_j||² / [H⁻¹]_jj jointly (steps shrink
     to land exactly on every requested count). Returns one PrunedLinear per entry of ``keep_counts``, same order.
     ``dtype`` is the solver precision. At every snapshot H⁻¹ of the kept columns is recomputed from H, and with
@@ -244,10 +246,10 @@ def prune_heads_gqa(W: torch.Tensor, H: torch.Tensor, head_dim: int, n_kv_heads:
                     dtype: torch.dtype = torch.float32) -> list[PrunedLinear]:
     """Prune the query heads (input column blocks of o_proj, W [hidden, heads·head_dim]) GQA-consistently.
 
-    ``targets``: per request, the acceptable (kv groups, heads per group) configurations (see
-    ``tyr.models.facts.gqa_widths``);
-    [(0, 0)] means remove the attention. Each request follows the constrained greedy path from dense (paths share
-    their common prefix). ``keep`` of each result lists the kept query heads: whole KV groups (head h belongs to
+    ``targets``: per request, the acceptable (kv groups, heads per group) configurations: those
+    ``tyr.models.facts.gqa_widths`` allows under the width rules (a tensor-parallel size may exclude the dense
+    configuration itself, so even the least pruned request can drop heads); [(0, 0)] means remove the attention.
+    Each request follows the constrained greedy path from dense (paths share their common prefix). ``keep`` of each result lists the kept query heads: whole KV groups (head h belongs to
     group h // heads_per_group), the same number in each kept group.
     """
     n_heads = W.shape[1] // head_dim

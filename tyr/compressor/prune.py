@@ -41,7 +41,7 @@ from tyr.compressor.search import (GenerationRecord, ModuleLadder, SearchResult,
                                    grid_ticks, level_of, repair_budget, run_search, tick_of)
 from tyr.errors import TyrError
 from tyr.fingerprint import fingerprint
-from tyr.models.facts import layer_widths, module_params, total_params
+from tyr.models.facts import check_width_rules, layer_widths, module_params, total_params
 from tyr.compressor.latency import LatencyTable
 
 if TYPE_CHECKING:
@@ -178,6 +178,7 @@ def prune(model=None, sparsity: float = 0.5, recipe: str | Path | Recipe = "fast
             started, meter = time.perf_counter(), StageMeter(device)
             with meter.stage("load model"):
                 model, tokenizer, model_name = _load(model, tokenizer, device)
+            check_width_rules(layer_widths(model.config)[0], recipe.local_pruner.width_rules)
             job = PruneJob(model=model, tokenizer=tokenizer, model_name=model_name, method=method,
                            sparsity=float(sparsity), recipe=recipe, text=TextSource.parse(text), out_dir=out_dir,
                            work_dir=work_dir, seed=seed, device=device, meter=meter, progress=progress,
@@ -229,7 +230,7 @@ def _prune_magnitude(job: PruneJob) -> Pruned:
     from tyr.compressor.baselines import magnitude_prune
 
     with job.meter.stage("magnitude pruning"):
-        return Pruned(model=magnitude_prune(job.model, job.sparsity))
+        return Pruned(model=magnitude_prune(job.model, job.sparsity, job.recipe.local_pruner.width_rules))
 
 
 def _prune_flap(job: PruneJob) -> Pruned:
@@ -237,7 +238,8 @@ def _prune_flap(job: PruneJob) -> Pruned:
 
     calibration = _calibration(job)
     with job.meter.stage("FLAP pruning"):
-        model = flap_prune(job.model, calibration, job.sparsity, job.recipe.calibration.batch_sequences, job.progress)
+        model = flap_prune(job.model, calibration, job.sparsity, job.recipe.calibration.batch_sequences, job.progress,
+                           job.recipe.local_pruner.width_rules)
     return Pruned(model=model, calibration_tokens=calibration.numel(),
                   notes=["FLAP: fluctuation metric with bias compensation, uniform per layer (no adaptive structure "
                          "search); q/k/v/gate/up carry zero biases because the format's bias flags are per block"])

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tyr.errors import TyrError
+from tyr.models.facts import WidthRules
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +51,17 @@ class LocalPrunerRecipe(_Strict):
                               "faster; widths are still exact)")
     refit: bool = Field(True, description="least-squares refit of the kept weights after the OBS path")
     solver_dtype: Literal["float32", "float64"] = Field("float32", description="precision of the OBS solver")
+    tensor_parallel: int = Field(1, ge=1, le=64, description="every candidate is servable by vLLM with this "
+                                 "tensor-parallel size: query heads divide by it, KV heads divide by it or divide "
+                                 "it, FFN widths divide by it times ffn_multiple (or the block is removed); "
+                                 "`tyr prune --tensor-parallel` sets it")
+    ffn_multiple: int = Field(1, ge=1, le=4096, description="FFN widths are multiples of this on each "
+                              "tensor-parallel device (64 keeps GPU matmul shapes tensor-core friendly; 1 = exact "
+                              "widths)")
+
+    @property
+    def width_rules(self) -> WidthRules:
+        return WidthRules(tensor_parallel=self.tensor_parallel, ffn_multiple=self.ffn_multiple)
 
 
 class SelectionStage(_Strict):
@@ -213,6 +225,12 @@ class Recipe(_Strict):
     def spacing(self, iteration: int) -> float:
         return self.initial_spacing / 2 ** iteration
 
+    def with_tensor_parallel(self, size: int) -> "Recipe":
+        """This recipe with its candidates' widths servable at tensor-parallel ``size`` (`--tensor-parallel`)."""
+        data = self.model_dump()
+        data["local_pruner"]["tensor_parallel"] = size
+        return _validated(data, f"--tensor-parallel {size}")
+
 
 def fitness_dtype(setting: str, device: str | torch.device) -> torch.dtype:
     """The fitness forward's compute dtype for a recipe's ``search.dtype`` on ``device``."""
@@ -248,8 +266,13 @@ def load_recipe(spec: str | Path | Recipe) -> Recipe:
         raise TyrError(f"cannot read recipe {path}: {err}") from err
     if not isinstance(data, dict):
         raise TyrError(f"recipe {path} must be a mapping of fields, got {type(data).__name__}")
+    return _validated(data, f"recipe {path}")
+
+
+def _validated(data: dict, source: str) -> Recipe:
+    """A Recipe from ``data``; TyrError naming every bad field otherwise."""
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'recipe'}: {e['msg']}" for e in err.errors())
-        raise TyrError(f"recipe {path} is invalid: {problems}") from err
+        raise TyrError(f"{source} is invalid: {problems}") from err

@@ -43,7 +43,8 @@ from tyr.compressor.recipes import EEAMode, LocalPrunerRecipe
 from tyr.device import resolve_device
 from tyr.errors import TyrError
 from tyr.fingerprint import fingerprint
-from tyr.models.facts import LayerWidth, ffn_width, gqa_widths, layer_params, layer_widths
+from tyr.models.facts import (LayerWidth, check_width_rules, ffn_width, gqa_widths, layer_params,
+                              layer_widths)
 from tyr.models.slicing import LayerKeep, slice_model
 
 FORMAT_VERSION = 1
@@ -153,12 +154,13 @@ def _write_manifest(manifest: SupernetManifest, out_dir: Path) -> None:
 
 def _prune_module(kind: str, W: torch.Tensor, H: torch.Tensor, levels: list[float], model_config,
                   settings: LocalPrunerRecipe) -> list[PrunedLinear]:
-    dtype = getattr(torch, settings.solver_dtype)
+    dtype, rules = getattr(torch, settings.solver_dtype), settings.width_rules
     if kind == "attn":
-        targets = [gqa_widths(model_config.num_attention_heads, model_config.num_key_value_heads, s) for s in levels]
+        targets = [gqa_widths(model_config.num_attention_heads, model_config.num_key_value_heads, s, rules)
+                   for s in levels]
         return prune_heads_gqa(W, H, model_config.head_dim, model_config.num_key_value_heads, targets,
                                damp=settings.damp, refit=settings.refit, dtype=dtype)
-    counts = [ffn_width(W.shape[1], s) for s in levels]
+    counts = [ffn_width(W.shape[1], s, rules) for s in levels]
     return prune_columns_progressively(W, H, settings.channel_step, counts, damp=settings.damp,
                                        refit=settings.refit, dtype=dtype)
 
@@ -204,7 +206,7 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
     ``on_module_done(index, hidden)`` is called after each module is committed, with the hidden states that go on
     to the next module. Returns the manifest (also in out_dir/manifest.json).
     """
-    current_levels = _validate(model, calibration_ids, ladders, eea, current_levels)
+    current_levels = _validate(model, calibration_ids, ladders, eea, current_levels, settings)
     device, out_dir = resolve_device(device), Path(out_dir)
     manifest = _new_manifest(model, calibration_ids, ladders, eea, current_levels, settings, model_name,
                              calibration_meta)
@@ -230,9 +232,10 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
 
 
 def _validate(model, calibration_ids: torch.Tensor, ladders: list[list[float]], eea: str,
-              current_levels: list[float] | None) -> list[float] | None:
+              current_levels: list[float] | None, settings: LocalPrunerRecipe) -> list[float] | None:
     """Raise TyrError on bad inputs; return the current levels the build uses (None unless eea="current")."""
     _check_dense(model)
+    check_width_rules(layer_widths(model.config)[0], settings.width_rules)
     num_modules = 2 * model.config.num_hidden_layers
     if len(ladders) != num_modules:
         raise TyrError(f"got {len(ladders)} ladders; the model has {num_modules} modules (2 per layer)")

