@@ -161,7 +161,10 @@ def tiny_dir(tmp_path_factory, default_model_dir):
 
 
 def tp_recipe(**local_pruner) -> Recipe:
+    # Three layers with 3 KV heads at TP 2 step in whole thirds of the attention: no distribution lands within
+    # the default ±0.25 pp of a target on so small a model, so the band is wider here.
     data = {**TINY_RECIPE, "keep_supernets": True,
+            "search": {**TINY_RECIPE["search"], "budget_tolerance": 0.05},
             "local_pruner": {**TINY_RECIPE["local_pruner"], "ffn_multiple": MULTIPLE, **local_pruner}}
     return Recipe.model_validate(data)
 
