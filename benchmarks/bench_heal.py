@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from bench_pruning import evaluate  # the same held-out perplexity, KL and BIG-bench as the pruning benchmark
+from bench_pruning import evaluate, run_tyr  # the same held-out perplexity, KL and BIG-bench as the pruning benchmark
 
 METHODS = ("tyr", "uniform")
 DEFAULT_TARGET_PPL_RATIO = 2.0    # tyr run's default quality target: perplexity at most (1 + 1.0) x dense
@@ -92,16 +90,10 @@ def heal_dir(args, source: Path, teacher: str, tokens: int | None, out: Path, la
     """Heal ``source`` with `tyr heal` in a subprocess unless its output exists."""
     healed = out / "healed" / label
     if not (healed / "heal_report.json").is_file():
-        command = [sys.executable, "-m", "tyr.cli", "heal", str(source), "--teacher", teacher, "--out", str(healed),
-                   "--seed", str(args.seed), "--no-progress", "--lora-rank", str(args.lora_rank)]
-        command += (["--tokens", str(tokens)] if tokens else []) + (["--text", args.text] if args.text else [])
-        command += args.heal_args.split()
-        print(f"$ {' '.join(command)}", flush=True)
-        started = time.perf_counter()
-        run = subprocess.run(command, timeout=args.timeout, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-        if run.returncode:
-            raise SystemExit(f"healing {label} failed with exit code {run.returncode}")
-        print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
+        argv = ["heal", str(source), "--teacher", teacher, "--out", str(healed), "--seed", str(args.seed),
+                "--no-progress", "--lora-rank", str(args.lora_rank)]
+        argv += (["--tokens", str(tokens)] if tokens else []) + (["--text", args.text] if args.text else [])
+        run_tyr(argv + args.heal_args.split(), f"healing {label}", args.timeout)
     return healed
 
 

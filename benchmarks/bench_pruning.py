@@ -43,19 +43,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def run_tyr(argv: list[str], what: str, timeout: float | None) -> None:
+    """`tyr argv...` in a subprocess, echoed and timed; stop the benchmark if it fails."""
+    command = [sys.executable, "-m", "tyr.cli", *argv]
+    print(f"$ {' '.join(command)}", flush=True)
+    started = time.perf_counter()
+    run = subprocess.run(command, timeout=timeout, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    if run.returncode:
+        raise SystemExit(f"{what} failed with exit code {run.returncode}")
+    print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
+
+
 def run_prune(args, sparsity: float, method: str, out: Path) -> dict:
     """Run `tyr prune` in a subprocess unless its output exists; return its report."""
     model_dir = out / f"{method}-{sparsity:g}"
     if not (model_dir / "prune_report.json").is_file():
-        command = [sys.executable, "-m", "tyr.cli", "prune", "--model", args.model, "--sparsity", str(sparsity),
-                   "--recipe", args.recipe, "--method", method, "--out", str(model_dir), "--seed", str(args.seed),
-                   "--no-progress"] + (["--text", args.text] if args.text else [])
-        print(f"$ {' '.join(command)}", flush=True)
-        started = time.perf_counter()
-        run = subprocess.run(command, timeout=args.timeout, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-        if run.returncode:
-            raise SystemExit(f"pruning {method} at {sparsity} failed with exit code {run.returncode}")
-        print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
+        run_tyr(["prune", "--model", args.model, "--sparsity", str(sparsity), "--recipe", args.recipe, "--method",
+                 method, "--out", str(model_dir), "--seed", str(args.seed), "--no-progress",
+                 *(["--text", args.text] if args.text else [])], f"pruning {method} at {sparsity}", args.timeout)
     report = json.loads((model_dir / "prune_report.json").read_text())
     report["model_dir"] = str(model_dir)
     return report

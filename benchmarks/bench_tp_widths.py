@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from bench_pruning import run_tyr
 
 import yaml
 
@@ -60,15 +60,9 @@ def run_prune(args, name: str, extra: list[str], recipe: str, out: Path) -> dict
     """`tyr prune` in a subprocess unless its output exists; its report."""
     model_dir = out / name
     if not (model_dir / "prune_report.json").is_file():
-        command = [sys.executable, "-m", "tyr.cli", "prune", "--model", args.model, "--sparsity", str(args.sparsity),
-                   "--recipe", recipe, "--out", str(model_dir), "--seed", str(args.seed), "--no-progress",
-                   *extra] + (["--text", args.text] if args.text else [])
-        print(f"$ {' '.join(command)}", flush=True)
-        started = time.perf_counter()
-        run = subprocess.run(command, timeout=args.timeout, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-        if run.returncode:
-            raise SystemExit(f"pruning {name} failed with exit code {run.returncode}")
-        print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
+        run_tyr(["prune", "--model", args.model, "--sparsity", str(args.sparsity), "--recipe", recipe, "--out",
+                 str(model_dir), "--seed", str(args.seed), "--no-progress", *extra,
+                 *(["--text", args.text] if args.text else [])], f"pruning {name}", args.timeout)
     report = json.loads((model_dir / "prune_report.json").read_text())
     report["model_dir"] = str(model_dir)
     return report

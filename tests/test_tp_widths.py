@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +23,7 @@ from tyr.compressor.recipes import LocalPrunerRecipe, Recipe, load_recipe
 from tyr.compressor.supernet import DEFAULT_LADDER, Supernet, SupernetManifest, build_supernet
 from tyr.errors import TyrError
 from tyr.models.facts import (LayerWidth, WidthRules, allowed_ffn_widths, ffn_width, folder_layer_widths,
-                              gqa_attention_params, gqa_widths, layer_widths, supported_tensor_parallel,
-                              tp_compatible)
+                              gqa_widths, layer_widths, supported_tensor_parallel, tp_compatible)
 from tyr.testing import TINY_RECIPE, tiny_hetero, tiny_llama
 
 # (query heads, KV heads, FFN width, TP size) -> does vLLM accept the layer; each case names the assert that decides.

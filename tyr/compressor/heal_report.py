@@ -55,7 +55,7 @@ def plot_curve(report: HealReport, path: str | Path) -> Path:
 def render_markdown(report: HealReport) -> str:
     s = report.settings
     mode = f"LoRA rank {s.lora_rank} (alpha {s.lora_alpha:g}), merged" if s.lora_rank else "full-parameter"
-    lines = [f"# Healing report", "",
+    lines = ["# Healing report", "",
              f"- student `{report.student}` -> `{report.out_dir}`; teacher `{report.teacher}`",
              f"- {mode}: {report.trainable_params:,} trainable of {report.student_params:,} parameters",
              f"- {report.steps} steps x {s.batch_sequences} x {s.seq_len} = {report.tokens:,} tokens from "

@@ -37,7 +37,7 @@ from tyr.compressor.layerwise import KINDS
 from tyr.compressor.recipes import Recipe, fitness_dtype, load_recipe
 from tyr.compressor.report import (IterationReport, LayerReport, PruneReport, StageMeter, max_rss_mb,
                                    write_report)
-from tyr.compressor.search import (GenerationRecord, ModuleLadder, SearchResult, SearchSpace, SharedFitness,
+from tyr.compressor.search import (GenerationRecord, ModuleLadder, SearchSpace, SharedFitness,
                                    grid_ticks, level_of, repair_budget, run_search, tick_of)
 from tyr.errors import TyrError
 from tyr.fingerprint import fingerprint

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from tyr.benchmarking.cli import default_out
 from tyr.errors import TyrError
