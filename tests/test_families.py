@@ -189,7 +189,7 @@ def test_refusals_name_what_is_supported(tmp_path):
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_tyr_prune_and_eval_end_to_end(family, tmp_path, tokenizer):
-    from test_prune import TINY_RECIPE
+    from tyr.testing import TINY_RECIPE
 
     from tyr.compressor.prune import prune
     from tyr.compressor.recipes import Recipe

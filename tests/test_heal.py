@@ -171,7 +171,8 @@ def test_run_heals_each_pruned_model_and_measures_both(tmp_path, teacher_dir):
     from tyr.testing import TINY_RECIPE
 
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump(TINY_RECIPE))
+    # A wider budget band: the four-layer model's head and channel steps are too coarse for ±0.25 pp.
+    recipe.write_text(yaml.safe_dump({**TINY_RECIPE, "search": {**TINY_RECIPE["search"], "budget_tolerance": 0.05}}))
     run = tmp_path / "run"
     assert tyr_main(["run", "--model", str(teacher_dir), "--sparsities", "0.5", "--recipe", str(recipe), "--no-vllm",
                      "--runtime", "onnx", "--heal-tokens", "256", "--eval-blocks", "2", "--eval-limit", "2",
