@@ -15,8 +15,6 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from tyr.atomic import atomic_write_json
-from tyr.errors import TyrError
-from tyr.models.facts import check_tensor_parallel, folder_layer_widths
 from tyr.benchmarking.config import BenchConfig
 from tyr.benchmarking.load import first_errors, run_load
 from tyr.benchmarking.offline import batch_through_server, run_offline_throughput
@@ -24,6 +22,8 @@ from tyr.benchmarking.platform_info import PlatformInfo, detect_platform
 from tyr.benchmarking.prompts import random_prompts
 from tyr.benchmarking.results import BenchResult, load_result, param_counts, write_result, write_results_csv
 from tyr.benchmarking.server import ServerError, VLLMServer, http_get, log_tail
+from tyr.errors import TyrError
+from tyr.models.facts import check_tensor_parallel, folder_layer_widths
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,8 @@ def bench_vllm(models: list[str | Path], config: BenchConfig, out_dir: str | Pat
     for model in models:
         if not (Path(model) / "config.json").is_file():
             raise TyrError(f"{model} is not a model folder (no config.json)")
-        check_tensor_parallel(folder_layer_widths(model), config.server.tensor_parallel_size, str(model))
+        if config.server.tensor_parallel_size > 1:  # a broken model otherwise fails alone, in its own server
+            check_tensor_parallel(folder_layer_widths(model), config.server.tensor_parallel_size, str(model))
     out_dir.mkdir(parents=True, exist_ok=True)
     platform = detect_platform()
     log.info("platform: %s (%s), vLLM %s, torch %s, %d CPUs", platform.accelerator, platform.device_name,
