@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from bench_pruning import evaluate, run_tyr  # the same held-out perplexity, KL and BIG-bench as the pruning benchmark
+from bench_pruning import evaluate, run_tyr, start  # the same held-out perplexity, KL and BIG-bench as the pruning benchmark
 
 METHODS = ("tyr", "uniform")
 DEFAULT_TARGET_PPL_RATIO = 2.0    # tyr run's default quality target: perplexity at most (1 + 1.0) x dense
@@ -99,18 +98,13 @@ def heal_dir(args, source: Path, teacher: str, tokens: int | None, out: Path, la
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
+    out = start(args.out)
     from tyr.data import load_text, token_blocks
     from tyr.evaluation.bigbench import default_bigbench_dir, load_task, resolve_task_names
     from tyr.evaluation.language_modeling import perplexity
     from tyr.evaluation.multiple_choice import evaluate_task
     from tyr.models.io import load_model, resolve_model_path
 
-    torch.set_grad_enabled(False)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
 

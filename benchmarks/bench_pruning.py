@@ -43,6 +43,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def start(out: str) -> Path:
+    """Offline hub, no autograd, the output folder made: what every benchmark sets up before it loads a model."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_grad_enabled(False)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def run_tyr(argv: list[str], what: str, timeout: float | None) -> None:
     """`tyr argv...` in a subprocess, echoed and timed; stop the benchmark if it fails."""
     command = [sys.executable, "-m", "tyr.cli", *argv]
@@ -83,18 +94,13 @@ def evaluate(args, model_dir: str, dense, blocks, tasks) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
+    out = start(args.out)
     from tyr.data import load_text, token_blocks
     from tyr.evaluation.bigbench import default_bigbench_dir, load_task, resolve_task_names
     from tyr.evaluation.language_modeling import perplexity
     from tyr.evaluation.multiple_choice import evaluate_task
     from tyr.models.io import load_model, resolve_model_path
 
-    torch.set_grad_enabled(False)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     dense, tokenizer = load_model(args.model)

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_pruning import run_tyr
+from bench_pruning import run_tyr, start
 
 import yaml
 
@@ -70,17 +70,12 @@ def run_prune(args, name: str, extra: list[str], recipe: str, out: Path) -> dict
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
+    out = start(args.out)
     from tyr.data import load_text, token_blocks
     from tyr.evaluation.language_modeling import compare_to_reference, perplexity
     from tyr.models.facts import folder_layer_widths, supported_tensor_parallel
     from tyr.models.io import load_model
 
-    torch.set_grad_enabled(False)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     runs = {"unconstrained": ([], args.recipe),
             f"tp{args.tensor_parallel}-ffn{args.ffn_multiple}": (["--tensor-parallel", str(args.tensor_parallel)],
                                                                   str(constrained_recipe(args, out)))}
