@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
+        _check_launch(args)
         return int(args.run(args) or 0)
     except TyrError as err:
         print(f"tyr {args.command}: error: {err}", file=sys.stderr)
@@ -39,6 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"tyr {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def _check_launch(args) -> None:
+    """Only `tyr prune` shares its work across processes; any other command started N times by torchrun would
+    run N times over the same outputs."""
+    from tyr.compressor.distributed import launched_world
+
+    if args.command != "prune" and launched_world() > 1:
+        raise TyrError(f"only `tyr prune` runs under torchrun with several processes, not `tyr {args.command}`; "
+                       "launch it as one process")
 
 
 def _add_commands(subparsers) -> None:

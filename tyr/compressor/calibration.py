@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from tyr.compressor import distributed
 from tyr.errors import TyrError
 
 # Activations of one chunk stay below this; whole-module activations are kept between the Hessian pass and the
@@ -50,38 +51,47 @@ def tensors_digest(tensors: Iterator[torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def sequence_chunks(num_sequences: int, seq_len: int, width: int, chunk_bytes: int | None = None) -> list[slice]:
-    """Slices of whole sequences whose fp32 activations of ``width`` features stay within ``chunk_bytes``."""
+def sequence_chunks(num_sequences: int, seq_len: int, width: int, chunk_bytes: int | None = None,
+                    max_sequences: int | None = None) -> list[slice]:
+    """Slices of whole sequences whose fp32 activations of ``width`` features stay within ``chunk_bytes``, of at
+    most ``max_sequences`` sequences each."""
     chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     per_sequence = seq_len * width * 4
-    size = max(1, min(num_sequences, chunk_bytes // max(per_sequence, 1)))
+    size = max(1, min(num_sequences, chunk_bytes // max(per_sequence, 1), max_sequences or num_sequences))
     return [slice(start, min(start + size, num_sequences)) for start in range(0, num_sequences, size)]
 
 
 class ModuleInputs:
-    """One module's input activations (the input of o_proj or down_proj) over all calibration chunks.
+    """One module's input activations (the input of o_proj or down_proj) over the calibration chunks of this rank.
 
-    ``hessian()`` makes one pass (H = XᵀX / tokens, fp32); ``chunks()`` yields the activations again, from memory
-    when the whole set fit in ``cache_bytes``, else recomputed from the hidden states.
+    The chunks are the blocks that ranks share out (tyr.compressor.distributed): their boundaries depend only on
+    the data and ``block_sequences``. ``hessian()`` makes one pass (H = XᵀX / tokens, fp32; each rank computes its
+    chunks' sums, all ranks add every chunk's in chunk order); ``chunks()`` yields this rank's activations again,
+    from memory when they fit in ``cache_bytes``, else recomputed from the hidden states.
     """
 
     def __init__(self, hidden: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor], width: int,
-                 cache_bytes: int | None = None, chunk_bytes: int | None = None):
+                 cache_bytes: int | None = None, chunk_bytes: int | None = None, block_sequences: int | None = None):
         self.hidden, self.activation, self.width = hidden, activation, width
-        self.slices = sequence_chunks(hidden.shape[0], hidden.shape[1], width, chunk_bytes)
-        fits = hidden.shape[0] * hidden.shape[1] * width * 4 <= (CACHE_BYTES if cache_bytes is None else cache_bytes)
-        self.cache: list[torch.Tensor] | None = [] if fits else None
+        self.slices = sequence_chunks(hidden.shape[0], hidden.shape[1], width, chunk_bytes, block_sequences)
+        self.owned = distributed.owned(len(self.slices))
+        owned_sequences = sum(self.slices[k].stop - self.slices[k].start for k in self.owned)
+        fits = owned_sequences * hidden.shape[1] * width * 4 <= (CACHE_BYTES if cache_bytes is None else cache_bytes)
+        self.cache: dict[int, torch.Tensor] | None = {} if fits else None
 
     def hessian(self) -> torch.Tensor:
-        H = torch.zeros(self.width, self.width, dtype=torch.float32, device=self.hidden.device)
-        for sl in self.slices:
-            a = self.activation(self.hidden[sl]).to(torch.float32)
+        partials = {}
+        for k in self.owned:
+            a = self.activation(self.hidden[self.slices[k]]).to(torch.float32)
             flat = a.reshape(-1, self.width)
-            H.addmm_(flat.T, flat)
+            partials[k] = flat.T @ flat
             if self.cache is not None:
-                self.cache.append(a)
+                self.cache[k] = a
+        H = distributed.sum_in_order(partials, len(self.slices), (self.width, self.width), torch.float32,
+                                     self.hidden.device)
         return H / (self.hidden.shape[0] * self.hidden.shape[1])
 
     def chunks(self) -> Iterator[tuple[slice, torch.Tensor]]:
-        for i, sl in enumerate(self.slices):
-            yield sl, self.cache[i] if self.cache is not None else self.activation(self.hidden[sl]).to(torch.float32)
+        for k in self.owned:
+            sl = self.slices[k]
+            yield sl, self.cache[k] if self.cache is not None else self.activation(self.hidden[sl]).to(torch.float32)

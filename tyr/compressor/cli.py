@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 METHOD_HELP = ("tyr (supernet + coarse-to-fine search), uniform (the same local pruner at the target everywhere), "
                "magnitude (uniform L2-norm heads/channels, no weight update), flap (fluctuation metric + bias "
@@ -46,7 +47,11 @@ def add_prune(parser: argparse.ArgumentParser) -> None:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    """Prune a model with Týr-the-Pruner (supernet + evolutionary search) or a baseline; write it with a report."""
+    """Prune a model with Týr-the-Pruner (supernet + evolutionary search) or a baseline; write it with a report.
+
+    Under `torchrun --nproc_per_node N -m tyr.cli prune ...` the N processes share the work (gloo on CPU, nccl on
+    GPUs) and rank 0 writes the same folder one process would."""
+    from tyr.compressor import distributed
     from tyr.compressor.prune import LatencyBudget, prune
     from tyr.compressor.recipes import load_recipe
     from tyr.device import resolve_device
@@ -65,10 +70,15 @@ def run_prune(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     if args.tensor_parallel is not None:
         recipe = recipe.with_tensor_parallel(args.tensor_parallel)
-    device = str(resolve_device(args.device))
-    result = prune(args.model, sparsity=args.sparsity, recipe=recipe, out_dir=args.out, work_dir=args.work_dir,
-                   text=args.text, method=args.method, seed=args.seed, device=device, overwrite=args.overwrite,
-                   progress=not args.no_progress, latency=latency)
+    with distributed.process_group(resolve_device(args.device)) as device:
+        if not distributed.is_main():        # one voice: rank 0 logs, shows progress and prints the summary
+            logging.getLogger().setLevel(logging.WARNING)
+        result = prune(args.model, sparsity=args.sparsity, recipe=recipe, out_dir=args.out, work_dir=args.work_dir,
+                       text=args.text, method=args.method, seed=args.seed, device=str(device),
+                       overwrite=args.overwrite, progress=not args.no_progress and distributed.is_main(),
+                       latency=latency)
+        if not distributed.is_main():
+            return 0
     r = result.report
     print(f"{r.method}: removed {100 * r.achieved_sparsity:.2f}% of decoder parameters (target "
           f"{100 * r.target_sparsity:.2f}%): {r.dense_decoder_params:,} -> {r.pruned_decoder_params:,}")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
+from tyr.compressor import distributed
 from tyr.compressor.layerwise import DenseParts, attention_delta, heads_of, mlp_delta
 from tyr.compressor.search import Choice
 
@@ -52,7 +53,8 @@ class SelectionTargets:
 @torch.no_grad()
 def dense_targets(model, ids: torch.LongTensor, top_k: int, batch_sequences: int = 1,
                   progress: bool = True) -> SelectionTargets:
-    """Run the dense model once over ``ids`` and keep its top-k log-probs per position."""
+    """Run the dense model once over ``ids`` and keep its top-k log-probs per position (under torchrun each rank
+    runs its share of the batches and all ranks receive the rest)."""
     device = next(model.parameters()).device
     top_k = min(top_k, model.config.vocab_size)
     # Filled in place, with the LM head a few positions at a time (as in sparse_kl): no vocab-sized logits for a
@@ -60,15 +62,18 @@ def dense_targets(model, ids: torch.LongTensor, top_k: int, batch_sequences: int
     top_logp = torch.empty(*ids.shape, top_k)
     top_index = torch.empty(*ids.shape, top_k, dtype=torch.int32)
     step = max(1, POSITIONS_PER_CHUNK // batch_sequences)
-    for start in tqdm(range(0, ids.shape[0], batch_sequences), desc="dense targets", unit="batch",
-                      disable=not progress, leave=False):
-        rows = slice(start, start + batch_sequences)
+    batches = [slice(start, start + batch_sequences) for start in range(0, ids.shape[0], batch_sequences)]
+    for k in tqdm(distributed.owned(len(batches)), desc="dense targets", unit="batch", disable=not progress,
+                  leave=False):
+        rows = batches[k]
         hidden = model.model(input_ids=ids[rows].to(device)).last_hidden_state
         for position in range(0, hidden.shape[1], step):
             chunk = slice(position, position + step)
             top = F.log_softmax(model.lm_head(hidden[:, chunk]).float(), dim=-1).topk(top_k, dim=-1)
             top_logp[rows, chunk] = top.values.cpu()
             top_index[rows, chunk] = top.indices.cpu()
+    distributed.share_rows(top_logp, batches)
+    distributed.share_rows(top_index, batches)
     return SelectionTargets(ids=ids.cpu(), top_logp=top_logp, top_index=top_index)
 
 
@@ -105,6 +110,13 @@ class ReuseStats(BaseModel):
     anchor_refresh_modules: int = 0        # module evaluations spent refreshing the parent's states (included above)
     seconds: float = 0.0
     compute_dtype: str = "float32"
+
+    @classmethod
+    def total(cls, parts: list[dict]) -> "ReuseStats":
+        """The work of several ranks (their stats as dicts) together: counts added, the slowest rank's seconds."""
+        counts = {name: sum(part[name] for part in parts) for name, field in cls.model_fields.items()
+                  if field.annotation is int}
+        return cls(**counts, seconds=max(part["seconds"] for part in parts), compute_dtype=parts[0]["compute_dtype"])
 
     @property
     def saving(self) -> float:

@@ -11,18 +11,22 @@ The best iteration's supernet (lowest KL on the selection pool) assembles the pr
 ``work_dir`` (supernets, search checkpoints, per-iteration results), so rerunning the same command after a crash
 continues where it stopped.
 
+Under torchrun (tyr.compressor.distributed) every rank runs this driver on the same inputs: calibration chunks,
+dense targets and offspring are shared out, so every rank reaches the same decisions; rank 0 alone writes.
+
 Sparsity counts decoder-layer parameters (attention and MLP blocks with their norms); embeddings and the LM head
 are excluded, as in the paper.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -33,10 +37,11 @@ import torch
 from pydantic import BaseModel, Field
 
 from tyr.atomic import atomic_write_json, check_output_path, exclusive, publish_dir
+from tyr.compressor import distributed
 from tyr.compressor.layerwise import KINDS
 from tyr.compressor.recipes import Recipe, fitness_dtype, load_recipe
-from tyr.compressor.report import (IterationReport, LayerReport, PruneReport, StageMeter, max_rss_mb,
-                                   write_report)
+from tyr.compressor.report import (REPORT_JSON, IterationReport, LayerReport, PruneReport, StageMeter,
+                                   max_rss_mb, write_report)
 from tyr.compressor.search import (GenerationRecord, ModuleLadder, SearchSpace, SharedFitness,
                                    grid_ticks, level_of, repair_budget, run_search, tick_of)
 from tyr.errors import TyrError
@@ -174,7 +179,7 @@ def prune(model=None, sparsity: float = 0.5, recipe: str | Path | Recipe = "fast
     check_output_path(out_dir)
     check_output_path(work_dir)
     try:
-        with exclusive(out_dir), exclusive(work_dir):
+        with _outputs_claimed(out_dir, work_dir):
             started, meter = time.perf_counter(), StageMeter(device)
             with meter.stage("load model"):
                 model, tokenizer, model_name = _load(model, tokenizer, device)
@@ -194,6 +199,16 @@ def prune(model=None, sparsity: float = 0.5, recipe: str | Path | Recipe = "fast
         raise
 
 
+@contextlib.contextmanager
+def _outputs_claimed(out_dir: Path, work_dir: Path) -> Iterator[None]:
+    """Hold the locks of the output and work folders; under torchrun rank 0 holds them for all ranks."""
+    if not distributed.is_main():
+        yield
+        return
+    with exclusive(out_dir), exclusive(work_dir):
+        yield
+
+
 def _load(model, tokenizer, device: str):
     """(model, tokenizer, name) from a folder, "default", a hub id, or an already loaded model and its tokenizer."""
     from tyr.models.io import load_model
@@ -208,11 +223,18 @@ def _load(model, tokenizer, device: str):
 
 
 def _run(job: PruneJob, started: float, keep_model: bool) -> PruneResult:
-    _claim_work_dir(job)
+    if distributed.is_main():
+        _claim_work_dir(job)
+    distributed.barrier()      # the other ranks read the work folder once rank 0 has claimed (or cleared) it
     with torch.no_grad():
         pruned = _METHOD_RUNS[job.method](job)
         report = _report(job, pruned)
-        paths = _save(job, pruned.model, report, started)
+        if distributed.is_main():
+            paths = _save(job, pruned.model, report, started)
+        distributed.barrier()      # the folder is published before any rank returns
+        if not distributed.is_main():
+            report = PruneReport.model_validate_json((job.out_dir / REPORT_JSON).read_text(encoding="utf-8"))
+            paths = {}
     if not job.recipe.keep_supernets:
         log.info("pruned model written to %s; work files stay in %s (delete them when done)", job.out_dir,
                  job.work_dir)
@@ -255,7 +277,8 @@ def _prune_uniform(job: PruneJob) -> Pruned:
     with job.meter.stage("uniform: supernet"):
         build_supernet(job.model, calibration, supernet_dir, ladders=[[level] for level in levels],
                        eea=job.recipe.eea, current_levels=levels, settings=job.recipe.local_pruner,
-                       device=job.device, progress=job.progress)
+                       device=job.device, progress=job.progress,
+                       block_sequences=job.recipe.calibration.batch_sequences)
     with job.meter.stage("assemble"):
         model = Supernet.open(supernet_dir).assemble(job.model, [0] * len(levels))
     return Pruned(model=model, levels=levels, calibration_tokens=calibration.numel())
@@ -385,7 +408,9 @@ class _CoarseToFine:
             achieved_sparsity=space.achieved_sparsity(result.choice))
         outcome = IterationOutcome(ticks=space.ticks_of(result.choice), choice=result.choice, start_ticks=list(ticks),
                                    ladders=ladders, report=report)
-        atomic_write_json(self.job.work_dir / f"iter{iteration}" / "result.json", outcome.model_dump(mode="json"))
+        if distributed.is_main():
+            atomic_write_json(self.job.work_dir / f"iter{iteration}" / "result.json",
+                              outcome.model_dump(mode="json"))
         return outcome
 
     def build(self, directory: Path, ladders: list[list[int]], current: list[int]):
@@ -395,10 +420,13 @@ class _CoarseToFine:
         return build_supernet(job.model, self.calibration, directory,
                               ladders=[[self.level(t) for t in ladder] for ladder in ladders], eea=self.recipe.eea,
                               current_levels=[self.level(t) for t in current], settings=self.recipe.local_pruner,
-                              device=job.device, progress=job.progress)
+                              device=job.device, progress=job.progress,
+                              block_sequences=self.recipe.calibration.batch_sequences)
 
     def drop_supernets(self, supernet_dirs: list[Path], best: int) -> None:
         """Delete the supernets no later iteration needs (a shared cached one belongs to the cache's owner)."""
+        if not distributed.is_main():
+            return
         for j, directory in enumerate(supernet_dirs):
             if j != best and directory.exists() and directory.is_relative_to(self.job.work_dir):
                 shutil.rmtree(directory, ignore_errors=True)
@@ -413,7 +441,7 @@ class _CoarseToFine:
 
 
 def _search(job: PruneJob, supernet_dir: Path, space: SearchSpace, start: tuple[int, ...], targets, iteration: int):
-    from tyr.compressor.fitness import SupernetKL
+    from tyr.compressor.fitness import ReuseStats, SupernetKL
     from tyr.compressor.layerwise import DenseParts
     from tyr.compressor.supernet import Supernet
 
@@ -431,7 +459,7 @@ def _search(job: PruneJob, supernet_dir: Path, space: SearchSpace, start: tuple[
                         seed=iteration_seed(job.seed, iteration), iteration=iteration,
                         checkpoint=job.work_dir / f"iter{iteration}" / "search.json", on_generation=callback,
                         progress=job.progress, description=f"search {iteration + 1}/{job.recipe.iterations}")
-    return result, fitness.stats
+    return result, ReuseStats.total(distributed.gather_objects(fitness.stats.model_dump()))
 
 
 def iteration_seed(seed: int, iteration: int) -> int:

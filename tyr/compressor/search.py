@@ -781,17 +781,13 @@ def _load_checkpoint(path: Path | None, expected: str) -> SearchCheckpoint | Non
 
 
 def _save_checkpoint(path: Path | None, state: SearchCheckpoint) -> None:
-    if path is not None and _is_main_process():
+    from tyr.compressor import distributed
+
+    if path is not None and distributed.is_main():
         atomic_write_json(path, state.model_dump(mode="json"))
 
 
 # ----- several processes share candidate evaluation -----
-
-def _is_main_process() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
 
 class SharedFitness:
     """Split each evaluation across torch.distributed ranks: rank r scores choices r::world, results all-gathered.
@@ -801,25 +797,20 @@ class SharedFitness:
     """
 
     def __init__(self, inner: Fitness):
-        import torch.distributed as dist
+        from tyr.compressor import distributed
 
         self.inner = inner
-        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.rank = dist.get_rank() if self.distributed else 0
-        self.world = dist.get_world_size() if self.distributed else 1
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.gather = distributed.gather_objects
 
     def set_parent(self, choice: Choice) -> None:
         self.inner.set_parent(choice)
 
     def evaluate(self, choices: list[Choice], batches: Sequence[int]) -> list[float]:
-        if not self.distributed:
+        if self.world == 1:
             return self.inner.evaluate(choices, batches)
-        import torch.distributed as dist
-
         mine = self.inner.evaluate(choices[self.rank::self.world], batches) if choices[self.rank::self.world] else []
-        gathered: list[list[float] | None] = [None] * self.world
-        dist.all_gather_object(gathered, mine)
         out = [0.0] * len(choices)
-        for rank, scores in enumerate(gathered):
+        for rank, scores in enumerate(self.gather(mine)):
             out[rank::self.world] = scores
         return out

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from tyr.atomic import atomic_write_json
-from tyr.compressor import calibration
+from tyr.compressor import calibration, distributed
 from tyr.compressor.layerwise import KINDS, DenseParts, attention_heads, mlp_hidden, module_weights
 from tyr.compressor.local_pruner import PrunedLinear, prune_columns_progressively, prune_heads_gqa
 from tyr.compressor.recipes import EEAMode, LocalPrunerRecipe
@@ -197,25 +197,29 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
                    eea: EEAMode = "expectation", current_levels: list[float] | None = None,
                    settings: LocalPrunerRecipe = LocalPrunerRecipe(), device: str | torch.device | None = None,
                    progress: bool = True, *, model_name: str | None = None, calibration_meta: dict | None = None,
-                   on_module_done: Callable[[int, torch.Tensor], None] | None = None) -> SupernetManifest:
+                   on_module_done: Callable[[int, torch.Tensor], None] | None = None,
+                   block_sequences: int | None = None) -> SupernetManifest:
     """Build (or finish building) the supernet of a dense Llama-style ``model`` in ``out_dir``.
 
     ``calibration_ids``: [N, T] token ids. ``ladders``: the sparsity levels of every module, in module order
     (layer 0 attn, layer 0 mlp, layer 1 attn, ...); a candidate's index is its position in its ladder. With
     eea="current", ``current_levels`` gives each module's current level (it must be on its ladder; None = all 0).
     ``on_module_done(index, hidden)`` is called after each module is committed, with the hidden states that go on
-    to the next module. Returns the manifest (also in out_dir/manifest.json).
+    to the next module. ``block_sequences``: at most this many calibration sequences per block of work (the
+    unit torchrun's ranks share out; None: blocks as memory allows). Under torchrun every rank builds the same
+    supernet and rank 0 writes it. Returns the manifest (also in out_dir/manifest.json).
     """
     current_levels = _validate(model, calibration_ids, ladders, eea, current_levels, settings)
     device, out_dir = resolve_device(device), Path(out_dir)
     manifest = _new_manifest(model, calibration_ids, ladders, eea, current_levels, settings, model_name,
-                             calibration_meta)
+                             calibration_meta, block_sequences)
     found = _existing_manifest(out_dir, manifest.fingerprint)
     if found is not None and found.complete:
         return found
     hidden = _resume(found, manifest, out_dir, device)
+    distributed.barrier()        # every rank has read the partial build before rank 0 writes over it
     builder = _ModuleBuilder(model, ladders, eea, current_levels, settings, out_dir, device,
-                             seq_len=calibration_ids.shape[1])
+                             seq_len=calibration_ids.shape[1], block_sequences=block_sequences)
     if hidden is None:
         hidden = builder.parts.embed(calibration_ids.to(builder.parts.embed_tokens.device)).to(device, torch.float32)
     num_modules = len(ladders)
@@ -228,6 +232,7 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
         if on_module_done is not None:
             on_module_done(index, hidden)
     _finish(manifest, out_dir)
+    distributed.barrier()        # the other ranks read the files rank 0 wrote
     return manifest
 
 
@@ -260,19 +265,22 @@ def _validate(model, calibration_ids: torch.Tensor, ladders: list[list[float]], 
 
 def _new_manifest(model, calibration_ids: torch.Tensor, ladders: list[list[float]], eea: str,
                   current_levels: list[float] | None, settings: LocalPrunerRecipe, model_name: str | None,
-                  calibration_meta: dict | None) -> SupernetManifest:
+                  calibration_meta: dict | None, block_sequences: int | None = None) -> SupernetManifest:
     """The manifest of an empty build, with the fingerprint of everything that determines its bytes."""
     config, dtype = model.config, next(model.parameters()).dtype
     num_sequences, seq_len = calibration_ids.shape
     calib = {"sequences": num_sequences, "seq_len": seq_len, "tokens": num_sequences * seq_len,
              "sha256": calibration.ids_digest(calibration_ids)} | dict(calibration_meta or {})
-    digest = fingerprint({
+    identity = {
         "version": FORMAT_VERSION, "config": {k: v for k, v in config.to_dict().items()
                                               if k not in ("_name_or_path", "transformers_version", "architectures",
                                                            "auto_map")},
         "dtype": str(dtype), "ids": calib["sha256"], "ladders": ladders, "eea": eea, "current": current_levels,
         "settings": settings.model_dump(), "weights": calibration.tensors_digest(
-            t for name, t in model.state_dict().items() if name.startswith("model.layers."))})
+            t for name, t in model.state_dict().items() if name.startswith("model.layers."))}
+    if block_sequences is not None:      # the order Hessian sums are added in; only when set, as before
+        identity["block_sequences"] = block_sequences
+    digest = fingerprint(identity)
     return SupernetManifest(
         model=model_name or getattr(config, "_name_or_path", "") or "model", hidden_size=config.hidden_size,
         head_dim=DenseParts.from_model(model).head_dim, num_layers=config.num_hidden_layers,
@@ -313,6 +321,8 @@ def _resume(found: SupernetManifest | None, manifest: SupernetManifest, out_dir:
         manifest.modules, manifest.checkpoint = found.modules, found.checkpoint
     elif found is not None:
         manifest.modules = found.modules
+    if not distributed.is_main():
+        return hidden
     out_dir.mkdir(parents=True, exist_ok=True)
     stale = [*out_dir.glob(".*.tmp-*"), *out_dir.glob("modules/.*.tmp-*"), *out_dir.glob("checkpoint-*")]
     for path in stale:
@@ -326,10 +336,12 @@ class _ModuleBuilder:
     input (the hidden states, updated in place)."""
 
     def __init__(self, model, ladders: list[list[float]], eea: str, current_levels: list[float] | None,
-                 settings: LocalPrunerRecipe, out_dir: Path, device: torch.device, seq_len: int):
+                 settings: LocalPrunerRecipe, out_dir: Path, device: torch.device, seq_len: int,
+                 block_sequences: int | None = None):
         self.model, self.config = model, model.config
         self.ladders, self.eea, self.current_levels = ladders, eea, current_levels
         self.settings, self.out_dir, self.device = settings, out_dir, device
+        self.block_sequences = block_sequences
         self.parts = DenseParts.from_model(model)
         self.dtype = next(model.parameters()).dtype
         cos, sin = self.parts.rope(seq_len, device=device)
@@ -340,7 +352,8 @@ class _ModuleBuilder:
         layer, kind = index // 2, KINDS[index % 2]
         dense = {k: v.to(self.device, torch.float32) for k, v in module_weights(self.model, layer, kind).items()}
         W = dense[OUTPUT_PROJECTION[kind]]
-        inputs = calibration.ModuleInputs(hidden, self._activation(kind, dense), W.shape[1])
+        inputs = calibration.ModuleInputs(hidden, self._activation(kind, dense), W.shape[1],
+                                          block_sequences=self.block_sequences)
         levels = self.ladders[index]
         pruned = _prune_module(kind, W, inputs.hessian(), levels, self.config, self.settings)
         record = _candidates_record(index, kind, levels, pruned, self.config)
@@ -359,6 +372,8 @@ class _ModuleBuilder:
     def _write_candidates(self, layer: int, kind: str, pruned: list[PrunedLinear], record: ModuleCandidates,
                           done: int) -> None:
         """One file per module: the shared dense parts once, each candidate's updated output projection."""
+        if not distributed.is_main():
+            return
         out_name = OUTPUT_PROJECTION[kind]
         tensors = {f"dense.{k}": v for k, v in module_weights(self.model, layer, kind).items() if k != out_name}
         for c, p in enumerate(pruned):
@@ -369,7 +384,7 @@ class _ModuleBuilder:
     def _propagate(self, hidden: torch.Tensor, inputs: calibration.ModuleInputs, kind: str,
                    dense: dict[str, torch.Tensor], pruned: list[PrunedLinear], index: int) -> None:
         """Add the module's update to ``hidden``: a mixture of candidate outputs is one matmul with the mixed
-        weights (the EEA mode picks the mixture)."""
+        weights (the EEA mode picks the mixture). Each rank updates its chunks, then all ranks share them."""
         out_name = OUTPUT_PROJECTION[kind]
         W = dense[out_name]
         if self.eea == "none":
@@ -389,16 +404,19 @@ class _ModuleBuilder:
             if bias is not None:
                 update += bias_weight * bias
             hidden[sl] += update
+        distributed.share_rows(hidden, inputs.slices)
 
 
 def _commit(manifest: SupernetManifest, record: ModuleCandidates, hidden: torch.Tensor, out_dir: Path) -> None:
     """Checkpoint the hidden states, then record the module in the manifest (the commit point)."""
     index = len(manifest.modules)
     checkpoint = f"checkpoint-{index:03d}.safetensors"
-    _save_tensors({"hidden": hidden}, out_dir / checkpoint, index, out_dir)
     previous = manifest.checkpoint
     manifest.modules.append(record)
     manifest.checkpoint = checkpoint
+    if not distributed.is_main():
+        return
+    _save_tensors({"hidden": hidden}, out_dir / checkpoint, index, out_dir)
     _write_manifest(manifest, out_dir)
     if previous and previous != checkpoint:
         (out_dir / previous).unlink(missing_ok=True)
@@ -409,8 +427,9 @@ def _finish(manifest: SupernetManifest, out_dir: Path) -> None:
     if manifest.checkpoint:
         last = manifest.checkpoint
         manifest.checkpoint, manifest.complete = None, True
-        _write_manifest(manifest, out_dir)
-        (out_dir / last).unlink(missing_ok=True)
+        if distributed.is_main():
+            _write_manifest(manifest, out_dir)
+            (out_dir / last).unlink(missing_ok=True)
 
 
 # ----- reading -----
