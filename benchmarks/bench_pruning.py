@@ -54,15 +54,18 @@ def start(out: str) -> Path:
     return out
 
 
-def run_tyr(argv: list[str], what: str, timeout: float | None) -> None:
-    """`tyr argv...` in a subprocess, echoed and timed; stop the benchmark if it fails."""
-    command = [sys.executable, "-m", "tyr.cli", *argv]
+def run_tyr(argv: list[str], what: str, timeout: float | None, launcher: list[str] | None = None) -> float:
+    """`tyr argv...` in a subprocess, echoed and timed (returns its seconds); stop the benchmark if it fails.
+    ``launcher``: module arguments that start it instead (e.g. torch.distributed.run's)."""
+    command = [sys.executable, *(launcher or []), "-m", "tyr.cli", *argv]
     print(f"$ {' '.join(command)}", flush=True)
     started = time.perf_counter()
     run = subprocess.run(command, timeout=timeout, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
     if run.returncode:
         raise SystemExit(f"{what} failed with exit code {run.returncode}")
-    print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
+    seconds = time.perf_counter() - started
+    print(f"  done in {seconds:.0f} s", flush=True)
+    return seconds
 
 
 def run_prune(args, sparsity: float, method: str, out: Path) -> dict:

@@ -7,6 +7,7 @@ another number of threads, and then its float sums round differently.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -72,6 +73,33 @@ def one_process(inputs, tmp_path_factory) -> Path:
     return out
 
 
+def crash(launch: subprocess.Popen) -> None:
+    """SIGKILL the launcher and its workers (torchrun starts each in a session of its own), as a power cut would."""
+    workers = children(launch.pid)
+    launch.kill()
+    launch.wait()
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    while any(Path(f"/proc/{pid}").exists() and not zombie(pid) for pid in workers):
+        time.sleep(0.1)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def zombie(pid: int) -> bool:
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    return True
+
+
 def assert_same_model(a: Path, b: Path) -> None:
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
@@ -100,13 +128,12 @@ def test_two_gloo_processes_resume_together_after_a_kill(inputs, one_process, tm
     out = tmp_path / "pruned"
     first_iteration = tmp_path / "pruned.work" / "iter0" / "result.json"
     launch = subprocess.Popen(prune_command(inputs, out, 2), env=environment(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+                              stderr=subprocess.DEVNULL)
     try:
         while not first_iteration.is_file() and launch.poll() is None:
             time.sleep(0.1)
     finally:
-        os.killpg(launch.pid, signal.SIGKILL)      # the launcher and both ranks, as a crash would
-        launch.wait()
+        crash(launch)
     assert first_iteration.is_file() and not out.exists()     # killed during the second iteration
     run = prune(inputs, out, 2)
     assert "iteration 0: done in an earlier run" in run.stderr

@@ -65,6 +65,10 @@ def world_size() -> int:
     return dist.get_world_size() if _active() else 1
 
 
+def backend() -> str | None:
+    return dist.get_backend() if _active() else None
+
+
 def is_main() -> bool:
     """Whether this process writes files (rank 0, or the only process)."""
     return rank() == 0

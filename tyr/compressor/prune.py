@@ -228,6 +228,9 @@ def _run(job: PruneJob, started: float, keep_model: bool) -> PruneResult:
     distributed.barrier()      # the other ranks read the work folder once rank 0 has claimed (or cleared) it
     with torch.no_grad():
         pruned = _METHOD_RUNS[job.method](job)
+        if distributed.world_size() > 1:
+            pruned.notes.append(f"pruned by {distributed.world_size()} processes under torchrun "
+                                f"({distributed.backend()})")
         report = _report(job, pruned)
         if distributed.is_main():
             paths = _save(job, pruned.model, report, started)
