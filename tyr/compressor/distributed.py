@@ -42,6 +42,9 @@ def process_group(device: torch.device) -> Iterator[torch.device]:
         if device.index not in (None, local_rank):
             raise TyrError(f"under torchrun each rank uses the GPU of its LOCAL_RANK; pass --device cuda, "
                            f"not {device}")
+        if local_rank >= torch.cuda.device_count():
+            raise TyrError(f"torchrun started rank {local_rank} on a machine where torch sees "
+                           f"{torch.cuda.device_count()} GPU(s): one process per GPU, or --device cpu")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
