@@ -21,8 +21,6 @@ from safetensors.torch import load_file
 
 from tyr.testing import TINY_RECIPE
 
-pytestmark = pytest.mark.slow
-
 # Four calibration chunks of 4 sequences and eight selection batches, so both ranks get a share of each; tiny
 # models step in coarse heads and channels, so the budget band is wider than the default.
 RECIPE = TINY_RECIPE | {"calibration": TINY_RECIPE["calibration"] | {"batch_sequences": 4},
@@ -111,6 +109,7 @@ def assert_same_model(a: Path, b: Path) -> None:
     assert [it["fitness"] for it in ra["iterations"]] == [it["fitness"] for it in rb["iterations"]]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_prune_the_same_model_as_one(inputs, one_process, tmp_path):
     out = tmp_path / "pruned"
     run = prune(inputs, out, 2)
@@ -124,6 +123,7 @@ def test_two_gloo_processes_prune_the_same_model_as_one(inputs, one_process, tmp
     assert abs(report["achieved_sparsity"] - 0.5) <= RECIPE["search"]["budget_tolerance"]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_resume_together_after_a_kill(inputs, one_process, tmp_path):
     out = tmp_path / "pruned"
     first_iteration = tmp_path / "pruned.work" / "iter0" / "result.json"
@@ -138,3 +138,14 @@ def test_two_gloo_processes_resume_together_after_a_kill(inputs, one_process, tm
     run = prune(inputs, out, 2)
     assert "iteration 0: done in an earlier run" in run.stderr
     assert_same_model(one_process, out)
+
+
+def test_other_commands_refuse_several_processes(monkeypatch, capsys, tmp_path):
+    """Only prune shares its work; `tyr run` and the rest would run N times over the same outputs."""
+    from tyr.cli import main as tyr_main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = tyr_main(["run", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "only `tyr prune` runs under torchrun" in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())

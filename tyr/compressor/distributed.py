@@ -131,10 +131,16 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def gather_objects(value) -> list:
-    """Every rank's ``value`` (small, JSON-like), in rank order, on every rank."""
+def gather_floats(values: Sequence[float]) -> list[list[float]]:
+    """Every rank's ``values``, in rank order, on every rank (float64 travels exactly; no pickling)."""
     if not _active():
-        return [value]
-    gathered = [None] * world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
+        return [list(values)]
+    device = _device()
+    lengths = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size())]
+    dist.all_gather(lengths, torch.tensor([len(values)], dtype=torch.int64, device=device))
+    longest = max(int(n) for n in lengths)
+    mine = torch.zeros(longest, dtype=torch.float64, device=device)
+    mine[:len(values)] = torch.tensor(list(values), dtype=torch.float64)
+    gathered = [torch.empty(longest, dtype=torch.float64, device=device) for _ in range(world_size())]
+    dist.all_gather(gathered, mine)
+    return [row[:int(n)].tolist() for row, n in zip(gathered, lengths)]

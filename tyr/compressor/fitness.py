@@ -111,12 +111,12 @@ class ReuseStats(BaseModel):
     seconds: float = 0.0
     compute_dtype: str = "float32"
 
-    @classmethod
-    def total(cls, parts: list[dict]) -> "ReuseStats":
-        """The work of several ranks (their stats as dicts) together: counts added, the slowest rank's seconds."""
-        counts = {name: sum(part[name] for part in parts) for name, field in cls.model_fields.items()
-                  if field.annotation is int}
-        return cls(**counts, seconds=max(part["seconds"] for part in parts), compute_dtype=parts[0]["compute_dtype"])
+    def across_ranks(self) -> "ReuseStats":
+        """The work of all torchrun ranks together: counts added, the slowest rank's seconds."""
+        counts = [name for name, field in type(self).model_fields.items() if field.annotation is int]
+        ranks = distributed.gather_floats([getattr(self, name) for name in counts] + [self.seconds])
+        return self.model_copy(update={name: int(sum(row[i] for row in ranks)) for i, name in enumerate(counts)}
+                               | {"seconds": max(row[-1] for row in ranks)})
 
     @property
     def saving(self) -> float:

@@ -444,7 +444,7 @@ class _CoarseToFine:
 
 
 def _search(job: PruneJob, supernet_dir: Path, space: SearchSpace, start: tuple[int, ...], targets, iteration: int):
-    from tyr.compressor.fitness import ReuseStats, SupernetKL
+    from tyr.compressor.fitness import SupernetKL
     from tyr.compressor.layerwise import DenseParts
     from tyr.compressor.supernet import Supernet
 
@@ -462,7 +462,7 @@ def _search(job: PruneJob, supernet_dir: Path, space: SearchSpace, start: tuple[
                         seed=iteration_seed(job.seed, iteration), iteration=iteration,
                         checkpoint=job.work_dir / f"iter{iteration}" / "search.json", on_generation=callback,
                         progress=job.progress, description=f"search {iteration + 1}/{job.recipe.iterations}")
-    return result, ReuseStats.total(distributed.gather_objects(fitness.stats.model_dump()))
+    return result, fitness.stats.across_ranks()
 
 
 def iteration_seed(seed: int, iteration: int) -> int:

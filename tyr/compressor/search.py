@@ -801,7 +801,7 @@ class SharedFitness:
 
         self.inner = inner
         self.rank, self.world = distributed.rank(), distributed.world_size()
-        self.gather = distributed.gather_objects
+        self.gather = distributed.gather_floats
 
     def set_parent(self, choice: Choice) -> None:
         self.inner.set_parent(choice)
