@@ -109,6 +109,15 @@ def module_weights(model, layer: int, kind: ModuleKind) -> dict[str, torch.Tenso
     return w
 
 
+def tensor_name(layer: int, kind: ModuleKind, key: str) -> str:
+    """The Hugging Face checkpoint name of one entry of a module's weight dict (``module_weights``' keys)."""
+    name, _, bias = key.partition(".")
+    if name in (ATTENTION_KEYS[4], MLP_KEYS[3]):
+        return f"model.layers.{layer}.{name}.weight"
+    block = "self_attn" if kind == "attn" else "mlp"
+    return f"model.layers.{layer}.{block}.{name}.{bias or 'weight'}"
+
+
 def heads_of(w: dict[str, torch.Tensor], head_dim: int) -> tuple[int, int]:
     """(query heads, KV heads) of an attention weight dict; (0, 0) when removed."""
     if not w:
