@@ -279,7 +279,7 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
     if not manifest.modules:      # the folder is this build's from now on, even if killed before a checkpoint
         _write_manifest(manifest, out_dir)
     if hidden is None:
-        hidden = builder.parts.embed(calibration_ids.to(builder.parts.embed_tokens.device)).to(device, builder.hidden_dtype)
+        hidden = builder.embed(calibration_ids)
     num_modules, pending, last_checkpoint = len(ladders), [], time.monotonic()
     bar = tqdm(range(len(manifest.modules), num_modules), desc="supernet", unit="module", disable=not progress,
                initial=len(manifest.modules), total=num_modules)
@@ -299,12 +299,12 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
 def store_dtype(model, index: dict[str, StoredTensor] | None) -> torch.dtype:
     """The dtype candidates are stored in: the dense weights' stored dtype (the model's, if it holds them in a
     narrower one or they come from no files)."""
-    dtype = next(model.parameters()).dtype
     stored = index.get(tensor_name(0, "attn", "o_proj")) if index else None
-    stored_dtype = SAFETENSORS_DTYPES.get(stored.dtype) if stored else None
-    if stored_dtype is None or stored_dtype.itemsize >= dtype.itemsize:
-        return dtype
-    return stored_dtype
+    return narrower(next(model.parameters()).dtype, SAFETENSORS_DTYPES.get(stored.dtype) if stored else None)
+
+
+def narrower(model_dtype: torch.dtype, file_dtype: torch.dtype | None) -> torch.dtype:
+    return model_dtype if file_dtype is None or file_dtype.itemsize >= model_dtype.itemsize else file_dtype
 
 
 def hidden_dtype(stored: torch.dtype) -> torch.dtype:
@@ -420,6 +420,14 @@ class _ModuleBuilder:
         self.store, self.hidden_dtype, self.index = store, hidden_dtype(store), index
         cos, sin = self.parts.rope(seq_len, device=device)
         self.cos, self.sin = cos.to(torch.float32), sin.to(torch.float32)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The first module's input, embedded a memory chunk at a time (no float32 copy of it all)."""
+        hidden = torch.empty(*ids.shape, self.config.hidden_size, dtype=self.hidden_dtype, device=self.device)
+        table = self.parts.embed_tokens
+        for sl in calibration.sequence_chunks(ids.shape[0], ids.shape[1], self.config.hidden_size):
+            hidden[sl] = self.parts.embed(ids[sl].to(table.device)).to(self.device, self.hidden_dtype)
+        return hidden
 
     def build(self, index: int, hidden: torch.Tensor, done: int) -> ModuleCandidates:
         """Prune module ``index`` on ``hidden`` (its input), write its candidates, and move ``hidden`` on."""
