@@ -61,6 +61,7 @@ MANIFEST = "manifest.json"
 DEFAULT_LADDER = [i / 8 for i in range(9)]
 OUTPUT_PROJECTION = {"attn": "o_proj", "mlp": "down_proj"}   # the linear layer whose input columns are pruned
 CHECKPOINT_SECONDS = 300.0
+TENSOR_HEADER_BYTES = 80        # a tensor's entry in a safetensors header, about
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -294,6 +295,23 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
     manifest.modules.extend(pending)
     _finish(manifest, out_dir)
     return manifest
+
+
+def candidate_columns(kind: str, levels: list[float], config, rules: WidthRules) -> list[int]:
+    """Input columns of the output projection each candidate keeps (0: the module removed), by the width rules
+    the local pruner follows; for attention the widest of the equally sized GQA shapes (the pruner picks one)."""
+    if kind == "attn":
+        return [config.head_dim * max(g * r for g, r in gqa_widths(config.num_attention_heads,
+                                                                   config.num_key_value_heads, s, rules))
+                for s in levels]
+    return [ffn_width(config.intermediate_size, s, rules) for s in levels]
+
+
+def module_file_bytes(kind: str, levels: list[float], config, rules: WidthRules, dtype: torch.dtype) -> int:
+    """Bytes of one module's file when the dense model's files hold its unchanged weights: every kept candidate's
+    output projection (and its entry in the safetensors header)."""
+    return sum(config.hidden_size * c * dtype.itemsize + TENSOR_HEADER_BYTES
+               for c in candidate_columns(kind, levels, config, rules) if c)
 
 
 def store_dtype(model, index: dict[str, StoredTensor] | None) -> torch.dtype:
