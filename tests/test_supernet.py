@@ -10,13 +10,15 @@ import torch
 
 from tyr.compressor import supernet as supernet_module
 from tyr.compressor.layerwise import DenseParts, attention_delta, heads_of, mlp_delta, module_weights
-from tyr.compressor.recipes import LocalPrunerRecipe
+from tyr.compressor.recipes import LocalPrunerRecipe, MemoryRecipe
 from tyr.compressor.supernet import DEFAULT_LADDER, Supernet, SupernetManifest, build_supernet
 from tyr.errors import TyrError
 from tyr.models.io import load_model, save_model
 from tyr.models.facts import LayerWidth, gqa_widths, layer_params, layer_widths
 from tyr.models.slicing import LayerKeep, slice_model
 from tyr.testing import tiny_llama
+
+EVERY_MODULE = MemoryRecipe(checkpoint_seconds=0, checkpoint_share=None)
 
 
 def layer_io(model, ids):
@@ -167,7 +169,7 @@ def hidden_after(tiny, ids, tmp_path, eea, modules=1, **kwargs):
 
     with pytest.raises(KeyboardInterrupt):
         build_supernet(tiny, ids, tmp_path / eea, [DEFAULT_LADDER] * 6, eea=eea, progress=False,
-                       on_module_done=stop, checkpoint_seconds=0, **kwargs)
+                       on_module_done=stop, memory=EVERY_MODULE, **kwargs)
     return seen, SupernetManifest.model_validate_json((tmp_path / eea / "manifest.json").read_text())
 
 
@@ -204,7 +206,7 @@ def test_resume_after_interruption_is_bit_identical(tiny, ids, tmp_path, built):
 
     with pytest.raises(KeyboardInterrupt):
         build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False, on_module_done=interrupt,
-                       checkpoint_seconds=0)
+                       memory=EVERY_MODULE)
     partial = SupernetManifest.model_validate_json((tmp_path / "sn" / "manifest.json").read_text())
     assert len(partial.modules) == 3 and not partial.complete and partial.checkpoint
     with pytest.raises(TyrError, match="partial supernet"):
@@ -239,7 +241,7 @@ def test_disk_full_is_reported_and_leaves_finished_modules_valid(tiny, ids, tmp_
 
     monkeypatch.setattr(supernet_module, "save_file", save_until_full)
     with pytest.raises(TyrError, match="disk full .* the 2 finished modules"):
-        build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False, checkpoint_seconds=0)
+        build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False, memory=EVERY_MODULE)
     assert not [p for p in (tmp_path / "sn").rglob("*.tmp-*")]
     monkeypatch.setattr(supernet_module, "save_file", real_save)
     build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False)
@@ -390,7 +392,7 @@ def test_bf16_model_stores_bf16_candidates_and_checkpoints(tiny, ids, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         build_supernet(model, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False,
-                       dense_folder=tmp_path / "dense", checkpoint_seconds=0, on_module_done=interrupt)
+                       dense_folder=tmp_path / "dense", memory=EVERY_MODULE, on_module_done=interrupt)
     partial = SupernetManifest.model_validate_json((tmp_path / "sn" / "manifest.json").read_text())
     assert file_tensors(tmp_path / "sn" / partial.checkpoint)["hidden"].dtype == torch.bfloat16
     manifest = build_supernet(model, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False,
@@ -419,15 +421,31 @@ def test_checkpoints_are_time_based_and_a_kill_redoes_only_the_modules_since(tin
             raise KeyboardInterrupt
 
     with counting_writes() as written, pytest.raises(KeyboardInterrupt):
-        build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False, checkpoint_seconds=60,
+        build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False, memory=MemoryRecipe(checkpoint_seconds=60, checkpoint_share=None),
                        on_module_done=tick_then_kill)
     partial = SupernetManifest.model_validate_json((tmp_path / "sn" / "manifest.json").read_text())
     assert len(partial.modules) == 2 and partial.checkpoint == "checkpoint-001.safetensors"
     assert written.bytes > 0
     resumed = []
-    build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False, checkpoint_seconds=60,
+    build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False, memory=MemoryRecipe(checkpoint_seconds=60, checkpoint_share=None),
                    on_module_done=lambda i, h: resumed.append(i))
     assert resumed == [2, 3, 4, 5]
     files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(tmp_path / "sn") for p in (tmp_path / "sn").rglob("*") if p.is_file())
     assert [f for f in files if (out / f).read_bytes() != (tmp_path / "sn" / f).read_bytes()] == []
+
+
+def test_checkpoints_write_at_most_their_share_of_the_candidates(tiny, ids, tmp_path, monkeypatch):
+    real_save, written = supernet_module.save_file, []
+
+    def recording_save(tensors, path, *args, **kwargs):
+        real_save(tensors, path, *args, **kwargs)
+        written.append((Path(path).parent.name == "modules", Path(path).stat().st_size))
+
+    monkeypatch.setattr(supernet_module, "save_file", recording_save)
+    wide_ids = ids.repeat(4, 1)    # hidden states of a size that makes the share, not the time, decide
+    build_supernet(tiny, wide_ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False,
+                   memory=MemoryRecipe(checkpoint_seconds=0, checkpoint_share=0.5))
+    modules = sum(size for is_module, size in written if is_module)
+    checkpoints = [size for is_module, size in written if not is_module]
+    assert 0 < len(checkpoints) < 5 and sum(checkpoints) <= 0.5 * modules

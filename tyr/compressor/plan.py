@@ -264,7 +264,11 @@ class _Context:
         disk = config.num_hidden_layers * files + manifest
         flops = config.num_hidden_layers * sum(self._module_flops(kind, lv) for kind, lv in ladders)
         modules = 2 * config.num_hidden_layers
-        checkpoints = min(modules - 1, int(flops / self.rate // self.recipe.memory.checkpoint_seconds))
+        memory = self.recipe.memory
+        by_time = int(flops / self.rate // memory.checkpoint_seconds) if memory.checkpoint_seconds else modules
+        by_share = (int(memory.checkpoint_share * config.num_hidden_layers * files // self.checkpoint_bytes)
+                    if memory.checkpoint_share is not None else modules)
+        checkpoints = min(modules - 1, by_time, by_share)
         written = disk + 1024 + checkpoints * (self.checkpoint_bytes + manifest)
         return SimpleNamespace(ladders=ladders, disk=disk, flops=flops, checkpoints=checkpoints, written=written)
 

@@ -261,7 +261,7 @@ def _prune_uniform(job: PruneJob) -> Pruned:
         build_supernet(job.model, calibration, supernet_dir, ladders=[[level] for level in levels],
                        eea=job.recipe.eea, current_levels=levels, settings=job.recipe.local_pruner,
                        device=job.device, progress=job.progress, dense_folder=job.model_folder,
-                       checkpoint_seconds=job.recipe.memory.checkpoint_seconds)
+                       memory=job.recipe.memory)
     with job.meter.stage("assemble"):
         model = Supernet.open(supernet_dir).assemble(job.model, [0] * len(levels))
     return Pruned(model=model, levels=levels, calibration_tokens=calibration.numel())
@@ -402,7 +402,7 @@ class _CoarseToFine:
                               ladders=[[self.level(t) for t in ladder] for ladder in ladders], eea=self.recipe.eea,
                               current_levels=[self.level(t) for t in current], settings=self.recipe.local_pruner,
                               device=job.device, progress=job.progress, dense_folder=job.model_folder,
-                              checkpoint_seconds=self.recipe.memory.checkpoint_seconds)
+                              memory=self.recipe.memory)
 
     def drop_supernets(self, supernet_dirs: list[Path], best: int) -> None:
         """Delete the supernets no later iteration needs (a shared cached one belongs to the cache's owner)."""

@@ -198,6 +198,10 @@ class MemoryRecipe(_Strict):
     checkpoint_seconds: float = Field(300, ge=0, le=86_400, description="the supernet builder checkpoints its "
                                       "hidden states at most this often (0: after every module); a killed build "
                                       "redoes the modules since the last checkpoint")
+    checkpoint_share: float | None = Field(0.5, gt=0, le=100, description="and only once the candidates written "
+                                           "since the last checkpoint are at least 1/share times its size, so "
+                                           "checkpoints add at most this share to a supernet's bytes written "
+                                           "(None: time alone decides)")
 
 
 class Recipe(_Strict):

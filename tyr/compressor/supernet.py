@@ -48,7 +48,7 @@ from tyr.compressor import calibration
 from tyr.compressor.layerwise import (KINDS, DenseParts, attention_heads, mlp_hidden, module_weights,
                                      tensor_name)
 from tyr.compressor.local_pruner import PrunedLinear, prune_columns_progressively, prune_heads_gqa
-from tyr.compressor.recipes import EEAMode, LocalPrunerRecipe
+from tyr.compressor.recipes import EEAMode, LocalPrunerRecipe, MemoryRecipe
 from tyr.device import resolve_device
 from tyr.errors import TyrError
 from tyr.fingerprint import fingerprint
@@ -60,7 +60,6 @@ FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 DEFAULT_LADDER = [i / 8 for i in range(9)]
 OUTPUT_PROJECTION = {"attn": "o_proj", "mlp": "down_proj"}   # the linear layer whose input columns are pruned
-CHECKPOINT_SECONDS = 300.0
 TENSOR_HEADER_BYTES = 80        # a tensor's entry in a safetensors header, about
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -171,8 +170,9 @@ def _mixture(eea: str, levels: list[float], current: float | None) -> list[float
     return [k / total if total > 0 else 0.0 for k in keep]
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, done: int, out_dir: Path) -> None:
-    """Write safetensors atomically (temp file + fsync + rename); a full disk becomes a clear TyrError."""
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, done: int, out_dir: Path) -> int:
+    """Write safetensors atomically (temp file + fsync + rename) and return its size; a full disk becomes a clear
+    TyrError."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
@@ -181,7 +181,8 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, done: int, out_d
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        count_written(path.stat().st_size)
+        count_written(size := path.stat().st_size)
+        return size
     except OSError as err:
         _raise_if_disk_full(err, path, done, out_dir)
         raise
@@ -251,7 +252,7 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
                    progress: bool = True, *, model_name: str | None = None, calibration_meta: dict | None = None,
                    on_module_done: Callable[[int, torch.Tensor], None] | None = None,
                    dense_folder: str | Path | None = None,
-                   checkpoint_seconds: float = CHECKPOINT_SECONDS) -> SupernetManifest:
+                   memory: MemoryRecipe = MemoryRecipe()) -> SupernetManifest:
     """Build (or finish building) the supernet of a dense Llama-style ``model`` in ``out_dir``.
 
     ``calibration_ids``: [N, T] token ids. ``ladders``: the sparsity levels of every module, in module order
@@ -260,8 +261,8 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
     ``on_module_done(index, hidden)`` is called after each module is built (and committed, when a checkpoint was
     due), with the hidden states that go on to the next module. ``dense_folder``: the safetensors folder ``model``
     was loaded from; its files then hold the modules' unchanged weights instead of the supernet. A checkpoint of the
-    hidden states is written at most every ``checkpoint_seconds`` (0: after every module); a killed build redoes
-    the modules since the last one. Returns the manifest (also in out_dir/manifest.json).
+    hidden states is written when ``memory`` says it is due (time since the last one, bytes written since); a
+    killed build redoes the modules since the last one. Returns the manifest (also in out_dir/manifest.json).
     """
     current_levels = _validate(model, calibration_ids, ladders, eea, current_levels, settings)
     device, out_dir = resolve_device(device), Path(out_dir)
@@ -281,20 +282,37 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
         _write_manifest(manifest, out_dir)
     if hidden is None:
         hidden = builder.embed(calibration_ids)
-    num_modules, pending, last_checkpoint = len(ladders), [], time.monotonic()
+    num_modules, pending, due = len(ladders), [], _CheckpointDue(memory, hidden.nbytes)
     bar = tqdm(range(len(manifest.modules), num_modules), desc="supernet", unit="module", disable=not progress,
                initial=len(manifest.modules), total=num_modules)
     for index in bar:
         bar.set_postfix_str(f"layer {index // 2} {KINDS[index % 2]}")
         pending.append(builder.build(index, hidden, len(manifest.modules)))
-        if index < num_modules - 1 and time.monotonic() - last_checkpoint >= checkpoint_seconds:
+        if index < num_modules - 1 and due(builder.bytes_written):
             _commit(manifest, pending, hidden, out_dir)
-            pending, last_checkpoint = [], time.monotonic()
+            pending = []
         if on_module_done is not None:
             on_module_done(index, hidden)
     manifest.modules.extend(pending)
     _finish(manifest, out_dir)
     return manifest
+
+
+class _CheckpointDue:
+    """When the next hidden-state checkpoint is due: ``checkpoint_seconds`` after the last one, and (with a
+    ``checkpoint_share``) once the candidates written since make the checkpoint at most that share of them."""
+
+    def __init__(self, memory: MemoryRecipe, checkpoint_bytes: int):
+        self.memory, self.checkpoint_bytes = memory, checkpoint_bytes
+        self.since, self.written_at = time.monotonic(), 0
+
+    def __call__(self, written: int) -> bool:
+        share = self.memory.checkpoint_share
+        if time.monotonic() - self.since < self.memory.checkpoint_seconds or (
+                share is not None and (written - self.written_at) * share < self.checkpoint_bytes):
+            return False
+        self.since, self.written_at = time.monotonic(), written
+        return True
 
 
 def candidate_columns(kind: str, levels: list[float], config, rules: WidthRules) -> list[int]:
@@ -436,6 +454,7 @@ class _ModuleBuilder:
         self.settings, self.out_dir, self.device = settings, out_dir, device
         self.parts = DenseParts.from_model(model)
         self.store, self.hidden_dtype, self.index = store, hidden_dtype(store), index
+        self.bytes_written = 0      # by the module files
         cos, sin = self.parts.rope(seq_len, device=device)
         self.cos, self.sin = cos.to(torch.float32), sin.to(torch.float32)
 
@@ -484,7 +503,7 @@ class _ModuleBuilder:
         for c, p in enumerate(pruned):
             if p.keep:
                 tensors[f"cand{c}.{out_name}"] = p.weight.to(self.store, copy=True)  # no shared storage
-        _save_tensors(tensors, self.out_dir / record.file, done, self.out_dir)
+        self.bytes_written += _save_tensors(tensors, self.out_dir / record.file, done, self.out_dir)
 
     def _reference(self, layer: int, kind: str, key: str, value: torch.Tensor) -> TensorRef | None:
         """Where the dense model's files hold exactly this weight (None: they do not; it is copied)."""
