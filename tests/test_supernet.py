@@ -449,3 +449,26 @@ def test_checkpoints_write_at_most_their_share_of_the_candidates(tiny, ids, tmp_
     modules = sum(size for is_module, size in written if is_module)
     checkpoints = [size for is_module, size in written if not is_module]
     assert 0 < len(checkpoints) < 5 and sum(checkpoints) <= 0.5 * modules
+
+
+def test_streamed_build_gives_the_same_candidates(tiny, ids, tmp_path):
+    """The dense model read module by module from its bf16 files gives the bytes of the same model loaded whole in
+    fp32 (bf16 values are exact in fp32; the math is fp32 in both)."""
+    from tyr.models.streaming import StreamedModel
+
+    loaded = saved_folder(tiny, tmp_path / "dense", torch.bfloat16)
+    whole = build_supernet(loaded, ids, tmp_path / "whole", [DEFAULT_LADDER] * 6, progress=False,
+                           dense_folder=tmp_path / "dense")
+    streamed_model = StreamedModel(tmp_path / "dense")
+    streamed = build_supernet(streamed_model, ids, tmp_path / "streamed", [DEFAULT_LADDER] * 6, progress=False)
+    assert streamed.store_dtype == whole.store_dtype == "bfloat16"
+    assert streamed.dense_weights.folder == whole.dense_weights.folder
+    for a, b in zip(whole.modules, streamed.modules, strict=True):
+        assert (a.keep, a.widths, a.params) == (b.keep, b.widths, b.params)
+        assert a.errors == b.errors
+    x, y = Supernet.open(tmp_path / "whole"), Supernet.open(tmp_path / "streamed")
+    for m in range(6):
+        for c in range(9):
+            a, b = x.weights(m, c), y.weights(m, c)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k])
+                                                for k in a), (m, c)

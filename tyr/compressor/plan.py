@@ -184,7 +184,7 @@ class _Context:
         checkpointing = any(s.checkpoints for s in self.supernets)
         host_stage = BASELINE_BYTES + self.tokens * 8 + (self.hidden_bytes if checkpointing else 0)
         host = host_stage + (0 if self.gpu else device)
-        disk = self.supernets_on_disk + 2 * self.checkpoint_bytes
+        disk = self.supernets_on_disk + (2 * self.checkpoint_bytes if checkpointing else 0)
         notes = [f"{len(self.supernets)} supernets of {', '.join(_gib(s.disk) for s in self.supernets)} "
                  f"({str(self.store).removeprefix('torch.')}); hidden states {_gib(self.hidden_bytes)} "
                  f"({self.tokens:,} tokens); {sum(s.checkpoints for s in self.supernets)} checkpoints of "

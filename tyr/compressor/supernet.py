@@ -32,7 +32,7 @@ import os
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -55,6 +55,7 @@ from tyr.fingerprint import fingerprint
 from tyr.models.facts import (LayerWidth, StoredTensor, WidthRules, check_width_rules, ffn_width, gqa_widths,
                               layer_params, layer_widths, tensor_index)
 from tyr.models.slicing import LayerKeep, slice_model
+from tyr.models.streaming import StreamedModel
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -253,7 +254,8 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
                    on_module_done: Callable[[int, torch.Tensor], None] | None = None,
                    dense_folder: str | Path | None = None,
                    memory: MemoryRecipe = MemoryRecipe()) -> SupernetManifest:
-    """Build (or finish building) the supernet of a dense Llama-style ``model`` in ``out_dir``.
+    """Build (or finish building) the supernet of a dense Llama-style ``model`` in ``out_dir``: a loaded model, or
+    a StreamedModel, whose weights are read one module at a time from its folder in their stored dtype.
 
     ``calibration_ids``: [N, T] token ids. ``ladders``: the sparsity levels of every module, in module order
     (layer 0 attn, layer 0 mlp, layer 1 attn, ...); a candidate's index is its position in its ladder. With
@@ -266,6 +268,8 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
     """
     current_levels = _validate(model, calibration_ids, ladders, eea, current_levels, settings)
     device, out_dir = resolve_device(device), Path(out_dir)
+    if dense_folder is None and isinstance(model, StreamedModel):
+        dense_folder = model.folder
     index = tensor_index(dense_folder) if dense_folder is not None else None
     manifest = _new_manifest(model, calibration_ids, ladders, eea, current_levels, settings, model_name,
                              calibration_meta, store_dtype(model, index))
@@ -336,7 +340,19 @@ def store_dtype(model, index: dict[str, StoredTensor] | None) -> torch.dtype:
     """The dtype candidates are stored in: the dense weights' stored dtype (the model's, if it holds them in a
     narrower one or they come from no files)."""
     stored = index.get(tensor_name(0, "attn", "o_proj")) if index else None
-    return narrower(next(model.parameters()).dtype, SAFETENSORS_DTYPES.get(stored.dtype) if stored else None)
+    return narrower(_dtype(model), SAFETENSORS_DTYPES.get(stored.dtype) if stored else None)
+
+
+def _dtype(model) -> torch.dtype:
+    """The dtype a model holds its weights in (a StreamedModel: the stored one)."""
+    return model.dtype if isinstance(model, StreamedModel) else next(model.parameters()).dtype
+
+
+def _layer_tensors(model) -> Iterator[torch.Tensor]:
+    """The decoder layers' weights, one at a time (a StreamedModel reads them from its files)."""
+    if isinstance(model, StreamedModel):
+        return (t for _, t in model.layer_tensors())
+    return (t for name, t in model.state_dict().items() if name.startswith("model.layers."))
 
 
 def narrower(model_dtype: torch.dtype, file_dtype: torch.dtype | None) -> torch.dtype:
@@ -380,7 +396,7 @@ def _new_manifest(model, calibration_ids: torch.Tensor, ladders: list[list[float
                   current_levels: list[float] | None, settings: LocalPrunerRecipe, model_name: str | None,
                   calibration_meta: dict | None, stored: torch.dtype) -> SupernetManifest:
     """The manifest of an empty build, with the fingerprint of everything that determines its bytes."""
-    config, dtype = model.config, next(model.parameters()).dtype
+    config, dtype = model.config, _dtype(model)
     num_sequences, seq_len = calibration_ids.shape
     calib = {"sequences": num_sequences, "seq_len": seq_len, "tokens": num_sequences * seq_len,
              "sha256": calibration.ids_digest(calibration_ids)} | dict(calibration_meta or {})
@@ -389,8 +405,7 @@ def _new_manifest(model, calibration_ids: torch.Tensor, ladders: list[list[float
                                               if k not in ("_name_or_path", "transformers_version", "architectures",
                                                            "auto_map")},
         "dtype": str(dtype), "store_dtype": str(stored), "ids": calib["sha256"], "ladders": ladders, "eea": eea, "current": current_levels,
-        "settings": settings.model_dump(), "weights": calibration.tensors_digest(
-            t for name, t in model.state_dict().items() if name.startswith("model.layers."))})
+        "settings": settings.model_dump(), "weights": calibration.tensors_digest(_layer_tensors(model))})
     return SupernetManifest(
         model=model_name or getattr(config, "_name_or_path", "") or "model", hidden_size=config.hidden_size,
         head_dim=DenseParts.from_model(model).head_dim, num_layers=config.num_hidden_layers,
