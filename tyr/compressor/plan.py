@@ -350,9 +350,9 @@ class _Context:
         budget, out = plan.device_memory, []
         stages = {s.name: s for s in plan.stages}
         if self.model_bytes >= budget:
-            return [f"  the dense model alone takes {_gib(self.model_bytes)} in float32: streaming it layer by layer "
-                    "is not implemented yet (issue 13); run on a device of that size, or on the CPU (--device cpu) "
-                    "with host memory for it"]
+            return [f"  the dense model alone takes {_gib(self.model_bytes)} in float32, and `tyr prune` holds it "
+                    "whole (only the supernet builder streams it yet); run on a device of that size, or on the CPU "
+                    "(--device cpu) with host memory for it"]
         supernet = stages["calibration + supernet"]
         if supernet.device_bytes > budget:
             spare = budget - (supernet.device_bytes - self.hidden_bytes)
