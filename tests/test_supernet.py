@@ -19,6 +19,7 @@ from tyr.models.slicing import LayerKeep, slice_model
 from tyr.testing import tiny_llama
 
 EVERY_MODULE = MemoryRecipe(checkpoint_seconds=0, checkpoint_share=None)
+BY_TIME = MemoryRecipe(checkpoint_seconds=60, checkpoint_share=None)
 
 
 def layer_io(model, ids):
@@ -421,13 +422,13 @@ def test_checkpoints_are_time_based_and_a_kill_redoes_only_the_modules_since(tin
             raise KeyboardInterrupt
 
     with counting_writes() as written, pytest.raises(KeyboardInterrupt):
-        build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False, memory=MemoryRecipe(checkpoint_seconds=60, checkpoint_share=None),
+        build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False, memory=BY_TIME,
                        on_module_done=tick_then_kill)
     partial = SupernetManifest.model_validate_json((tmp_path / "sn" / "manifest.json").read_text())
     assert len(partial.modules) == 2 and partial.checkpoint == "checkpoint-001.safetensors"
     assert written.bytes > 0
     resumed = []
-    build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False, memory=MemoryRecipe(checkpoint_seconds=60, checkpoint_share=None),
+    build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False, memory=BY_TIME,
                    on_module_done=lambda i, h: resumed.append(i))
     assert resumed == [2, 3, 4, 5]
     files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())

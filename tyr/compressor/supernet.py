@@ -404,7 +404,8 @@ def _new_manifest(model, calibration_ids: torch.Tensor, ladders: list[list[float
         "version": FORMAT_VERSION, "config": {k: v for k, v in config.to_dict().items()
                                               if k not in ("_name_or_path", "transformers_version", "architectures",
                                                            "auto_map")},
-        "dtype": str(dtype), "store_dtype": str(stored), "ids": calib["sha256"], "ladders": ladders, "eea": eea, "current": current_levels,
+        "dtype": str(dtype), "store_dtype": str(stored), "ids": calib["sha256"], "ladders": ladders, "eea": eea,
+        "current": current_levels,
         "settings": settings.model_dump(), "weights": calibration.tensors_digest(_layer_tensors(model))})
     return SupernetManifest(
         model=model_name or getattr(config, "_name_or_path", "") or "model", hidden_size=config.hidden_size,
