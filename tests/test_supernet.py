@@ -380,6 +380,8 @@ def test_referenced_dense_weights_give_the_same_supernet(tiny, ids, tmp_path, bu
     weights.write_bytes(weights.read_bytes())
     with pytest.raises(TyrError, match="rewritten since the supernet was built"):
         Supernet.open(tmp_path / "sn")
+    build_supernet(model, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False, dense_folder=tmp_path / "dense")
+    assert Supernet.open(tmp_path / "sn").weights(0, 3).keys() == read.weights(0, 3).keys()   # rebuilt
 
 
 def test_bf16_model_stores_bf16_candidates_and_checkpoints(tiny, ids, tmp_path):

@@ -88,14 +88,20 @@ class DenseReference(BaseModel):
         return cls(folder=str(folder.resolve()), files=[DenseFile(name=p.name, bytes=p.stat().st_size,
                                                                   mtime_ns=p.stat().st_mtime_ns) for p in paths])
 
-    def check(self, supernet: Path) -> None:
-        """TyrError when a referenced file is gone or was rewritten since the build."""
+    def stale(self) -> Path | None:
+        """The first referenced file that is gone or was rewritten since the build (None: all as they were)."""
         for f in self.files:
             path = Path(self.folder) / f.name
             stat = path.stat() if path.is_file() else None
             if stat is None or (stat.st_size, stat.st_mtime_ns) != (f.bytes, f.mtime_ns):
-                raise TyrError(f"{supernet} reads the dense model's weights from {path}, which is missing or was "
-                               "rewritten since the supernet was built; rebuild the supernet (rerun the prune)")
+                return path
+        return None
+
+    def check(self, supernet: Path) -> None:
+        """TyrError when a referenced file is gone or was rewritten since the build."""
+        if (path := self.stale()) is not None:
+            raise TyrError(f"{supernet} reads the dense model's weights from {path}, which is missing or was "
+                           "rewritten since the supernet was built; rebuild the supernet (rerun the prune)")
 
 
 class ModuleCandidates(BaseModel):
@@ -276,6 +282,8 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
     if index is not None:
         manifest.dense_weights = DenseReference.of(Path(dense_folder), index)
     found = _existing_manifest(out_dir, manifest.fingerprint)
+    if found is not None and found.dense_weights is not None and found.dense_weights.stale() is not None:
+        found = None      # the files it reads the dense weights from changed: rebuild it
     if found is not None and found.complete:
         return found
     builder = _ModuleBuilder(model, ladders, eea, current_levels, settings, out_dir, device,
