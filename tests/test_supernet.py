@@ -436,6 +436,11 @@ def test_checkpoints_are_time_based_and_a_kill_redoes_only_the_modules_since(tin
     files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(tmp_path / "sn") for p in (tmp_path / "sn").rglob("*") if p.is_file())
     assert [f for f in files if (out / f).read_bytes() != (tmp_path / "sn" / f).read_bytes()] == []
+    # A supernet of the earlier format (version 1) in the folder is rebuilt in place, to the same bytes.
+    manifest_path = tmp_path / "sn" / "manifest.json"
+    manifest_path.write_text(manifest_path.read_text().replace('"version": 2', '"version": 1'))
+    build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False)
+    assert manifest_path.read_bytes() == (out / "manifest.json").read_bytes()
 
 
 def test_checkpoints_write_at_most_their_share_of_the_candidates(tiny, ids, tmp_path, monkeypatch):

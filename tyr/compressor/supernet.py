@@ -435,6 +435,8 @@ def _existing_manifest(out_dir: Path, digest: str) -> SupernetManifest | None:
     except ValueError as err:
         raise TyrError(f"{out_dir / MANIFEST} is not a readable supernet manifest ({err}); "
                        "remove the folder or choose another") from err
+    if found.version < FORMAT_VERSION:
+        return None       # an earlier format (dense weights copied, float32): rebuilt in place
     if found.fingerprint != digest:
         raise TyrError(f"{out_dir} holds a supernet built from different inputs (model weights, calibration "
                        "data, ladders, EEA mode or settings); remove it or choose another folder")
