@@ -81,6 +81,25 @@ def test_tyr_end_to_end(tyr_run, tiny_dir, recipe):
               work_dir=tyr_run.out_dir.with_name("out.work"), progress=False)
 
 
+def test_report_states_disk_and_bytes_written_and_supernets_reference_the_dense_files(tyr_run, tiny_dir):
+    from safetensors import safe_open
+
+    from tyr.atomic import tree_bytes
+    from tyr.compressor.supernet import Supernet
+
+    report, work = tyr_run.report, tyr_run.out_dir.with_name("out.work")
+    supernets = [p.parent for p in work.glob("iter*/supernet/manifest.json")]
+    assert supernets and report.bytes_written >= tree_bytes(tyr_run.out_dir) + sum(map(tree_bytes, supernets))
+    assert report.peak_disk_mb * 2 ** 20 >= tree_bytes(work) and report.bytes_written >= report.peak_disk_mb
+    assert all(stage.peak_disk_mb is not None for stage in report.stages)
+    for folder in supernets:
+        supernet = Supernet.open(folder)
+        assert supernet.manifest.dense_weights.folder == str(tiny_dir.resolve())
+        for record in supernet.manifest.modules:
+            with safe_open(folder / record.file, framework="pt") as f:
+                assert not [k for k in f.keys() if k.startswith("dense.")]
+
+
 @pytest.mark.slow
 def test_tyr_resume_after_interrupt_gives_the_same_model(tmp_path, tyr_run, tiny_dir, recipe):
     class Killed(Exception):

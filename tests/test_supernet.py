@@ -10,13 +10,16 @@ import torch
 
 from tyr.compressor import supernet as supernet_module
 from tyr.compressor.layerwise import DenseParts, attention_delta, heads_of, mlp_delta, module_weights
-from tyr.compressor.recipes import LocalPrunerRecipe
+from tyr.compressor.recipes import LocalPrunerRecipe, MemoryRecipe
 from tyr.compressor.supernet import DEFAULT_LADDER, Supernet, SupernetManifest, build_supernet
 from tyr.errors import TyrError
 from tyr.models.io import load_model, save_model
 from tyr.models.facts import LayerWidth, gqa_widths, layer_params, layer_widths
 from tyr.models.slicing import LayerKeep, slice_model
 from tyr.testing import tiny_llama
+
+EVERY_MODULE = MemoryRecipe(checkpoint_seconds=0, checkpoint_share=None)
+BY_TIME = MemoryRecipe(checkpoint_seconds=60, checkpoint_share=None)
 
 
 def layer_io(model, ids):
@@ -167,7 +170,7 @@ def hidden_after(tiny, ids, tmp_path, eea, modules=1, **kwargs):
 
     with pytest.raises(KeyboardInterrupt):
         build_supernet(tiny, ids, tmp_path / eea, [DEFAULT_LADDER] * 6, eea=eea, progress=False,
-                       on_module_done=stop, **kwargs)
+                       on_module_done=stop, memory=EVERY_MODULE, **kwargs)
     return seen, SupernetManifest.model_validate_json((tmp_path / eea / "manifest.json").read_text())
 
 
@@ -203,7 +206,8 @@ def test_resume_after_interruption_is_bit_identical(tiny, ids, tmp_path, built):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False, on_module_done=interrupt)
+        build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False, on_module_done=interrupt,
+                       memory=EVERY_MODULE)
     partial = SupernetManifest.model_validate_json((tmp_path / "sn" / "manifest.json").read_text())
     assert len(partial.modules) == 3 and not partial.complete and partial.checkpoint
     with pytest.raises(TyrError, match="partial supernet"):
@@ -238,7 +242,7 @@ def test_disk_full_is_reported_and_leaves_finished_modules_valid(tiny, ids, tmp_
 
     monkeypatch.setattr(supernet_module, "save_file", save_until_full)
     with pytest.raises(TyrError, match="disk full .* the 2 finished modules"):
-        build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False)
+        build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False, memory=EVERY_MODULE)
     assert not [p for p in (tmp_path / "sn").rglob("*.tmp-*")]
     monkeypatch.setattr(supernet_module, "save_file", real_save)
     build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False)
@@ -327,3 +331,152 @@ def test_chunked_recomputed_activations_give_the_same_supernet(tiny, ids, tmp_pa
         for c in (0, 3, 7):
             for name, tensor in Supernet.open(out).weights(m, c).items():
                 assert torch.allclose(Supernet.open(tmp_path / "sn").weights(m, c)[name], tensor, atol=1e-4), name
+
+
+# ----- on disk: only what candidates change, in the dense weights' dtype; time-based checkpoints -----
+
+def saved_folder(model, path, dtype):
+    """``model``'s weights saved as a safetensors folder in ``dtype``, and the model loaded back from it (fp32)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    copy.deepcopy(model).to(dtype).save_pretrained(path, safe_serialization=True)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def file_tensors(path):
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def test_referenced_dense_weights_give_the_same_supernet(tiny, ids, tmp_path, built):
+    """An fp32 folder: module files hold only the candidates; the search reads the same weights as from a copy."""
+    from tyr.atomic import counting_writes, tree_bytes
+
+    out, manifest, _ = built
+    model = saved_folder(tiny, tmp_path / "dense", torch.float32)
+    with counting_writes() as written:
+        referenced = build_supernet(model, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False,
+                                    dense_folder=tmp_path / "dense")
+    # no checkpoint was due: every file written once, and the empty manifest that claims the folder
+    assert tree_bytes(tmp_path / "sn") < written.bytes < tree_bytes(tmp_path / "sn") + 2048
+    copies = sum(t.numel() * t.itemsize for m in manifest.modules for k, t in file_tensors(out / m.file).items()
+                 if k.startswith("dense."))
+    assert tree_bytes(tmp_path / "sn") < tree_bytes(out) - 0.95 * copies
+    assert [(m.keep, m.errors) for m in referenced.modules] == [(m.keep, m.errors) for m in manifest.modules]
+    for record in referenced.modules:
+        assert not [k for k in file_tensors(tmp_path / "sn" / record.file) if k.startswith("dense.")]
+        assert set(record.referenced) | {"o_proj", "down_proj"} >= set(module_weights(tiny, 0, record.kind))
+    copied, read = Supernet.open(out), Supernet.open(tmp_path / "sn")
+    for m in range(6):
+        for c in range(9):
+            a, b = copied.weights(m, c), read.weights(m, c)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (m, c)
+    # A rewritten dense file is noticed before the search reads from it.
+    weights = next((tmp_path / "dense").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())
+    with pytest.raises(TyrError, match="rewritten since the supernet was built"):
+        Supernet.open(tmp_path / "sn")
+    build_supernet(model, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False, dense_folder=tmp_path / "dense")
+    assert Supernet.open(tmp_path / "sn").weights(0, 3).keys() == read.weights(0, 3).keys()   # rebuilt
+
+
+def test_bf16_model_stores_bf16_candidates_and_checkpoints(tiny, ids, tmp_path):
+    model = saved_folder(tiny, tmp_path / "dense", torch.bfloat16)
+    stop = []
+
+    def interrupt(index, hidden):
+        assert hidden.dtype == torch.bfloat16
+        if index == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_supernet(model, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False,
+                       dense_folder=tmp_path / "dense", memory=EVERY_MODULE, on_module_done=interrupt)
+    partial = SupernetManifest.model_validate_json((tmp_path / "sn" / "manifest.json").read_text())
+    assert file_tensors(tmp_path / "sn" / partial.checkpoint)["hidden"].dtype == torch.bfloat16
+    manifest = build_supernet(model, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False,
+                              dense_folder=tmp_path / "dense", on_module_done=lambda i, h: stop.append(i))
+    assert stop == [2, 3, 4, 5] and manifest.store_dtype == "bfloat16"
+    for record in manifest.modules:
+        tensors = file_tensors(tmp_path / "sn" / record.file)
+        assert tensors and all(t.dtype == torch.bfloat16 for t in tensors.values())
+    assert torch.isfinite(Supernet.open(tmp_path / "sn").assemble(model, [2] * 6)(ids[:1]).logits).all()
+
+
+def test_checkpoints_are_time_based_and_a_kill_redoes_only_the_modules_since(tiny, ids, tmp_path, monkeypatch,
+                                                                              built):
+    """A fake clock: one checkpoint interval passes while module 0 is reported, none after; killed after module 3."""
+    from types import SimpleNamespace
+
+    from tyr.atomic import counting_writes
+
+    out, manifest, _ = built
+    clock = [0.0]
+    monkeypatch.setattr(supernet_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+
+    def tick_then_kill(index, hidden):
+        clock[0] += 100.0 if index == 0 else 0.0
+        if index == 3:
+            raise KeyboardInterrupt
+
+    with counting_writes() as written, pytest.raises(KeyboardInterrupt):
+        build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False, memory=BY_TIME,
+                       on_module_done=tick_then_kill)
+    partial = SupernetManifest.model_validate_json((tmp_path / "sn" / "manifest.json").read_text())
+    assert len(partial.modules) == 2 and partial.checkpoint == "checkpoint-001.safetensors"
+    assert written.bytes > 0
+    resumed = []
+    build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False, memory=BY_TIME,
+                   on_module_done=lambda i, h: resumed.append(i))
+    assert resumed == [2, 3, 4, 5]
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "sn") for p in (tmp_path / "sn").rglob("*") if p.is_file())
+    assert [f for f in files if (out / f).read_bytes() != (tmp_path / "sn" / f).read_bytes()] == []
+    # A supernet of the earlier format (version 1) in the folder is rebuilt in place, to the same bytes.
+    manifest_path = tmp_path / "sn" / "manifest.json"
+    manifest_path.write_text(manifest_path.read_text().replace('"version": 2', '"version": 1'))
+    build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False)
+    assert manifest_path.read_bytes() == (out / "manifest.json").read_bytes()
+
+
+def test_checkpoints_write_at_most_their_share_of_the_candidates(tiny, ids, tmp_path, monkeypatch):
+    real_save, written = supernet_module.save_file, []
+
+    def recording_save(tensors, path, *args, **kwargs):
+        real_save(tensors, path, *args, **kwargs)
+        written.append((Path(path).parent.name == "modules", Path(path).stat().st_size))
+
+    monkeypatch.setattr(supernet_module, "save_file", recording_save)
+    wide_ids = ids.repeat(4, 1)    # hidden states of a size that makes the share, not the time, decide
+    build_supernet(tiny, wide_ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False,
+                   memory=MemoryRecipe(checkpoint_seconds=0, checkpoint_share=0.5))
+    modules = sum(size for is_module, size in written if is_module)
+    checkpoints = [size for is_module, size in written if not is_module]
+    assert 0 < len(checkpoints) < 5 and sum(checkpoints) <= 0.5 * modules
+
+
+def test_streamed_build_gives_the_same_candidates(tiny, ids, tmp_path):
+    """The dense model read module by module from its bf16 files gives the bytes of the same model loaded whole in
+    fp32 (bf16 values are exact in fp32; the math is fp32 in both)."""
+    from tyr.models.streaming import StreamedModel
+
+    loaded = saved_folder(tiny, tmp_path / "dense", torch.bfloat16)
+    whole = build_supernet(loaded, ids, tmp_path / "whole", [DEFAULT_LADDER] * 6, progress=False,
+                           dense_folder=tmp_path / "dense")
+    streamed_model = StreamedModel(tmp_path / "dense")
+    streamed = build_supernet(streamed_model, ids, tmp_path / "streamed", [DEFAULT_LADDER] * 6, progress=False)
+    assert streamed.store_dtype == whole.store_dtype == "bfloat16"
+    assert streamed.dense_weights.folder == whole.dense_weights.folder
+    for a, b in zip(whole.modules, streamed.modules, strict=True):
+        assert (a.keep, a.widths, a.params) == (b.keep, b.widths, b.params)
+        assert a.errors == b.errors
+    x, y = Supernet.open(tmp_path / "whole"), Supernet.open(tmp_path / "streamed")
+    for m in range(6):
+        for c in range(9):
+            a, b = x.weights(m, c), y.weights(m, c)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k])
+                                                for k in a), (m, c)

@@ -2,7 +2,8 @@
 
 Temporary names carry their owner's pid (``.<name>.tmp-<pid>-<random>``), so the next write to the same name
 removes what a killed run left there. ``exclusive(path)`` keeps two runs from writing one output at once, and
-``check_output_path`` refuses an output that cannot be written before any work starts.
+``check_output_path`` refuses an output that cannot be written before any work starts. ``counting_writes()``
+adds up the bytes every writer of the block reports through ``count_written`` (a prune report's bytes written).
 """
 
 from __future__ import annotations
@@ -22,6 +23,46 @@ from tyr.errors import TyrError
 
 log = logging.getLogger(__name__)
 _held_locks: dict[Path, int] = {}  # lock file -> how many nested `exclusive` blocks of this process hold it
+
+
+class WriteCounter:
+    """Bytes written to disk while a ``counting_writes()`` block is open."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
+_counters: list[WriteCounter] = []
+
+
+@contextlib.contextmanager
+def counting_writes() -> Iterator[WriteCounter]:
+    """Count, in the yielded counter, every byte the writers report with ``count_written`` during the block."""
+    counter = WriteCounter()
+    _counters.append(counter)
+    try:
+        yield counter
+    finally:
+        _counters.remove(counter)
+
+
+def count_written(nbytes: int) -> None:
+    """Called by the code that writes a file, with the file's size: every open ``counting_writes`` block adds it."""
+    for counter in _counters:
+        counter.bytes += nbytes
+
+
+def tree_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the files under ``path`` (0 when it does not exist); what a folder takes on disk, links aside."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
 
 
 @contextlib.contextmanager
@@ -70,11 +111,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        data = text.encode()
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        count_written(len(data))
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -1,4 +1,4 @@
-"""The `tyr` command: one subcommand per stage (prune, export, bench, select, eval, run).
+"""The `tyr` command: one subcommand per stage (plan, prune, export, bench, select, eval, run).
 
 Each stage's cli module defines its arguments and the function that runs it. Those modules import torch, vLLM,
 transformers and onnxruntime only inside the command functions, so building this parser stays cheap.
@@ -55,6 +55,7 @@ def _check_launch(args) -> None:
 def _add_commands(subparsers) -> None:
     # In the order `tyr --help` lists them, following the data flow.
     _command(subparsers, "eval", eval_cli.add_eval, eval_cli.run_eval)
+    _command(subparsers, "plan", prune_cli.add_plan, prune_cli.run_plan)
     _command(subparsers, "prune", prune_cli.add_prune, prune_cli.run_prune)
     _command(subparsers, "heal", heal_cli.add_heal, heal_cli.run_heal)
     export = _runtimes(subparsers, "export")

@@ -92,3 +92,33 @@ def run_prune(args: argparse.Namespace) -> int:
     print(f"  {r.wall_seconds:.0f} s, peak RSS {r.peak_rss_mb:.0f} MiB")
     print(f"model: {result.out_dir}\nreport: {result.report_paths.get('markdown')}")
     return 0
+
+
+def add_plan(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="a Hugging Face config.json, or a folder holding one (no weights needed)")
+    parser.add_argument("--recipe", default="fast", help="'fast', 'gpu', 'paper' or a YAML/JSON recipe file")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="target sparsity (default 0.5)")
+    parser.add_argument("--device-memory", default=None, metavar="SIZE",
+                        help="plan for a GPU with this much memory (e.g. 24GB, 80GB); default: the CPU")
+    parser.add_argument("--host-memory", default=None, metavar="SIZE", help="host memory to check against (e.g. 256GB)")
+    parser.add_argument("--tflops", type=float, default=None,
+                        help="sustained TFLOP/s of the device, for how often checkpoints are written (default: 100 "
+                             "on a GPU, 0.2 on the CPU)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the plan as JSON")
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Plan a prune before running it: peak device/host memory, disk, bytes written and FLOPs of each stage."""
+    from tyr.atomic import atomic_write_json, check_output_path
+    from tyr.compressor.plan import parse_bytes, plan_prune, render
+
+    device_memory, host_memory = parse_bytes(args.device_memory), parse_bytes(args.host_memory)
+    if args.json is not None:
+        check_output_path(args.json, folder=False)
+    plan = plan_prune(args.model, recipe=args.recipe, sparsity=args.sparsity, device_memory=device_memory,
+                      host_memory=host_memory, throughput_tflops=args.tflops)
+    print(render(plan))
+    if args.json is not None:
+        atomic_write_json(args.json, plan.model_dump(mode="json"))
+    return 0

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tyr.errors import TyrError
+from tyr.models.streaming import StreamedModel
 
 ATTENTION_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj", "input_layernorm")
 HEAD_NORM_KEYS = ("q_norm", "k_norm")  # Qwen3: RMSNorm over head_dim of every query / key head, before RoPE
@@ -87,7 +88,10 @@ def mlp_delta(x: torch.Tensor, w: dict[str, torch.Tensor], eps: float) -> torch.
 
 
 def module_weights(model, layer: int, kind: ModuleKind) -> dict[str, torch.Tensor]:
-    """The weights of one module of a (dense or pruned) HF Llama / TyrLlama model, as a weight dict ({} if absent)."""
+    """The weights of one module of a (dense or pruned) HF Llama / TyrLlama model, as a weight dict ({} if absent);
+    of a StreamedModel, read from its files now in their stored dtype."""
+    if isinstance(model, StreamedModel):
+        return _streamed_module_weights(model, layer, kind)
     decoder = model.model.layers[layer]
     if kind == "attn":
         block, norm = decoder.self_attn, decoder.input_layernorm
@@ -109,6 +113,23 @@ def module_weights(model, layer: int, kind: ModuleKind) -> dict[str, torch.Tenso
     return w
 
 
+def _streamed_module_weights(model: StreamedModel, layer: int, kind: ModuleKind) -> dict[str, torch.Tensor]:
+    linears = ATTENTION_KEYS[:4] if kind == "attn" else MLP_KEYS[:3]
+    keys = [*linears, *(f"{name}.bias" for name in linears), ATTENTION_KEYS[4] if kind == "attn" else MLP_KEYS[3],
+            *(HEAD_NORM_KEYS if kind == "attn" else ())]
+    return {key: model.tensor(tensor_name(layer, kind, key)) for key in keys
+            if model.has(tensor_name(layer, kind, key))}
+
+
+def tensor_name(layer: int, kind: ModuleKind, key: str) -> str:
+    """The Hugging Face checkpoint name of one entry of a module's weight dict (``module_weights``' keys)."""
+    name, _, bias = key.partition(".")
+    if name in (ATTENTION_KEYS[4], MLP_KEYS[3]):
+        return f"model.layers.{layer}.{name}.weight"
+    block = "self_attn" if kind == "attn" else "mlp"
+    return f"model.layers.{layer}.{block}.{name}.{bias or 'weight'}"
+
+
 def heads_of(w: dict[str, torch.Tensor], head_dim: int) -> tuple[int, int]:
     """(query heads, KV heads) of an attention weight dict; (0, 0) when removed."""
     if not w:
@@ -128,6 +149,8 @@ class DenseParts:
 
     @classmethod
     def from_model(cls, model) -> "DenseParts":
+        if isinstance(model, StreamedModel):
+            return cls.from_streamed(model)
         config = model.config
         if getattr(config, "hidden_act", "silu") != "silu":
             raise TyrError(f"hidden_act {config.hidden_act!r} is not supported (Llama-style SiLU MLPs only)")
@@ -136,6 +159,20 @@ class DenseParts:
                    lm_head=model.lm_head.weight.detach(), rotary_emb=model.model.rotary_emb, head_dim=head_dim,
                    eps=config.rms_norm_eps, num_heads=config.num_attention_heads,
                    num_kv_heads=config.num_key_value_heads, num_layers=config.num_hidden_layers)
+
+    @classmethod
+    def from_streamed(cls, model: StreamedModel) -> "DenseParts":
+        """The parts of a streamed model, read from its files (in their stored dtype)."""
+        config = model.config
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise TyrError(f"hidden_act {config.hidden_act!r} is not supported (Llama-style SiLU MLPs only)")
+        embed = model.tensor("model.embed_tokens.weight")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(embed_tokens=embed, norm=model.tensor("model.norm.weight"),
+                   lm_head=model.tensor("lm_head.weight") if model.has("lm_head.weight") else embed,
+                   rotary_emb=model.rotary_emb, head_dim=head_dim, eps=config.rms_norm_eps,
+                   num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
+                   num_layers=config.num_hidden_layers)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, T] -> hidden states [B, T, hidden] on the ids' device."""
@@ -146,6 +183,7 @@ class DenseParts:
              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin), each [seq_len, head_dim], for positions 0 .. seq_len-1."""
         device = torch.device(device) if device is not None else self.embed_tokens.device
+        self.rotary_emb.to(device)
         positions = torch.arange(seq_len, device=device)[None]
         cos, sin = self.rotary_emb(torch.zeros(1, dtype=dtype, device=device), positions)
         return cos[0].to(dtype), sin[0].to(dtype)

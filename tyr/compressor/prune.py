@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from tyr.atomic import atomic_write_json, check_output_path, exclusive, publish_dir
+from tyr.atomic import (WriteCounter, atomic_write_json, check_output_path, count_written, counting_writes,
+                        exclusive, publish_dir, tree_bytes)
 from tyr.compressor import distributed
 from tyr.compressor.layerwise import KINDS
 from tyr.compressor.recipes import Recipe, fitness_dtype, load_recipe
@@ -101,6 +102,8 @@ class PruneJob:
     overwrite: bool = False
     calibration: torch.LongTensor | None = None   # drawn by draw_tokens() before anything is written
     selection: torch.LongTensor | None = None
+    model_folder: Path | None = None   # the safetensors folder the model came from: supernets read weights there
+    written: WriteCounter = field(default_factory=WriteCounter)
 
     @cached_property
     def model_digest(self) -> str:
@@ -179,17 +182,17 @@ def prune(model=None, sparsity: float = 0.5, recipe: str | Path | Recipe = "fast
     check_output_path(out_dir)
     check_output_path(work_dir)
     try:
-        with _outputs_claimed(out_dir, work_dir):
-            started, meter = time.perf_counter(), StageMeter(device)
+        with _outputs_claimed(out_dir, work_dir), counting_writes() as written:
+            started, meter = time.perf_counter(), StageMeter(device, folders=(work_dir, out_dir))
             with meter.stage("load model"):
-                model, tokenizer, model_name = _load(model, tokenizer, device)
+                model, tokenizer, model_name, model_folder = _load(model, tokenizer, device)
             check_width_rules(layer_widths(model.config)[0], recipe.local_pruner.width_rules)
             job = PruneJob(model=model, tokenizer=tokenizer, model_name=model_name, method=method,
                            sparsity=float(sparsity), recipe=recipe, text=TextSource.parse(text), out_dir=out_dir,
                            work_dir=work_dir, seed=seed, device=device, meter=meter, progress=progress,
                            on_generation=on_generation, latency=latency,
                            supernet_cache=Path(supernet_cache) if supernet_cache is not None else None,
-                           overwrite=overwrite)
+                           overwrite=overwrite, model_folder=model_folder, written=written)
             job.draw_tokens()
             return _run(job, started, keep_model)
     except OSError as err:
@@ -210,16 +213,18 @@ def _outputs_claimed(out_dir: Path, work_dir: Path) -> Iterator[None]:
 
 
 def _load(model, tokenizer, device: str):
-    """(model, tokenizer, name) from a folder, "default", a hub id, or an already loaded model and its tokenizer."""
-    from tyr.models.io import load_model
+    """(model, tokenizer, name, folder) from a folder, "default", a hub id, or an already loaded model and its
+    tokenizer; folder: the local safetensors folder the weights came from (None for a loaded model)."""
+    from tyr.models.io import load_model, resolve_model_path
 
     if model is None or isinstance(model, (str, Path)):
-        name = str(model or "default")
-        model, tokenizer = load_model(model, dtype=torch.float32, device=device)
-        return model, tokenizer, name
+        name, path = str(model or "default"), resolve_model_path(model)
+        model, tokenizer = load_model(path, dtype=torch.float32, device=device)
+        return model, tokenizer, name, Path(path) if Path(path).is_dir() else None
     if tokenizer is None:
         raise TyrError("a loaded model needs its tokenizer (pass tokenizer=...)")
-    return model.to(device).eval(), tokenizer, getattr(model.config, "_name_or_path", "") or "in-memory model"
+    return (model.to(device).eval(), tokenizer, getattr(model.config, "_name_or_path", "") or "in-memory model",
+            None)
 
 
 def _run(job: PruneJob, started: float, keep_model: bool) -> PruneResult:
@@ -280,8 +285,8 @@ def _prune_uniform(job: PruneJob) -> Pruned:
     with job.meter.stage("uniform: supernet"):
         build_supernet(job.model, calibration, supernet_dir, ladders=[[level] for level in levels],
                        eea=job.recipe.eea, current_levels=levels, settings=job.recipe.local_pruner,
-                       device=job.device, progress=job.progress,
-                       block_sequences=job.recipe.calibration.batch_sequences)
+                       device=job.device, progress=job.progress, dense_folder=job.model_folder,
+                       memory=job.recipe.memory, block_sequences=job.recipe.calibration.batch_sequences)
     with job.meter.stage("assemble"):
         model = Supernet.open(supernet_dir).assemble(job.model, [0] * len(levels))
     return Pruned(model=model, levels=levels, calibration_tokens=calibration.numel())
@@ -423,7 +428,8 @@ class _CoarseToFine:
         return build_supernet(job.model, self.calibration, directory,
                               ladders=[[self.level(t) for t in ladder] for ladder in ladders], eea=self.recipe.eea,
                               current_levels=[self.level(t) for t in current], settings=self.recipe.local_pruner,
-                              device=job.device, progress=job.progress,
+                              device=job.device, progress=job.progress, dense_folder=job.model_folder,
+                              memory=self.recipe.memory,
                               block_sequences=self.recipe.calibration.batch_sequences)
 
     def drop_supernets(self, supernet_dirs: list[Path], best: int) -> None:
@@ -518,7 +524,8 @@ def _claim_work_dir(job: PruneJob) -> None:
     from tyr.compressor.calibration import ids_digest
 
     identity = dict(method=job.method, weights=job.model_digest, sparsity=job.sparsity, seed=job.seed,
-                    recipe=job.recipe.model_dump() if job.method in ("tyr", "uniform", "flap") else None,
+                    recipe=job.recipe.model_dump(exclude={"memory"}) if job.method in ("tyr", "uniform", "flap")
+                    else None,
                     calibration=ids_digest(job.calibration) if job.calibration is not None else None,
                     selection=ids_digest(job.selection) if job.selection is not None else None)
     if job.latency is not None:
@@ -571,7 +578,11 @@ def _save(job: PruneJob, pruned, report: PruneReport, started: float) -> dict[st
 
     staging, out_dir = job.work_dir / "final", job.out_dir
     save_model(pruned, job.tokenizer, staging, overwrite=True)
+    count_written(tree_bytes(staging))
     report.stages = list(job.meter.stages)
+    report.bytes_written = job.written.bytes
+    report.peak_disk_mb = max(max((s.peak_disk_mb or 0 for s in report.stages), default=0),
+                              (tree_bytes(job.work_dir) + tree_bytes(job.out_dir)) / 2 ** 20)
     report.wall_seconds = time.perf_counter() - started
     report.peak_rss_mb = max_rss_mb()
     if torch.cuda.is_available() and str(report.device).startswith("cuda"):

@@ -192,6 +192,18 @@ class SearchRecipe(_Strict):
         return self.generations[min(iteration, len(self.generations) - 1)]
 
 
+class MemoryRecipe(_Strict):
+    """How a run uses memory and disk; none of it changes the result, so a run resumes under other values."""
+
+    checkpoint_seconds: float = Field(300, ge=0, le=86_400, description="the supernet builder checkpoints its "
+                                      "hidden states at most this often (0: after every module); a killed build "
+                                      "redoes the modules since the last checkpoint")
+    checkpoint_share: float | None = Field(0.5, gt=0, le=100, description="and only once the candidates written "
+                                           "since the last checkpoint are at least 1/share times its size, so "
+                                           "checkpoints add at most this share to a supernet's bytes written "
+                                           "(None: time alone decides)")
+
+
 class Recipe(_Strict):
     """A complete compressor budget. See recipes/paper.yaml, gpu.yaml and fast.yaml."""
 
@@ -212,6 +224,7 @@ class Recipe(_Strict):
     search: SearchRecipe
     keep_supernets: bool = Field(False, description="keep every iteration's supernet on disk (otherwise an "
                                  "iteration's supernet is deleted once the next iteration no longer needs it)")
+    memory: MemoryRecipe = MemoryRecipe()
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":

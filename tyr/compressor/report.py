@@ -27,6 +27,8 @@ class StageTiming(BaseModel):
     seconds: float
     peak_rss_mb: float = Field(description="highest resident set size of this process during the stage")
     peak_gpu_mb: float | None = Field(None, description="torch.cuda.max_memory_allocated during the stage")
+    peak_disk_mb: float | None = Field(None, description="largest size of the run's work and output folders during "
+                                       "the stage (sampled about every second and at its end)")
 
 
 class LayerReport(BaseModel):
@@ -99,6 +101,10 @@ class PruneReport(BaseModel):
     wall_seconds: float = 0.0
     peak_rss_mb: float = 0.0
     peak_gpu_mb: float | None = None
+    peak_disk_mb: float | None = Field(None, description="largest size of the work and output folders")
+    bytes_written: int | None = Field(None, description="bytes written to disk by the run (supernets, checkpoints, "
+                                      "search state, the output model; this report itself excluded), counted by "
+                                      "the code that writes them")
     notes: list[str] = []
 
 
@@ -122,20 +128,30 @@ def max_rss_mb() -> float:
 class StageMeter:
     """Collects one StageTiming per ``with meter.stage(name):`` block (RSS sampled every 0.2 s in a thread)."""
 
-    def __init__(self, device: str = "cpu"):
+    def __init__(self, device: str = "cpu", folders: tuple[Path, ...] = ()):
         self.stages: list[StageTiming] = []
         self.cuda = str(device).startswith("cuda")
+        self.folders = folders      # their size on disk is sampled too (every fifth RSS sample)
+
+    def _disk_mb(self) -> float | None:
+        from tyr.atomic import tree_bytes
+
+        return sum(tree_bytes(f) for f in self.folders) / 2 ** 20 if self.folders else None
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         import torch
 
-        peak = [_rss_mb()]
+        peak, disk = [_rss_mb()], [self._disk_mb()]
         done = threading.Event()
 
         def sample():
+            ticks = 0
             while not done.wait(0.2):
                 peak[0] = max(peak[0], _rss_mb())
+                ticks += 1
+                if self.folders and ticks % 5 == 0:
+                    disk[0] = max(disk[0], self._disk_mb())
 
         thread = threading.Thread(target=sample, daemon=True)
         thread.start()
@@ -148,9 +164,11 @@ class StageMeter:
             done.set()
             thread.join()
             peak[0] = max(peak[0], _rss_mb())
+            if self.folders:
+                disk[0] = max(disk[0], self._disk_mb())
             gpu = torch.cuda.max_memory_allocated() / 2 ** 20 if self.cuda else None
             self.stages.append(StageTiming(name=name, seconds=time.perf_counter() - started, peak_rss_mb=peak[0],
-                                           peak_gpu_mb=gpu))
+                                           peak_gpu_mb=gpu, peak_disk_mb=disk[0]))
 
 
 # ----- writing -----
@@ -210,7 +228,9 @@ def _summary(report: PruneReport) -> list[str]:
              f"text {report.text_source}",
              f"- calibration tokens {report.calibration_tokens:,}, selection tokens {report.selection_tokens:,}",
              f"- wall time {report.wall_seconds:.1f} s, peak RSS {report.peak_rss_mb:.0f} MiB"
-             + (f", peak GPU {report.peak_gpu_mb:.0f} MiB" if report.peak_gpu_mb is not None else ""), ""]
+             + (f", peak GPU {report.peak_gpu_mb:.0f} MiB" if report.peak_gpu_mb is not None else ""),
+             *([f"- disk: peak {report.peak_disk_mb:.1f} MiB used, {report.bytes_written / 2 ** 20:.1f} MiB written"]
+               if report.peak_disk_mb is not None and report.bytes_written is not None else []), ""]
     lines += [f"> {note}" for note in report.notes]
     return lines + ([""] if report.notes else [])
 
@@ -262,10 +282,12 @@ def _scan_line(iteration: int, w: WarmStart) -> str:
 
 
 def _stages_section(report: PruneReport) -> list[str]:
-    lines = ["## Stages", "", "| stage | seconds | peak RSS MiB | peak GPU MiB |", "|---|---|---|---|"]
+    lines = ["## Stages", "", "| stage | seconds | peak RSS MiB | peak GPU MiB | peak disk MiB |",
+             "|---|---|---|---|---|"]
     for s in report.stages:
         gpu = f"{s.peak_gpu_mb:.0f}" if s.peak_gpu_mb is not None else "-"
-        lines.append(f"| {s.name} | {s.seconds:.1f} | {s.peak_rss_mb:.0f} | {gpu} |")
+        disk = f"{s.peak_disk_mb:.1f}" if s.peak_disk_mb is not None else "-"
+        lines.append(f"| {s.name} | {s.seconds:.1f} | {s.peak_rss_mb:.0f} | {gpu} | {disk} |")
     return lines
 
 

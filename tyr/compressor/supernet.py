@@ -14,8 +14,15 @@ Candidates share the module's input activations (q/k/v and gate/up rows are not 
 linear in the updated o_proj / down_proj weights, so any mixture of candidate outputs is one matmul with the mixed
 weights: propagating costs one dense forward whatever the ladder.
 
-Resuming: after each module the manifest (the commit point) records it, together with a checkpoint of the hidden
-states; rerunning with the same inputs continues after the last finished module and gives the same bytes.
+On disk a module's file holds only what its candidates change (each candidate's output projection, in the dense
+weights' stored dtype); the module's other weights are referenced from the dense model's safetensors files when the
+build is given its folder (and copied only when those files do not hold what the model computes with). The hidden
+states stay in float32 for float32 models and in bfloat16 for half-precision ones, as those models' own residual
+stream does.
+
+Resuming: every ``checkpoint_seconds`` the hidden states go to a checkpoint and the manifest (the commit point)
+records the modules finished so far; rerunning with the same inputs continues after the last committed module
+(redoing the modules built since) and gives the same bytes.
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -35,22 +43,65 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from tyr.atomic import atomic_write_json
+from tyr.atomic import atomic_write_json, count_written
 from tyr.compressor import calibration, distributed
-from tyr.compressor.layerwise import KINDS, DenseParts, attention_heads, mlp_hidden, module_weights
+from tyr.compressor.layerwise import (KINDS, DenseParts, attention_heads, mlp_hidden, module_weights,
+                                     tensor_name)
 from tyr.compressor.local_pruner import PrunedLinear, prune_columns_progressively, prune_heads_gqa
-from tyr.compressor.recipes import EEAMode, LocalPrunerRecipe
+from tyr.compressor.recipes import EEAMode, LocalPrunerRecipe, MemoryRecipe
 from tyr.device import resolve_device
 from tyr.errors import TyrError
 from tyr.fingerprint import fingerprint
-from tyr.models.facts import (LayerWidth, check_width_rules, ffn_width, gqa_widths, layer_params,
-                              layer_widths)
+from tyr.models.facts import (LayerWidth, StoredTensor, WidthRules, check_width_rules, ffn_width, gqa_widths,
+                              layer_params, layer_widths, tensor_index)
 from tyr.models.slicing import LayerKeep, slice_model
+from tyr.models.streaming import StreamedModel
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 DEFAULT_LADDER = [i / 8 for i in range(9)]
 OUTPUT_PROJECTION = {"attn": "o_proj", "mlp": "down_proj"}   # the linear layer whose input columns are pruned
+TENSOR_HEADER_BYTES = 80        # a tensor's entry in a safetensors header, about
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+class TensorRef(BaseModel):
+    file: str = Field(description="weight file of the dense model, relative to its folder")
+    tensor: str
+
+
+class DenseFile(BaseModel):
+    name: str
+    bytes: int
+    mtime_ns: int
+
+
+class DenseReference(BaseModel):
+    """The dense model's safetensors files that the supernet reads its unchanged weights from."""
+
+    folder: str
+    files: list[DenseFile]
+
+    @classmethod
+    def of(cls, folder: Path, index: dict[str, StoredTensor]) -> "DenseReference":
+        paths = sorted({stored.file for stored in index.values()})
+        return cls(folder=str(folder.resolve()), files=[DenseFile(name=p.name, bytes=p.stat().st_size,
+                                                                  mtime_ns=p.stat().st_mtime_ns) for p in paths])
+
+    def stale(self) -> Path | None:
+        """The first referenced file that is gone or was rewritten since the build (None: all as they were)."""
+        for f in self.files:
+            path = Path(self.folder) / f.name
+            stat = path.stat() if path.is_file() else None
+            if stat is None or (stat.st_size, stat.st_mtime_ns) != (f.bytes, f.mtime_ns):
+                return path
+        return None
+
+    def check(self, supernet: Path) -> None:
+        """TyrError when a referenced file is gone or was rewritten since the build."""
+        if (path := self.stale()) is not None:
+            raise TyrError(f"{supernet} reads the dense model's weights from {path}, which is missing or was "
+                           "rewritten since the supernet was built; rebuild the supernet (rerun the prune)")
 
 
 class ModuleCandidates(BaseModel):
@@ -62,6 +113,9 @@ class ModuleCandidates(BaseModel):
     keep: list[list[int]] = Field(description="kept query heads or FFN channels (dense indices) per candidate")
     errors: list[float] = Field([], description="relative output reconstruction error ||XWᵀ−X'W'ᵀ||²/||XWᵀ||²")
     file: str = Field(description="safetensors file of this module, relative to the supernet folder")
+    referenced: dict[str, TensorRef] = Field({}, description="the module's unchanged weights read from the dense "
+                                             "model's files (weight-dict key -> tensor); the others are copied in "
+                                             "the module's file as dense.<key>")
 
 
 class SupernetManifest(BaseModel):
@@ -74,6 +128,9 @@ class SupernetManifest(BaseModel):
     num_key_value_heads: int
     intermediate_size: int
     dtype: str
+    store_dtype: str = Field("float32", description="dtype of the stored candidates: the dense weights' (bfloat16 "
+                             "hidden states for half-precision models, float32 for float32 ones)")
+    dense_weights: DenseReference | None = None
     eea: EEAMode
     current_levels: list[float] | None = None
     settings: LocalPrunerRecipe
@@ -120,8 +177,9 @@ def _mixture(eea: str, levels: list[float], current: float | None) -> list[float
     return [k / total if total > 0 else 0.0 for k in keep]
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, done: int, out_dir: Path) -> None:
-    """Write safetensors atomically (temp file + fsync + rename); a full disk becomes a clear TyrError."""
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, done: int, out_dir: Path) -> int:
+    """Write safetensors atomically (temp file + fsync + rename) and return its size; a full disk becomes a clear
+    TyrError."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
@@ -130,6 +188,8 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, done: int, out_d
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        count_written(size := path.stat().st_size)
+        return size
     except OSError as err:
         _raise_if_disk_full(err, path, done, out_dir)
         raise
@@ -198,42 +258,123 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
                    settings: LocalPrunerRecipe = LocalPrunerRecipe(), device: str | torch.device | None = None,
                    progress: bool = True, *, model_name: str | None = None, calibration_meta: dict | None = None,
                    on_module_done: Callable[[int, torch.Tensor], None] | None = None,
+                   dense_folder: str | Path | None = None, memory: MemoryRecipe = MemoryRecipe(),
                    block_sequences: int | None = None) -> SupernetManifest:
-    """Build (or finish building) the supernet of a dense Llama-style ``model`` in ``out_dir``.
+    """Build (or finish building) the supernet of a dense Llama-style ``model`` in ``out_dir``: a loaded model, or
+    a StreamedModel, whose weights are read one module at a time from its folder in their stored dtype.
 
     ``calibration_ids``: [N, T] token ids. ``ladders``: the sparsity levels of every module, in module order
     (layer 0 attn, layer 0 mlp, layer 1 attn, ...); a candidate's index is its position in its ladder. With
     eea="current", ``current_levels`` gives each module's current level (it must be on its ladder; None = all 0).
-    ``on_module_done(index, hidden)`` is called after each module is committed, with the hidden states that go on
-    to the next module. ``block_sequences``: at most this many calibration sequences per block of work (the
-    unit torchrun's ranks share out; None: blocks as memory allows). Under torchrun every rank builds the same
-    supernet and rank 0 writes it. Returns the manifest (also in out_dir/manifest.json).
+    ``on_module_done(index, hidden)`` is called after each module is built (and committed, when a checkpoint was
+    due), with the hidden states that go on to the next module. ``dense_folder``: the safetensors folder ``model``
+    was loaded from; its files then hold the modules' unchanged weights instead of the supernet. A checkpoint of the
+    hidden states is written when ``memory`` says it is due (time since the last one, bytes written since); a
+    killed build redoes the modules since the last one. ``block_sequences``: at most this many calibration sequences
+    per block of work (the unit torchrun's ranks share out; None: blocks as memory allows); under torchrun every rank
+    builds the same supernet and rank 0 writes it. Returns the manifest (also in out_dir/manifest.json).
     """
     current_levels = _validate(model, calibration_ids, ladders, eea, current_levels, settings)
     device, out_dir = resolve_device(device), Path(out_dir)
+    if dense_folder is None and isinstance(model, StreamedModel):
+        dense_folder = model.folder
+    index = tensor_index(dense_folder) if dense_folder is not None else None
     manifest = _new_manifest(model, calibration_ids, ladders, eea, current_levels, settings, model_name,
-                             calibration_meta, block_sequences)
+                             calibration_meta, store_dtype(model, index), block_sequences)
+    if index is not None:
+        manifest.dense_weights = DenseReference.of(Path(dense_folder), index)
     found = _existing_manifest(out_dir, manifest.fingerprint)
+    if found is not None and found.dense_weights is not None and found.dense_weights.stale() is not None:
+        found = None      # the files it reads the dense weights from changed: rebuild it
     if found is not None and found.complete:
         return found
+    builder = _ModuleBuilder(model, ladders, eea, current_levels, settings, out_dir, device,
+                             seq_len=calibration_ids.shape[1], store=getattr(torch, manifest.store_dtype),
+                             index=index, block_sequences=block_sequences)
     hidden = _resume(found, manifest, out_dir, device)
     distributed.barrier()        # every rank has read the partial build before rank 0 writes over it
-    builder = _ModuleBuilder(model, ladders, eea, current_levels, settings, out_dir, device,
-                             seq_len=calibration_ids.shape[1], block_sequences=block_sequences)
+    if not manifest.modules and distributed.is_main():  # the folder is this build's from now on
+        _write_manifest(manifest, out_dir)
     if hidden is None:
-        hidden = builder.parts.embed(calibration_ids.to(builder.parts.embed_tokens.device)).to(device, torch.float32)
-    num_modules = len(ladders)
+        hidden = builder.embed(calibration_ids)
+    num_modules, pending, due = len(ladders), [], _CheckpointDue(memory, hidden.nbytes)
     bar = tqdm(range(len(manifest.modules), num_modules), desc="supernet", unit="module", disable=not progress,
                initial=len(manifest.modules), total=num_modules)
     for index in bar:
         bar.set_postfix_str(f"layer {index // 2} {KINDS[index % 2]}")
-        record = builder.build(index, hidden, len(manifest.modules))
-        _commit(manifest, record, hidden, out_dir)
+        pending.append(builder.build(index, hidden, len(manifest.modules)))
+        if index < num_modules - 1 and due(builder.bytes_written):
+            _commit(manifest, pending, hidden, out_dir)
+            pending = []
         if on_module_done is not None:
             on_module_done(index, hidden)
+    manifest.modules.extend(pending)
     _finish(manifest, out_dir)
     distributed.barrier()        # the other ranks read the files rank 0 wrote
     return manifest
+
+
+class _CheckpointDue:
+    """When the next hidden-state checkpoint is due: ``checkpoint_seconds`` after the last one, and (with a
+    ``checkpoint_share``) once the candidates written since make the checkpoint at most that share of them."""
+
+    def __init__(self, memory: MemoryRecipe, checkpoint_bytes: int):
+        self.memory, self.checkpoint_bytes = memory, checkpoint_bytes
+        self.since, self.written_at = time.monotonic(), 0
+
+    def __call__(self, written: int) -> bool:
+        share = self.memory.checkpoint_share
+        if time.monotonic() - self.since < self.memory.checkpoint_seconds or (
+                share is not None and (written - self.written_at) * share < self.checkpoint_bytes):
+            return False
+        self.since, self.written_at = time.monotonic(), written
+        return True
+
+
+def candidate_columns(kind: str, levels: list[float], config, rules: WidthRules) -> list[int]:
+    """Input columns of the output projection each candidate keeps (0: the module removed), by the width rules
+    the local pruner follows; for attention the widest of the equally sized GQA shapes (the pruner picks one)."""
+    if kind == "attn":
+        return [config.head_dim * max(g * r for g, r in gqa_widths(config.num_attention_heads,
+                                                                   config.num_key_value_heads, s, rules))
+                for s in levels]
+    return [ffn_width(config.intermediate_size, s, rules) for s in levels]
+
+
+def module_file_bytes(kind: str, levels: list[float], config, rules: WidthRules, dtype: torch.dtype) -> int:
+    """Bytes of one module's file when the dense model's files hold its unchanged weights: every kept candidate's
+    output projection (and its entry in the safetensors header)."""
+    return sum(config.hidden_size * c * dtype.itemsize + TENSOR_HEADER_BYTES
+               for c in candidate_columns(kind, levels, config, rules) if c)
+
+
+def store_dtype(model, index: dict[str, StoredTensor] | None) -> torch.dtype:
+    """The dtype candidates are stored in: the dense weights' stored dtype (the model's, if it holds them in a
+    narrower one or they come from no files)."""
+    stored = index.get(tensor_name(0, "attn", "o_proj")) if index else None
+    return narrower(_dtype(model), SAFETENSORS_DTYPES.get(stored.dtype) if stored else None)
+
+
+def _dtype(model) -> torch.dtype:
+    """The dtype a model holds its weights in (a StreamedModel: the stored one)."""
+    return model.dtype if isinstance(model, StreamedModel) else next(model.parameters()).dtype
+
+
+def _layer_tensors(model) -> Iterator[torch.Tensor]:
+    """The decoder layers' weights, one at a time (a StreamedModel reads them from its files)."""
+    if isinstance(model, StreamedModel):
+        return (t for _, t in model.layer_tensors())
+    return (t for name, t in model.state_dict().items() if name.startswith("model.layers."))
+
+
+def narrower(model_dtype: torch.dtype, file_dtype: torch.dtype | None) -> torch.dtype:
+    return model_dtype if file_dtype is None or file_dtype.itemsize >= model_dtype.itemsize else file_dtype
+
+
+def hidden_dtype(stored: torch.dtype) -> torch.dtype:
+    """The calibration hidden states' dtype: bfloat16 for half-precision models (their residual stream is half
+    precision too; bfloat16 has float32's range), float32 otherwise."""
+    return torch.bfloat16 if stored.itemsize < 4 else torch.float32
 
 
 def _validate(model, calibration_ids: torch.Tensor, ladders: list[list[float]], eea: str,
@@ -265,9 +406,10 @@ def _validate(model, calibration_ids: torch.Tensor, ladders: list[list[float]], 
 
 def _new_manifest(model, calibration_ids: torch.Tensor, ladders: list[list[float]], eea: str,
                   current_levels: list[float] | None, settings: LocalPrunerRecipe, model_name: str | None,
-                  calibration_meta: dict | None, block_sequences: int | None = None) -> SupernetManifest:
+                  calibration_meta: dict | None, stored: torch.dtype,
+                  block_sequences: int | None = None) -> SupernetManifest:
     """The manifest of an empty build, with the fingerprint of everything that determines its bytes."""
-    config, dtype = model.config, next(model.parameters()).dtype
+    config, dtype = model.config, _dtype(model)
     num_sequences, seq_len = calibration_ids.shape
     calib = {"sequences": num_sequences, "seq_len": seq_len, "tokens": num_sequences * seq_len,
              "sha256": calibration.ids_digest(calibration_ids)} | dict(calibration_meta or {})
@@ -275,9 +417,9 @@ def _new_manifest(model, calibration_ids: torch.Tensor, ladders: list[list[float
         "version": FORMAT_VERSION, "config": {k: v for k, v in config.to_dict().items()
                                               if k not in ("_name_or_path", "transformers_version", "architectures",
                                                            "auto_map")},
-        "dtype": str(dtype), "ids": calib["sha256"], "ladders": ladders, "eea": eea, "current": current_levels,
-        "settings": settings.model_dump(), "weights": calibration.tensors_digest(
-            t for name, t in model.state_dict().items() if name.startswith("model.layers."))}
+        "dtype": str(dtype), "store_dtype": str(stored), "ids": calib["sha256"], "ladders": ladders, "eea": eea,
+        "current": current_levels,
+        "settings": settings.model_dump(), "weights": calibration.tensors_digest(_layer_tensors(model))}
     if block_sequences is not None:      # the order Hessian sums are added in; only when set, as before
         identity["block_sequences"] = block_sequences
     digest = fingerprint(identity)
@@ -285,7 +427,8 @@ def _new_manifest(model, calibration_ids: torch.Tensor, ladders: list[list[float
         model=model_name or getattr(config, "_name_or_path", "") or "model", hidden_size=config.hidden_size,
         head_dim=DenseParts.from_model(model).head_dim, num_layers=config.num_hidden_layers,
         num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
-        intermediate_size=config.intermediate_size, dtype=str(dtype).removeprefix("torch."), eea=eea,
+        intermediate_size=config.intermediate_size, dtype=str(dtype).removeprefix("torch."),
+        store_dtype=str(stored).removeprefix("torch."), eea=eea,
         current_levels=current_levels, settings=settings, calibration=calib, fingerprint=digest, modules=[])
 
 
@@ -300,6 +443,8 @@ def _existing_manifest(out_dir: Path, digest: str) -> SupernetManifest | None:
     except ValueError as err:
         raise TyrError(f"{out_dir / MANIFEST} is not a readable supernet manifest ({err}); "
                        "remove the folder or choose another") from err
+    if found.version < FORMAT_VERSION:
+        return None       # an earlier format (dense weights copied, float32): rebuilt in place
     if found.fingerprint != digest:
         raise TyrError(f"{out_dir} holds a supernet built from different inputs (model weights, calibration "
                        "data, ladders, EEA mode or settings); remove it or choose another folder")
@@ -313,6 +458,8 @@ def _resume(found: SupernetManifest | None, manifest: SupernetManifest, out_dir:
     Also removes what a killed run may leave: unfinished temp files, a checkpoint the manifest does not point to.
     """
     hidden = None
+    if found is not None and found.dense_weights != manifest.dense_weights:
+        found = None      # its modules read the dense weights from other files: start over
     if found is not None and found.modules:
         if found.checkpoint is None or not (out_dir / found.checkpoint).is_file():
             raise TyrError(f"{out_dir}: the hidden-state checkpoint of the partial build is missing; "
@@ -337,15 +484,25 @@ class _ModuleBuilder:
 
     def __init__(self, model, ladders: list[list[float]], eea: str, current_levels: list[float] | None,
                  settings: LocalPrunerRecipe, out_dir: Path, device: torch.device, seq_len: int,
+                 store: torch.dtype, index: dict[str, StoredTensor] | None,
                  block_sequences: int | None = None):
         self.model, self.config = model, model.config
         self.ladders, self.eea, self.current_levels = ladders, eea, current_levels
         self.settings, self.out_dir, self.device = settings, out_dir, device
         self.block_sequences = block_sequences
         self.parts = DenseParts.from_model(model)
-        self.dtype = next(model.parameters()).dtype
+        self.store, self.hidden_dtype, self.index = store, hidden_dtype(store), index
+        self.bytes_written = 0      # by the module files
         cos, sin = self.parts.rope(seq_len, device=device)
         self.cos, self.sin = cos.to(torch.float32), sin.to(torch.float32)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The first module's input, embedded a memory chunk at a time (no float32 copy of it all)."""
+        hidden = torch.empty(*ids.shape, self.config.hidden_size, dtype=self.hidden_dtype, device=self.device)
+        table = self.parts.embed_tokens
+        for sl in calibration.sequence_chunks(ids.shape[0], ids.shape[1], self.config.hidden_size):
+            hidden[sl] = self.parts.embed(ids[sl].to(table.device)).to(self.device, self.hidden_dtype)
+        return hidden
 
     def build(self, index: int, hidden: torch.Tensor, done: int) -> ModuleCandidates:
         """Prune module ``index`` on ``hidden`` (its input), write its candidates, and move ``hidden`` on."""
@@ -365,21 +522,40 @@ class _ModuleBuilder:
         """The input of the module's output projection, as a function of the hidden states."""
         parts, config = self.parts, self.config
         if kind == "attn":
-            return lambda x: attention_heads(x, dense, config.num_attention_heads, config.num_key_value_heads,
-                                             self.cos, self.sin, parts.head_dim, parts.eps)
-        return lambda x: mlp_hidden(x, dense, parts.eps)
+            return lambda x: attention_heads(x.to(torch.float32), dense, config.num_attention_heads,
+                                             config.num_key_value_heads, self.cos, self.sin, parts.head_dim, parts.eps)
+        return lambda x: mlp_hidden(x.to(torch.float32), dense, parts.eps)
 
     def _write_candidates(self, layer: int, kind: str, pruned: list[PrunedLinear], record: ModuleCandidates,
                           done: int) -> None:
-        """One file per module: the shared dense parts once, each candidate's updated output projection."""
-        if not distributed.is_main():
-            return
+        """One file per module: each candidate's updated output projection, and the shared dense parts the dense
+        model's files do not hold."""
         out_name = OUTPUT_PROJECTION[kind]
-        tensors = {f"dense.{k}": v for k, v in module_weights(self.model, layer, kind).items() if k != out_name}
+        tensors = {}
+        for key, value in module_weights(self.model, layer, kind).items():
+            if key == out_name:
+                continue
+            if (ref := self._reference(layer, kind, key, value)) is not None:
+                record.referenced[key] = ref
+            else:
+                tensors[f"dense.{key}"] = value
         for c, p in enumerate(pruned):
             if p.keep:
-                tensors[f"cand{c}.{out_name}"] = p.weight.to(self.dtype).clone()  # duplicates share storage
-        _save_tensors(tensors, self.out_dir / record.file, done, self.out_dir)
+                tensors[f"cand{c}.{out_name}"] = p.weight.to(self.store, copy=True)  # no shared storage
+        if distributed.is_main():
+            self.bytes_written += _save_tensors(tensors, self.out_dir / record.file, done, self.out_dir)
+
+    def _reference(self, layer: int, kind: str, key: str, value: torch.Tensor) -> TensorRef | None:
+        """Where the dense model's files hold exactly this weight (None: they do not; it is copied)."""
+        name = tensor_name(layer, kind, key)
+        stored = self.index.get(name) if self.index else None
+        if stored is None:
+            return None
+        with safe_open(stored.file, framework="pt") as f:
+            on_disk = f.get_tensor(name)
+        if on_disk.shape != value.shape or not torch.equal(on_disk.to(value.dtype), value.cpu()):
+            return None
+        return TensorRef(file=stored.file.name, tensor=name)
 
     def _propagate(self, hidden: torch.Tensor, inputs: calibration.ModuleInputs, kind: str,
                    dense: dict[str, torch.Tensor], pruned: list[PrunedLinear], index: int) -> None:
@@ -403,20 +579,23 @@ class _ModuleBuilder:
             update = F.linear(act, mixed)
             if bias is not None:
                 update += bias_weight * bias
-            hidden[sl] += update
+            hidden[sl] = (hidden[sl].to(torch.float32) + update).to(hidden.dtype)
         distributed.share_rows(hidden, inputs.slices)
 
 
-def _commit(manifest: SupernetManifest, record: ModuleCandidates, hidden: torch.Tensor, out_dir: Path) -> None:
-    """Checkpoint the hidden states, then record the module in the manifest (the commit point)."""
-    index = len(manifest.modules)
+def _commit(manifest: SupernetManifest, records: list[ModuleCandidates], hidden: torch.Tensor,
+            out_dir: Path) -> None:
+    """Checkpoint the hidden states, then record the modules built since the last commit in the manifest (the
+    commit point)."""
+    index = len(manifest.modules) + len(records) - 1
     checkpoint = f"checkpoint-{index:03d}.safetensors"
+    if distributed.is_main():
+        _save_tensors({"hidden": hidden}, out_dir / checkpoint, len(manifest.modules), out_dir)
     previous = manifest.checkpoint
-    manifest.modules.append(record)
+    manifest.modules.extend(records)
     manifest.checkpoint = checkpoint
     if not distributed.is_main():
         return
-    _save_tensors({"hidden": hidden}, out_dir / checkpoint, index, out_dir)
     _write_manifest(manifest, out_dir)
     if previous and previous != checkpoint:
         (out_dir / previous).unlink(missing_ok=True)
@@ -424,12 +603,13 @@ def _commit(manifest: SupernetManifest, record: ModuleCandidates, hidden: torch.
 
 def _finish(manifest: SupernetManifest, out_dir: Path) -> None:
     """Mark the build complete and drop the last hidden-state checkpoint."""
-    if manifest.checkpoint:
-        last = manifest.checkpoint
-        manifest.checkpoint, manifest.complete = None, True
-        if distributed.is_main():
-            _write_manifest(manifest, out_dir)
-            (out_dir / last).unlink(missing_ok=True)
+    last = manifest.checkpoint
+    manifest.checkpoint, manifest.complete = None, True
+    if not distributed.is_main():
+        return
+    _write_manifest(manifest, out_dir)
+    if last:
+        (out_dir / last).unlink(missing_ok=True)
 
 
 # ----- reading -----
@@ -454,6 +634,8 @@ class Supernet:
         if not manifest.complete:
             raise TyrError(f"{directory} holds a partial supernet ({len(manifest.modules)} of "
                            f"{2 * manifest.num_layers} modules); rerun the build to finish it")
+        if manifest.dense_weights is not None:
+            manifest.dense_weights.check(directory)
         return cls(directory, manifest, cache_size)
 
     @property
@@ -480,6 +662,7 @@ class Supernet:
                     if name.startswith("dense."):
                         w[name.removeprefix("dense.")] = f.get_tensor(name)
                 w[out_name] = f.get_tensor(f"cand{candidate}.{out_name}")
+            w.update(self._referenced(record))
             if record.kind == "attn":
                 groups = sorted({h // per_group for h in keep})
                 for name, blocks in (("q_proj", keep), ("k_proj", groups), ("v_proj", groups)):
@@ -496,6 +679,14 @@ class Supernet:
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return w
+
+    def _referenced(self, record: ModuleCandidates) -> dict[str, torch.Tensor]:
+        """The module's unchanged weights, read from the dense model's files."""
+        folder, out = Path(self.manifest.dense_weights.folder) if record.referenced else None, {}
+        for key, ref in record.referenced.items():
+            with safe_open(folder / ref.file, framework="pt") as f:
+                out[key] = f.get_tensor(ref.tensor)
+        return out
 
     def params(self, choice: list[int]) -> int:
         """Decoder-layer weight parameters of the model that ``choice`` (a candidate per module) assembles."""

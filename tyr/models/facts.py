@@ -209,6 +209,25 @@ def file_shapes(path: str | Path) -> dict[str, list[int]]:
         raise TyrError(f"{path} is truncated or not a readable safetensors file ({err})") from err
 
 
+class StoredTensor(NamedTuple):
+    """Where a model folder keeps one tensor, and in which safetensors dtype ("BF16", "F16", "F32", ...)."""
+
+    file: Path
+    dtype: str
+
+
+def tensor_index(folder: str | Path) -> dict[str, StoredTensor]:
+    """Tensor name -> its file and stored dtype, over every weight file of a model folder (headers only)."""
+    index: dict[str, StoredTensor] = {}
+    for path in weight_files(folder):
+        try:
+            with safe_open(path, framework="pt") as f:
+                index.update({name: StoredTensor(path, f.get_slice(name).get_dtype()) for name in f.keys()})
+        except (SafetensorError, OSError) as err:
+            raise TyrError(f"{path} is truncated or not a readable safetensors file ({err})") from err
+    return index
+
+
 def tensor_shapes(folder: str | Path) -> dict[str, list[int]]:
     """Tensor name -> shape over every weight file of a model folder."""
     shapes: dict[str, list[int]] = {}
