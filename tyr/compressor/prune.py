@@ -114,6 +114,11 @@ class PruneJob:
                   if k not in ("_name_or_path", "transformers_version", "architectures", "auto_map")}
         return fingerprint({"config": config, "weights": tensors_digest(self.model.state_dict().values())})
 
+    def supernet_options(self) -> dict:
+        """What every supernet build of this job shares: where it runs, and how it reads weights and uses disk."""
+        return dict(device=self.device, progress=self.progress, dense_folder=self.model_folder,
+                    memory=self.recipe.memory, block_sequences=self.recipe.calibration.batch_sequences)
+
     def draw_tokens(self) -> None:
         """Read and tokenize the text the method needs, so a bad text file fails before the work folder is claimed."""
         from tyr.compressor.calibration import calibration_ids
@@ -285,8 +290,7 @@ def _prune_uniform(job: PruneJob) -> Pruned:
     with job.meter.stage("uniform: supernet"):
         build_supernet(job.model, calibration, supernet_dir, ladders=[[level] for level in levels],
                        eea=job.recipe.eea, current_levels=levels, settings=job.recipe.local_pruner,
-                       device=job.device, progress=job.progress, dense_folder=job.model_folder,
-                       memory=job.recipe.memory, block_sequences=job.recipe.calibration.batch_sequences)
+                       **job.supernet_options())
     with job.meter.stage("assemble"):
         model = Supernet.open(supernet_dir).assemble(job.model, [0] * len(levels))
     return Pruned(model=model, levels=levels, calibration_tokens=calibration.numel())
@@ -428,9 +432,7 @@ class _CoarseToFine:
         return build_supernet(job.model, self.calibration, directory,
                               ladders=[[self.level(t) for t in ladder] for ladder in ladders], eea=self.recipe.eea,
                               current_levels=[self.level(t) for t in current], settings=self.recipe.local_pruner,
-                              device=job.device, progress=job.progress, dense_folder=job.model_folder,
-                              memory=self.recipe.memory,
-                              block_sequences=self.recipe.calibration.batch_sequences)
+                              **job.supernet_options())
 
     def drop_supernets(self, supernet_dirs: list[Path], best: int) -> None:
         """Delete the supernets no later iteration needs (a shared cached one belongs to the cache's owner)."""
