@@ -40,13 +40,14 @@ def _randomize(model, seed: int):
 
 def tiny_llama(arch: str = "llama", vocab_size: int = 256, hidden: int = 64, layers: int = 4, heads: int = 4,
                kv_heads: int = 2, ffn: int = 96, seed: int = 0, **overrides):
-    """A random dense model of ``arch`` ("llama", "mistral", "qwen2" or "qwen3"), built with transformers' own
-    config and model classes, small enough for unit tests. ``overrides`` go to the config (e.g. head_dim,
-    tie_word_embeddings, rope_scaling)."""
+    """A random dense model of ``arch`` ("llama", "mistral", "qwen2", "qwen3" or "gemma3"), built with
+    transformers' own config and model classes, small enough for unit tests. ``overrides`` go to the config (e.g.
+    head_dim, tie_word_embeddings, rope_scaling; Gemma 3: layer_types, sliding_window, final_logit_softcapping)."""
     import transformers
 
     classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
-               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+               "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM")}
     if arch not in classes:
         raise ValueError(f"unknown tiny architecture {arch!r}: {', '.join(classes)}")
     kwargs = _dense_kwargs(vocab_size, hidden, layers, heads, kv_heads, ffn) | overrides

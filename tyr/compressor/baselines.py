@@ -113,6 +113,11 @@ def flap_prune(model, calibration_ids: torch.LongTensor, level: float, batch_seq
     if family_of(model.config).name == "qwen2":
         raise TyrError("FLAP compensates pruned heads with an o_proj bias, which Qwen2 attention does not have: "
                        "use method tyr, uniform or magnitude for Qwen2 models")
+    if family_of(model.config).name == "gemma3":
+        raise TyrError("FLAP compensates pruned heads and channels with a constant bias on o_proj and down_proj, but "
+                       "Gemma 3 normalizes each block's output after that projection (post_attention_layernorm, "
+                       "post_feedforward_layernorm), so the bias no longer restores the mean output: use method tyr, "
+                       "uniform or magnitude for Gemma 3 models")
     model = to_tyr(model)
     stats = _output_projection_inputs(model, calibration_ids, batch_sequences, progress)
     head_dim = model.config.head_dim

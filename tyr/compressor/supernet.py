@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from tyr.atomic import atomic_write_json, count_written
 from tyr.compressor import calibration, distributed
-from tyr.compressor.layerwise import (KINDS, DenseParts, attention_heads, mlp_hidden, module_weights,
+from tyr.compressor.layerwise import (KINDS, DenseParts, attention_heads, mlp_hidden, module_weights, output_norm,
                                      tensor_name)
 from tyr.compressor.local_pruner import PrunedLinear, prune_columns_progressively, prune_heads_gqa
 from tyr.compressor.recipes import EEAMode, LocalPrunerRecipe, MemoryRecipe
@@ -54,6 +54,7 @@ from tyr.errors import TyrError
 from tyr.fingerprint import fingerprint
 from tyr.models.facts import (LayerWidth, StoredTensor, WidthRules, check_width_rules, ffn_width, gqa_widths,
                               layer_params, layer_widths, tensor_index)
+from tyr.models.families import family_of
 from tyr.models.slicing import LayerKeep, slice_model
 from tyr.models.streaming import StreamedModel
 
@@ -124,6 +125,7 @@ class SupernetManifest(BaseModel):
     hidden_size: int
     head_dim: int
     num_layers: int
+    family: str = Field("llama", description="the model's family (tyr.models.families): its parameter counts")
     num_attention_heads: int
     num_key_value_heads: int
     intermediate_size: int
@@ -426,6 +428,7 @@ def _new_manifest(model, calibration_ids: torch.Tensor, ladders: list[list[float
     return SupernetManifest(
         model=model_name or getattr(config, "_name_or_path", "") or "model", hidden_size=config.hidden_size,
         head_dim=DenseParts.from_model(model).head_dim, num_layers=config.num_hidden_layers,
+        family=family_of(config).name,
         num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
         intermediate_size=config.intermediate_size, dtype=str(dtype).removeprefix("torch."),
         store_dtype=str(stored).removeprefix("torch."), eea=eea,
@@ -493,8 +496,7 @@ class _ModuleBuilder:
         self.parts = DenseParts.from_model(model)
         self.store, self.hidden_dtype, self.index = store, hidden_dtype(store), index
         self.bytes_written = 0      # by the module files
-        cos, sin = self.parts.rope(seq_len, device=device)
-        self.cos, self.sin = cos.to(torch.float32), sin.to(torch.float32)
+        self.positions = self.parts.positions(seq_len, device=device)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The first module's input, embedded a memory chunk at a time (no float32 copy of it all)."""
@@ -509,7 +511,7 @@ class _ModuleBuilder:
         layer, kind = index // 2, KINDS[index % 2]
         dense = {k: v.to(self.device, torch.float32) for k, v in module_weights(self.model, layer, kind).items()}
         W = dense[OUTPUT_PROJECTION[kind]]
-        inputs = calibration.ModuleInputs(hidden, self._activation(kind, dense), W.shape[1],
+        inputs = calibration.ModuleInputs(hidden, self._activation(kind, dense, layer), W.shape[1],
                                           block_sequences=self.block_sequences)
         levels = self.ladders[index]
         pruned = _prune_module(kind, W, inputs.hessian(), levels, self.config, self.settings)
@@ -518,13 +520,17 @@ class _ModuleBuilder:
         self._propagate(hidden, inputs, kind, dense, pruned, index)
         return record
 
-    def _activation(self, kind: str, dense: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _activation(self, kind: str, dense: dict[str, torch.Tensor],
+                    layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """The input of the module's output projection, as a function of the hidden states."""
         parts, config = self.parts, self.config
         if kind == "attn":
+            cos, sin, window = self.positions[layer]
             return lambda x: attention_heads(x.to(torch.float32), dense, config.num_attention_heads,
-                                             config.num_key_value_heads, self.cos, self.sin, parts.head_dim, parts.eps)
-        return lambda x: mlp_hidden(x.to(torch.float32), dense, parts.eps)
+                                             config.num_key_value_heads, cos.to(torch.float32),
+                                             sin.to(torch.float32), parts.head_dim, parts.eps, style=parts.style,
+                                             window=window)
+        return lambda x: mlp_hidden(x.to(torch.float32), dense, parts.eps, style=parts.style)
 
     def _write_candidates(self, layer: int, kind: str, pruned: list[PrunedLinear], record: ModuleCandidates,
                           done: int) -> None:
@@ -579,6 +585,7 @@ class _ModuleBuilder:
             update = F.linear(act, mixed)
             if bias is not None:
                 update += bias_weight * bias
+            update = output_norm(update, dense, kind, self.parts.eps, self.parts.style)  # Gemma 3's post-norms
             hidden[sl] = (hidden[sl].to(torch.float32) + update).to(hidden.dtype)
         distributed.share_rows(hidden, inputs.slices)
 

@@ -10,7 +10,8 @@ from tyr.errors import TyrError
 
 def add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default",
-                        help="model folder, .gguf file, hub id, or 'default' (the embedded SmolLM2-135M-Instruct)")
+                        help="model folder, .gguf file, hub id, 'default' (the embedded SmolLM2-135M-Instruct) "
+                             "or 'gemma3-270m'")
     parser.add_argument("--reference", default=None,
                         help="dense reference model (folder, hub id or 'default'): adds KL(reference || model)")
     parser.add_argument("--text", default=None,
@@ -98,9 +99,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _describe(spec: str | None) -> str:
-    if spec is None or spec == "default":
-        from tyr.models.default import DEFAULT_MODEL_NAME
+    from tyr.models.default import NAMED_MODELS
 
-        return f"default ({DEFAULT_MODEL_NAME})"
+    if spec is None or spec in NAMED_MODELS:
+        name = spec or "default"
+        return f"{name} ({NAMED_MODELS[name].folder})"
     path = Path(spec).expanduser()
     return str(path.resolve()) if path.exists() else spec

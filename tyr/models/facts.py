@@ -2,12 +2,10 @@
 vLLM can split over tensor-parallel devices, the width a sparsity level leaves under the width rules, and the
 tensors a safetensors folder holds.
 
-The facts below are those of the Llama family, the one tyr prunes today: Llama and Mistral checkpoints, and
-tyr_llama, the heterogeneous format tyr writes. Their decoder layers are GQA attention (q/k/v/o projections without
-bias, an RMSNorm before it) and a SiLU-gated MLP (gate/up/down, an RMSNorm before it), and a layer's size follows
-from three widths: query heads, KV heads and FFN channels. A new family (Qwen2/3 with q/k/v biases or q/k norms,
-Gemma 3 with four norms per layer) adds its own counts and tensor names here, next to these, so the compressor, the
-exporters and the benchmarks keep reading them from one module.
+Every family's decoder layer is GQA attention (q/k/v/o projections) and a gated MLP (gate/up/down), and a layer's
+size follows from three widths: query heads, KV heads and FFN channels. What differs by family (Qwen2's q/k/v
+biases, Qwen3's q/k norms, Gemma 3's four norms per layer and q/k norms) is counted here, with the norm names from
+tyr.models.families, so the compressor, the exporters and the benchmarks keep reading them from one module.
 """
 
 from __future__ import annotations
@@ -42,12 +40,27 @@ def layer_widths(config) -> list[LayerWidth]:
 
 # ----- parameter counts -----
 
+def _family(config):
+    """The family of a model config, or of an object that names it (a supernet manifest's ``family``)."""
+    from tyr.models.families import family_named, family_of
+
+    name = getattr(config, "family", None)
+    return family_named(name) if isinstance(name, str) else family_of(config)
+
+
 def layer_params(config, width: LayerWidth) -> tuple[int, int]:
-    """(attention, MLP) weight parameters of a Llama decoder layer of ``width``, each block's norm included."""
+    """(attention, MLP) weight parameters of a decoder layer of ``width``, each block's norms included.
+
+    Llama, Qwen2, Qwen3: one norm per block (Qwen2's q/k/v biases and Qwen3's q/k norms are left out of this
+    config-only count; ``module_params`` counts them). Gemma 3: two norms per block (before and after it) and
+    the q/k norms over head_dim."""
+    family = _family(config)
     hidden, head_dim = config.hidden_size, config.head_dim
     attn = (2 * width.num_attention_heads + 2 * width.num_key_value_heads) * head_dim * hidden
     mlp = 3 * width.intermediate_size * hidden
-    return attn + (hidden if attn else 0), mlp + (hidden if mlp else 0)
+    attn_norms = len(family.attention_norms) * hidden + (2 * head_dim if family.name == "gemma3" else 0)
+    mlp_norms = len(family.mlp_norms) * hidden
+    return attn + (attn_norms if attn else 0), mlp + (mlp_norms if mlp else 0)
 
 
 def decoder_params(config) -> int:
@@ -58,13 +71,16 @@ def decoder_params(config) -> int:
 def module_params(model) -> list[tuple[int, int]]:
     """(attention, MLP) parameters of every decoder layer as the loaded modules hold them (biases and norms
     included); the counts the pruning report and the search budget use."""
-    out = []
-    for layer in model.model.layers:
-        attn = sum(p.numel() for m in (layer.self_attn, layer.input_layernorm) if m is not None for p in m.parameters())
-        mlp = sum(p.numel() for m in (layer.mlp, layer.post_attention_layernorm) if m is not None
-                  for p in m.parameters())
-        out.append((attn, mlp))
-    return out
+    from tyr.models.families import family_of
+
+    family = family_of(model.config)
+
+    def count(layer, block: str, norms: tuple[str, ...]) -> int:
+        modules = [getattr(layer, block), *(getattr(layer, norm) for norm in norms)]
+        return sum(p.numel() for m in modules if m is not None for p in m.parameters())
+
+    return [(count(layer, "self_attn", family.attention_norms), count(layer, "mlp", family.mlp_norms))
+            for layer in model.model.layers]
 
 
 def total_params(model) -> int:

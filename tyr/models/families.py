@@ -8,7 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 from tyr.errors import TyrError
-from tyr.models import modeling_tyr_llama, modeling_tyr_qwen2, modeling_tyr_qwen3
+from tyr.models import modeling_tyr_gemma3, modeling_tyr_llama, modeling_tyr_qwen2, modeling_tyr_qwen3
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,11 @@ class Family:
     model_class: type
     causal_lm_class: type
     genai_type: str                     # onnxruntime-genai's model.type
+    # The norms each block owns (a removed block takes them with it): Llama-style layers norm each block's input;
+    # Gemma 3 also norms each block's output before the residual add.
+    attention_norms: tuple[str, ...] = ("input_layernorm",)
+    mlp_norms: tuple[str, ...] = ("post_attention_layernorm",)
+    sliding_layers: bool = False        # layers keep their own sliding window (Gemma 3's layer_types)
 
     @property
     def model_type(self) -> str:
@@ -28,6 +33,10 @@ class Family:
     @property
     def architecture(self) -> str:
         return self.causal_lm_class.__name__
+
+    def block_norms(self, kind: str) -> tuple[str, ...]:
+        """The norms of a layer's "attn" or "mlp" block."""
+        return self.attention_norms if kind == "attn" else self.mlp_norms
 
     @property
     def modeling_files(self) -> list[Path]:
@@ -55,6 +64,12 @@ FAMILIES = (
     Family("qwen3", {"qwen3": "Qwen3ForCausalLM (dense Qwen3; use_sliding_window false)"},
            modeling_tyr_qwen3, modeling_tyr_qwen3.TyrQwen3Config, modeling_tyr_qwen3.TyrQwen3Model,
            modeling_tyr_qwen3.TyrQwen3ForCausalLM, "qwen3"),
+    Family("gemma3", {"gemma3_text": "Gemma3ForCausalLM (Gemma 3 text models, e.g. gemma-3-270m / 1b; sliding-window "
+                                     "and global layers)"},
+           modeling_tyr_gemma3, modeling_tyr_gemma3.TyrGemma3Config, modeling_tyr_gemma3.TyrGemma3Model,
+           modeling_tyr_gemma3.TyrGemma3ForCausalLM, "gemma3_text",
+           attention_norms=("input_layernorm", "post_attention_layernorm"),
+           mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"), sliding_layers=True),
 )
 TYR_CAUSAL_LM_CLASSES = tuple(f.causal_lm_class for f in FAMILIES)
 
@@ -77,3 +92,11 @@ def family_of(config) -> Family:
             return family
     supported = "\n  ".join(supported_model_types().values())
     raise TyrError(f"model_type {model_type!r} is not supported. Supported:\n  {supported}")
+
+
+def family_named(name: str) -> Family:
+    """The family called ``name`` ("llama", "qwen2", "qwen3", "gemma3")."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise TyrError(f"unknown model family {name!r}: {', '.join(f.name for f in FAMILIES)}")

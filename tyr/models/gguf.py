@@ -1,6 +1,6 @@
 """GGUF files as model sources: transformers dequantizes a GGUF file (for the architectures it reads: llama,
-mistral, qwen2, qwen3, ...) and the result is cached once as a plain HF folder (safetensors + tokenizer), keyed by
-the file's contents, so every stage downstream reads an ordinary model folder."""
+mistral, qwen2, qwen3, gemma3, ...) and the result is cached once as a plain HF folder (safetensors + tokenizer),
+keyed by the file's contents, so every stage downstream reads an ordinary model folder."""
 
 from __future__ import annotations
 
@@ -29,6 +29,23 @@ def gguf_config(gguf: Path):
         raise TyrError(f"transformers cannot read the GGUF file {gguf}: {err}") from err
 
 
+def gguf_adds_bos(gguf: Path) -> bool:
+    """The GGUF file's tokenizer.ggml.add_bos_token flag (False when the file does not set it)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).fields.get("tokenizer.ggml.add_bos_token")
+    return field is not None and bool(field.parts[field.data[0]][0])
+
+
+def keep_bos_flag(gguf: Path, tokenizer) -> None:
+    """Make ``tokenizer`` put BOS before every text when the GGUF file says so (Gemma's does: its perplexity
+    without BOS is far worse), which the tokenizer transformers builds from a GGUF file does not carry over."""
+    from tyr.data.blocks import adds_bos
+
+    if gguf_adds_bos(gguf) and not adds_bos(tokenizer):
+        tokenizer.add_bos_token = True  # rebuilds the post-processor, which tokenizer.json then saves
+
+
 def convert_gguf(gguf: Path, final: Path) -> Path:
     """Dequantize ``gguf`` to fp32 and write it as an HF folder at ``final`` (atomically)."""
     import torch
@@ -39,6 +56,7 @@ def convert_gguf(gguf: Path, final: Path) -> Path:
         quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise TyrError(f"transformers cannot load the GGUF file {gguf}: {err}") from err
+    keep_bos_flag(gguf, tokenizer)
     # save_pretrained refuses a model "quantized with gguf": copy the dequantized weights into a clean one.
     config = quantized.config
     if hasattr(config, "quantization_config"):

@@ -20,13 +20,13 @@ SUPPORTED_ARCHITECTURES = supported_model_types()
 
 
 def resolve_model_path(spec: str | Path | None) -> str:
-    """None or "default" -> the embedded SmolLM2 folder; an existing folder -> itself; a .gguf file -> its
-    dequantized HF folder (converted once, cached by contents); a path that does not exist -> TyrError; anything
-    else: a hub id."""
-    if spec is None or str(spec) == "default":
-        from tyr.models.default import default_model_dir
+    """None or "default" -> the embedded SmolLM2 folder; another named model ("gemma3-270m", see
+    tyr.models.default) -> its folder; an existing folder -> itself; a .gguf file -> its dequantized HF folder
+    (converted once, cached by contents); a path that does not exist -> TyrError; anything else: a hub id."""
+    from tyr.models.default import NAMED_MODELS, named_model_dir
 
-        return str(default_model_dir())
+    if spec is None or str(spec) in NAMED_MODELS:
+        return str(named_model_dir(str(spec or "default")))
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         from tyr.models.default import cache_dir
@@ -65,6 +65,9 @@ def check_supported(config_dict: dict, where: str) -> None:
     if family_of(config_dict).name in ("qwen2", "qwen3") and config_dict.get("use_sliding_window"):
         raise TyrError(f"{where}: {model_type} with use_sliding_window=true is not supported (tyr supports Qwen "
                        "models with full attention in every layer, as released)")
+    if family_of(config_dict).name == "gemma3" and config_dict.get("use_bidirectional_attention"):
+        raise TyrError(f"{where}: {model_type} with use_bidirectional_attention=true (an embedding model) is not "
+                       "supported (tyr supports causal Gemma 3 language models)")
 
 
 def load_model(spec: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

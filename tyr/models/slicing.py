@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from tyr.errors import TyrError
 from tyr.models.facts import LayerWidth, layer_widths
-from tyr.models.families import TYR_CAUSAL_LM_CLASSES, family_of
+from tyr.models.families import TYR_CAUSAL_LM_CLASSES, Family, family_of
 from tyr.models.modeling_tyr_llama import TyrLlamaConfig, TyrLlamaForCausalLM
 
 # Config fields that describe the dense architecture and are carried over into a TyrLlamaConfig.
@@ -44,17 +44,21 @@ def kept_groups(keep_heads: list[int], heads_per_group: int, where: str) -> list
 def tyr_config(config, widths: list[LayerWidth]) -> TyrLlamaConfig:
     """The family's tyr config (TyrLlamaConfig, TyrQwen2Config, ...) with the dense sizes global and ``widths`` per
     layer."""
-    base = {k: v for k, v in config.to_dict().items() if k not in _NOT_CARRIED}
+    family = family_of(config)
+    # Gemma 3's sliding windows are part of its layers; other families run without one (refused otherwise).
+    dropped = _NOT_CARRIED - {"sliding_window"} if family.sliding_layers else _NOT_CARRIED
+    base = {k: v for k, v in config.to_dict().items() if k not in dropped}
     base.setdefault("head_dim", base["hidden_size"] // base["num_attention_heads"])
     per_layer = {i: w._asdict() for i, w in enumerate(widths)}
     try:
-        return family_of(config).config_class(**base, per_layer_config=per_layer)
+        return family.config_class(**base, per_layer_config=per_layer)
     except ValueError as err:
         raise TyrError(str(err)) from err
 
 
 def to_tyr(model) -> TyrLlamaForCausalLM:
-    """The same network as its family's tyr model (a dense Llama, Mistral, Qwen2 or Qwen3 keeps all its widths)."""
+    """The same network as its family's tyr model (a dense Llama, Mistral, Qwen2, Qwen3 or Gemma 3 keeps all its
+    widths)."""
     if isinstance(model, TYR_CAUSAL_LM_CLASSES):
         return model
     full = [LayerKeep(keep_heads=list(range(w.num_attention_heads)), keep_ffn=list(range(w.intermediate_size)))
@@ -67,7 +71,8 @@ def _rows(weight: torch.Tensor, blocks: list[int], block: int) -> torch.Tensor:
     return weight.index_select(0, index.to(weight.device))
 
 
-def _slice_layer(state: dict, prefix: str, width: LayerWidth, keep: LayerKeep, head_dim: int, where: str) -> tuple[dict, LayerWidth]:
+def _slice_layer(state: dict, prefix: str, width: LayerWidth, keep: LayerKeep, head_dim: int, where: str,
+                 family: Family) -> tuple[dict, LayerWidth]:
     heads, kv_heads, ffn = width.num_attention_heads, width.num_key_value_heads, width.intermediate_size
     keep_heads, keep_ffn = sorted(set(keep.keep_heads)), sorted(set(keep.keep_ffn))
     if any(not 0 <= h < heads for h in keep_heads):
@@ -86,8 +91,9 @@ def _slice_layer(state: dict, prefix: str, width: LayerWidth, keep: LayerKeep, h
         out[f"{attn}o_proj.weight"] = _rows(state[f"{attn}o_proj.weight"].T, keep_heads, head_dim).T.contiguous()
         if (key := f"{attn}o_proj.bias") in state:
             out[key] = state[key]
-        out[f"{prefix}input_layernorm.weight"] = state[f"{prefix}input_layernorm.weight"]
-        for norm in ("q_norm", "k_norm"):  # Qwen3: one weight over head_dim, shared by every head
+        for norm in family.attention_norms:
+            out[f"{prefix}{norm}.weight"] = state[f"{prefix}{norm}.weight"]
+        for norm in ("q_norm", "k_norm"):  # Qwen3, Gemma 3: one weight over head_dim, shared by every head
             if (key := f"{attn}{norm}.weight") in state:
                 out[key] = state[key]
     if keep_ffn:
@@ -99,7 +105,8 @@ def _slice_layer(state: dict, prefix: str, width: LayerWidth, keep: LayerKeep, h
         out[f"{mlp}down_proj.weight"] = state[f"{mlp}down_proj.weight"].index_select(1, index)
         if (key := f"{mlp}down_proj.bias") in state:
             out[key] = state[key]
-        out[f"{prefix}post_attention_layernorm.weight"] = state[f"{prefix}post_attention_layernorm.weight"]
+        for norm in family.mlp_norms:
+            out[f"{prefix}{norm}.weight"] = state[f"{prefix}{norm}.weight"]
     return out, LayerWidth(num_attention_heads=len(keep_heads), num_key_value_heads=len(groups),
                            intermediate_size=len(keep_ffn))
 
@@ -115,7 +122,8 @@ def slice_model(model, keeps: list[LayerKeep]) -> TyrLlamaForCausalLM:
     new_state = {k: v for k, v in state.items() if not k.startswith("model.layers.")}
     new_widths = []
     for i, (width, keep) in enumerate(zip(widths, keeps)):
-        layer_state, new_width = _slice_layer(state, f"model.layers.{i}.", width, keep, config.head_dim, f"layers[{i}]")
+        layer_state, new_width = _slice_layer(state, f"model.layers.{i}.", width, keep, config.head_dim, f"layers[{i}]",
+                                              family_of(config))
         new_state.update(layer_state)
         new_widths.append(new_width)
     new_config = tyr_config(config, new_widths)

@@ -19,7 +19,8 @@ from tyr.exporters.onnx.layout import LOGITS, PAST_KEY, PAST_VALUE, PRESENT_KEY,
 from tyr.exporters.onnx.runner import GENAI_OPT_LEVEL, OptLevel
 
 GENAI_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "tyr_llama": "llama", "qwen2": "qwen2",
-                     "tyr_qwen2": "qwen2", "qwen3": "qwen3", "tyr_qwen3": "qwen3"}
+                     "tyr_qwen2": "qwen2", "qwen3": "qwen3", "tyr_qwen3": "qwen3", "gemma3_text": "gemma3_text",
+                     "tyr_gemma3": "gemma3_text"}
 
 
 def _token_id(value: Any) -> Any:

@@ -52,12 +52,17 @@ def rotate_half_matrix(head_dim: int, dtype: torch.dtype) -> torch.Tensor:
     return rotation
 
 
-def mask_bias(attention_mask: torch.Tensor, query_length: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive bias [batch, 1, 1, query, total]: 0 where a query may attend (causal and not padding), else min."""
+def mask_bias(attention_mask: torch.Tensor, query_length: int, dtype: torch.dtype,
+              window: int | None = None) -> torch.Tensor:
+    """Additive bias [batch, 1, 1, query, total]: 0 where a query may attend (causal, not padding and, with a
+    sliding ``window``, one of the last ``window`` positions up to itself, as transformers counts them), else min."""
     total = attention_mask.shape[1]
     query_positions = torch.arange(query_length, device=attention_mask.device) + (total - query_length)
     key_positions = torch.arange(total, device=attention_mask.device)
-    allowed = (key_positions[None, :] <= query_positions[:, None])[None] & attention_mask[:, None, :].bool()
+    visible = key_positions[None, :] <= query_positions[:, None]
+    if window is not None:
+        visible = visible & (key_positions[None, :] > query_positions[:, None] - window)
+    allowed = visible[None] & attention_mask[:, None, :].bool()
     bias = torch.where(allowed, torch.zeros((), dtype=dtype), torch.tensor(torch.finfo(dtype).min, dtype=dtype))
     return bias[:, None, None]
 
@@ -73,14 +78,18 @@ class Rope:
 
 
 class ExportAttention(nn.Module):
-    def __init__(self, attention: nn.Module, heads: int, kv_heads: int, head_dim: int):
+    def __init__(self, attention: nn.Module, heads: int, kv_heads: int, head_dim: int, typed: bool):
         super().__init__()
         self.q_proj, self.k_proj = attention.q_proj, attention.k_proj
         self.v_proj, self.o_proj = attention.v_proj, attention.o_proj
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.scaling = attention.scaling
-        # Qwen3: RMSNorm over head_dim of every query / key head, before RoPE (None for Llama and Qwen2).
+        # Qwen3, Gemma 3: RMSNorm over head_dim of every query / key head, before RoPE (None for Llama and Qwen2).
         self.q_norm, self.k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+        # Gemma 3 (``typed``): the layer's type picks its rotary table and sliding window. Other families: one
+        # table and full attention (Qwen2 and Mistral run with their window off, refused otherwise).
+        self.layer_type = attention.layer_type if typed else None
+        self.window = attention.sliding_window if typed else None
 
     def forward(self, hidden: torch.Tensor, rope: Rope, bias: torch.Tensor, past_key: torch.Tensor,
                 past_value: torch.Tensor):
@@ -105,20 +114,31 @@ class ExportAttention(nn.Module):
 
 
 class ExportDecoderLayer(nn.Module):
+    """A decoder layer's blocks with the norms around them: Llama-style layers norm each block's input (input and
+    post-attention norms); Gemma 3 norms each block's input and output (four norms)."""
+
     def __init__(self, layer: nn.Module, attention: ExportAttention | None):
         super().__init__()
         self.attention = attention
-        self.input_layernorm = layer.input_layernorm if attention is not None else None
         self.mlp = getattr(layer, "mlp", None)
-        self.post_attention_layernorm = layer.post_attention_layernorm if self.mlp is not None else None
+        four_norms = hasattr(layer, "pre_feedforward_layernorm")
+        has_attention, has_mlp = attention is not None, self.mlp is not None
+        self.attention_in = layer.input_layernorm if has_attention else None
+        self.attention_out = layer.post_attention_layernorm if has_attention and four_norms else None
+        mlp_in = layer.pre_feedforward_layernorm if four_norms else getattr(layer, "post_attention_layernorm", None)
+        self.mlp_in = mlp_in if has_mlp else None
+        self.mlp_out = layer.post_feedforward_layernorm if has_mlp and four_norms else None
 
-    def forward(self, hidden, rope, bias, past_key=None, past_value=None):
+    def forward(self, hidden, ropes, biases, past_key=None, past_value=None):
         key = value = None
         if self.attention is not None:
-            out, key, value = self.attention(self.input_layernorm(hidden), rope, bias, past_key, past_value)
-            hidden = hidden + out
+            kind = self.attention.layer_type
+            out, key, value = self.attention(self.attention_in(hidden), ropes[kind], biases[kind], past_key,
+                                             past_value)
+            hidden = hidden + (self.attention_out(out) if self.attention_out is not None else out)
         if self.mlp is not None:
-            hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
+            out = self.mlp(self.mlp_in(hidden))
+            hidden = hidden + (self.mlp_out(out) if self.mlp_out is not None else out)
         return hidden, key, value
 
 
@@ -142,25 +162,41 @@ class ExportCausalLM(nn.Module):
             if i in kv_by_layer:
                 kv = kv_by_layer[i]
                 heads = layer.self_attn.q_proj.out_features // kv.head_dim
-                attention = ExportAttention(layer.self_attn, heads, kv.kv_heads, kv.head_dim)
+                attention = ExportAttention(layer.self_attn, heads, kv.kv_heads, kv.head_dim,
+                                            typed=hasattr(body.rotary_emb, "layer_types"))
             layers.append(ExportDecoderLayer(layer, attention))
         self.layers = nn.ModuleList(layers)
+        # Gemma 3 where set: logits = cap * tanh(logits / cap).
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        # layer type -> its sliding window (None for full attention and for the families without layer types).
+        self.windows = {a.layer_type: a.window for layer in layers if (a := layer.attention) is not None}
+
+    def _rope(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None) -> Rope:
+        if layer_type is None:
+            cos, sin = self.rotary_emb(hidden, position_ids)
+        else:
+            cos, sin = self.rotary_emb(hidden, position_ids, layer_type)
+        return Rope(cos.unsqueeze(1), sin.unsqueeze(1), self.rotation)  # [b, 1, s, d]: broadcast over heads
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        hidden = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(hidden, position_ids)
-        rope = Rope(cos.unsqueeze(1), sin.unsqueeze(1), self.rotation)  # [b, 1, s, d]: broadcast over heads
-        bias = mask_bias(attention_mask, input_ids.shape[1], torch.float32)
+        hidden = self.embed_tokens(input_ids)  # Gemma 3's embedding module scales by sqrt(hidden) itself
+        # One rotary table and mask bias per layer type, built once per forward, not once per layer.
+        ropes = {kind: self._rope(hidden, position_ids, kind) for kind in self.windows}
+        biases = {kind: mask_bias(attention_mask, input_ids.shape[1], torch.float32, window)
+                  for kind, window in self.windows.items()}
         present, slot = [], 0
         for layer in self.layers:
             if layer.attention is None:
-                hidden, _, _ = layer(hidden, rope, bias)
+                hidden, _, _ = layer(hidden, ropes, biases)
             else:
-                hidden, key, value = layer(hidden, rope, bias, past[2 * slot], past[2 * slot + 1])
+                hidden, key, value = layer(hidden, ropes, biases, past[2 * slot], past[2 * slot + 1])
                 present += [key, value]
                 slot += 1
-        return (self.lm_head(self.norm(hidden)), *present)
+        logits = self.lm_head(self.norm(hidden))
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return (logits, *present)
 
 
 def example_inputs(layout: GraphLayout, dtype: torch.dtype, batch: int = 2, sequence: int = 5,

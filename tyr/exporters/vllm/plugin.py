@@ -1,4 +1,5 @@
-"""vLLM general plugin: lets stock vLLM serve tyr_llama / tyr_qwen2 / tyr_qwen3 folders without trust_remote_code.
+"""vLLM general plugin: lets stock vLLM serve tyr_llama / tyr_qwen2 / tyr_qwen3 / tyr_gemma3 folders without
+trust_remote_code.
 
 vLLM calls ``register()`` in every process it starts (API server, engine core, workers) through the
 ``vllm.general_plugins`` entry point declared in pyproject.toml. It must stay cheap: the model class is registered
@@ -13,12 +14,13 @@ MODEL_CLASSES = {
     ARCHITECTURE: "tyr.exporters.vllm.model:TyrLlamaForCausalLM",
     "TyrQwen2ForCausalLM": "tyr.exporters.vllm.qwen:TyrQwen2ForCausalLM",
     "TyrQwen3ForCausalLM": "tyr.exporters.vllm.qwen:TyrQwen3ForCausalLM",
+    "TyrGemma3ForCausalLM": "tyr.exporters.vllm.gemma3:TyrGemma3ForCausalLM",
 }
 
 
 def register() -> None:
     """Register tyr's configs with transformers' AutoConfig and its model classes with vLLM's ModelRegistry."""
-    import tyr  # noqa: F401  (registers model_types tyr_llama, tyr_qwen2, tyr_qwen3 with transformers' Auto classes)
+    import tyr  # noqa: F401  (registers tyr's model_types with transformers' Auto classes)
     from vllm import ModelRegistry
 
     supported = ModelRegistry.get_supported_archs()
