@@ -179,12 +179,12 @@ def test_refusals_name_what_is_supported(tmp_path):
     sliding.save_pretrained(folder)
     with pytest.raises(TyrError, match="use_sliding_window=true is not supported"):
         load_model(folder)
-    gemma = tmp_path / "gemma"
-    gemma.mkdir()
-    (gemma / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
-    (gemma / "model.safetensors").write_bytes(b"")
-    with pytest.raises(TyrError, match=r"(?s)'gemma3_text' is not supported.*Qwen2ForCausalLM.*Qwen3ForCausalLM"):
-        load_model(gemma)
+    phi = tmp_path / "phi"
+    phi.mkdir()
+    (phi / "config.json").write_text(json.dumps({"model_type": "phi3"}))
+    (phi / "model.safetensors").write_bytes(b"")
+    with pytest.raises(TyrError, match=r"(?s)'phi3' is not supported.*Qwen2ForCausalLM.*Qwen3ForCausalLM.*Gemma3"):
+        load_model(phi)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])

@@ -26,7 +26,8 @@ class RunConfig(BaseModel):
     """Everything `tyr run` does; the defaults fit a machine with two CPU cores and no GPU."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str = Field("default", description="dense model: 'default' (embedded SmolLM2-135M), a folder or a hub id")
+    model: str = Field("default", description="dense model: 'default' (embedded SmolLM2-135M), 'gemma3-270m', a folder "
+                       "or a hub id")
     sparsities: list[float] = Field([0.25, 0.5], description="target sparsities of decoder-layer parameters")
     recipe: str = Field("fast", description="pruning recipe: fast, gpu, paper or a YAML/JSON path")
     out: Path = Field(Path("runs/default"), description="run folder; rerunning with the same folder resumes")
