@@ -4,7 +4,8 @@ from tyr.models.modeling_tyr_llama import TyrLlamaConfig, TyrLlamaForCausalLM, T
 
 
 def register_auto_classes() -> None:
-    """Let transformers' Auto classes load tyr_llama / tyr_qwen2 / tyr_qwen3 folders without trust_remote_code."""
+    """Let transformers' Auto classes load tyr's formats (tyr_llama, tyr_qwen2, tyr_qwen3, tyr_gemma3) without
+    trust_remote_code."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from tyr.models.families import FAMILIES

@@ -10,8 +10,8 @@ from tyr.exporters.onnx.variants import DTYPES
 
 
 def add_export(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model folder (dense Llama/Mistral/Qwen2/Qwen3 or pruned by tyr), .gguf file, "
-                                      "hub id, or 'default'")
+    parser.add_argument("model", help="model folder (dense Llama/Mistral/Qwen2/Qwen3/Gemma 3 or pruned by tyr), "
+                                      ".gguf file, hub id, 'default' or 'gemma3-270m'")
     parser.add_argument("out", help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--dtype", default="fp32", help=f"one of {', '.join(DTYPES)} (default fp32)")
     parser.add_argument("--opt-level", default="all",

@@ -61,7 +61,7 @@ class GraphLayout(BaseModel):
 
 
 def graph_layout(model) -> GraphLayout:
-    """The layout of a loaded causal LM: a dense Llama/Mistral/Qwen2/Qwen3 or a tyr model of those families."""
+    """The layout of a loaded causal LM: a dense Llama/Mistral/Qwen2/Qwen3/Gemma 3 or a tyr model of those families."""
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_layers = []

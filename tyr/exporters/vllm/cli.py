@@ -6,8 +6,9 @@ import argparse
 
 
 def add_export(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="pruned (tyr_llama, tyr_qwen2, tyr_qwen3) or dense Llama/Mistral/Qwen2/Qwen3 "
-                                      "folder, .gguf file, or 'default'")
+    parser.add_argument("model", help="pruned (tyr_llama, tyr_qwen2, tyr_qwen3, tyr_gemma3) or dense "
+                                      "Llama/Mistral/Qwen2/Qwen3/Gemma 3 folder, .gguf file, 'default' or "
+                                      "'gemma3-270m'")
     parser.add_argument("out", help="folder to write (must not exist unless --overwrite)")
     parser.add_argument("--format", dest="fmt", choices=("tyr", "deci"), default="tyr",
                         help="tyr: served through tyr's vLLM plugin (any widths); deci: DeciLM/nemotron-nas block "

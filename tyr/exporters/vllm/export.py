@@ -1,10 +1,10 @@
 """Export a dense or pruned model as a folder vLLM serves: ``export_vllm(model_dir, out_dir) -> ExportResult``.
 
 Formats:
-- "tyr": the tyr_llama / tyr_qwen2 / tyr_qwen3 folder (per_layer_config, standard tensor names). Served at native
-  speed by vLLM with tyr installed (its plugin registers the model class); without tyr, by vLLM's Transformers
-  backend with --trust-remote-code, as long as every layer keeps its attention (that backend needs an attention in
-  every layer).
+- "tyr": the tyr_llama / tyr_qwen2 / tyr_qwen3 / tyr_gemma3 folder (per_layer_config, standard tensor names). Served
+  at native speed by vLLM with tyr installed (its plugin registers the model class); without tyr, by vLLM's
+  Transformers backend with --trust-remote-code, as long as every layer keeps its attention (that backend needs an
+  attention in every layer; checked for Llama and Qwen3 folders, not for Gemma 3 ones).
 - "deci": DeciLM / nemotron-nas block configs, served by stock vLLM's DeciLMForCausalLM with --trust-remote-code;
   only for models that keep every query head (KV groups, FFN widths and removed blocks may vary).
 
@@ -92,7 +92,7 @@ def _write_deci(model, tokenizer, folder: Path) -> None:
 def export_vllm(model_dir: str | Path, out_dir: str | Path, check: bool = True, fmt: Format = "tyr",
                 overwrite: bool = False, prompts: list[str] | None = None, max_new_tokens: int = 16,
                 timeout: float = 1200) -> ExportResult:
-    """Write ``model_dir`` (a tyr-pruned or dense Llama/Mistral/Qwen2/Qwen3 folder) as a vLLM-servable folder at
+    """Write ``model_dir`` (a tyr-pruned or dense Llama/Mistral/Qwen2/Qwen3/Gemma 3 folder) as a vLLM-servable folder at
     ``out_dir``.
 
     With ``check``, vLLM (in a subprocess) and transformers must produce the same greedy tokens on ``prompts`` (fp32),
