@@ -80,7 +80,7 @@ def run_prune(args, sparsity: float, method: str, out: Path) -> dict:
     return report
 
 
-def evaluate(args, model_dir: str, dense, blocks, tasks) -> dict:
+def evaluate(model_dir: str, dense, blocks, tasks) -> dict:
     from tyr.evaluation.language_modeling import compare_to_reference
     from tyr.evaluation.multiple_choice import evaluate_task
     from tyr.models.io import load_model
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
             key = f"{method}@{sparsity:g}"
             report = run_prune(args, sparsity, method, out)
             if key not in results:
-                row = evaluate(args, report["model_dir"], dense, blocks, tasks)
+                row = evaluate(report["model_dir"], dense, blocks, tasks)
                 row.update(method=method, sparsity=sparsity, achieved=report["achieved_sparsity"],
                            seconds=report["wall_seconds"], peak_rss_mb=report["peak_rss_mb"])
                 results[key] = row

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     blocks = token_blocks(tokenizer, load_text(args.text, "validation"), args.eval_seq_len, args.eval_blocks, args.seed)
     dense_perplexity = perplexity(dense, blocks, progress=False)
     for row in rows.values():
-        row.update(evaluate(args, row["model_dir"], dense, blocks, tasks=[]))
+        row.update(evaluate(row["model_dir"], dense, blocks, tasks=[]))
     single, multi = rows.values()
     comparison = {"same_structure": single["layers"] == multi["layers"],
                   **compare_weights(single["model_dir"], multi["model_dir"])}

@@ -134,11 +134,14 @@ def test_sparsities_on_one_grid_share_the_first_supernet(tmp_path, tyr_run, tiny
     assert abs(quarter.achieved_sparsity - 0.25) <= recipe.search.budget_tolerance
     assert "level moves brought it to" in (tmp_path / "a" / "prune_report.md").read_text()
     built = sorted(cache.iterdir())
-    assert len(built) == 1 and (built[0] / "manifest.json").is_file()     # kept for the next sparsity
-    stamp = (built[0] / "manifest.json").stat().st_mtime_ns
+    supernets, targets = [p for p in built if p.is_dir()], [p for p in built if p.suffix == ".safetensors"]
+    # Kept for the next sparsity: the first supernet and the dense model's top-k on the selection tokens.
+    assert len(supernets) == 1 and (supernets[0] / "manifest.json").is_file() and len(targets) == 1
+    stamps = [(supernets[0] / "manifest.json").stat().st_mtime_ns, targets[0].stat().st_mtime_ns]
     second = prune(tiny_dir, sparsity=0.5, recipe=recipe, out_dir=tmp_path / "b", progress=False,
                    supernet_cache=cache)
-    assert sorted(cache.iterdir()) == built and (built[0] / "manifest.json").stat().st_mtime_ns == stamp
+    assert sorted(cache.iterdir()) == built
+    assert [(supernets[0] / "manifest.json").stat().st_mtime_ns, targets[0].stat().st_mtime_ns] == stamps
     # Reusing it changes nothing: the same model as the run that built its own first supernet.
     a, b = load_model(second.out_dir)[0].state_dict(), load_model(tyr_run.out_dir)[0].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

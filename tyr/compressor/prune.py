@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from tyr.atomic import (WriteCounter, atomic_write_json, check_output_path, count_written, counting_writes,
-                        exclusive, publish_dir, tree_bytes)
+from tyr.atomic import (WriteCounter, atomic_save_tensors, atomic_write_json, check_output_path, count_written,
+                        counting_writes, exclusive, publish_dir, tree_bytes)
 from tyr.compressor import distributed
 from tyr.compressor.layerwise import KINDS
 from tyr.compressor.recipes import Recipe, fitness_dtype, load_recipe
@@ -387,8 +387,6 @@ class _CoarseToFine:
 
     def iteration(self, iteration: int, ladders: list[list[int]], ticks: list[int],
                   supernet_dir: Path) -> IterationOutcome:
-        from tyr.compressor.fitness import dense_targets
-
         meter, search = self.job.meter, self.recipe.search
         started = time.perf_counter()
         with meter.stage(f"iteration {iteration}: supernet"):
@@ -402,8 +400,7 @@ class _CoarseToFine:
                      "%.3f%%", iteration, 100 * repair.before, len(repair.moves), 100 * repair.after)
         if self.targets is None:
             with meter.stage("dense targets"):
-                self.targets = dense_targets(self.job.model, self.selection, search.kl_top_k, search.batch_sequences,
-                                             progress=self.job.progress)
+                self.targets = _dense_targets(self.job, self.selection)
         started = time.perf_counter()
         with meter.stage(f"iteration {iteration}: search"):
             # In a function, so the fitness and its caches are freed before the next supernet is built.
@@ -490,6 +487,29 @@ def _first_supernet_key(job: PruneJob, calibration, levels: list[list[float]]) -
              "ids": ids_digest(calibration), "levels": [[round(level, 9) for level in ladder] for ladder in levels],
              "eea": recipe.eea, "current": current, "settings": recipe.local_pruner.model_dump()}
     return "iter0-" + fingerprint(parts, 16)
+
+
+def _dense_targets(job: PruneJob, selection: torch.LongTensor):
+    """The dense model's top-k on the selection tokens. With a supernet cache they are kept there too: the
+    sparsities of one run draw the same selection tokens, so only the first computes them."""
+    from safetensors.torch import load_file
+
+    from tyr.compressor.calibration import ids_digest
+    from tyr.compressor.fitness import SelectionTargets, dense_targets
+
+    search = job.recipe.search
+    path = None
+    if job.supernet_cache is not None:
+        key = fingerprint({"model": job.model_digest, "ids": ids_digest(selection), "top_k": search.kl_top_k,
+                           "dtype": str(job.model.dtype), "device": torch.device(job.device).type}, 16)
+        path = job.supernet_cache / f"targets-{key}.safetensors"
+        if path.is_file():
+            log.info("dense targets: reusing %s", path)
+            return SelectionTargets(**load_file(path))
+    targets = dense_targets(job.model, selection, search.kl_top_k, search.batch_sequences, progress=job.progress)
+    if path is not None and distributed.is_main():
+        atomic_save_tensors(vars(targets), path)
+    return targets
 
 
 def _space(manifest, modules, target: float, unit: float, step: int, tolerance: float,

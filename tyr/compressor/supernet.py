@@ -28,8 +28,6 @@ records the modules finished so far; rerunning with the same inputs continues af
 from __future__ import annotations
 
 import errno
-import os
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -40,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from tyr.atomic import atomic_write_json, count_written
+from tyr.atomic import atomic_save_tensors, atomic_write_json
 from tyr.compressor import calibration, distributed
 from tyr.compressor.layerwise import (KINDS, DenseParts, attention_heads, mlp_hidden, module_weights, output_norm,
                                      tensor_name)
@@ -180,24 +178,12 @@ def _mixture(eea: str, levels: list[float], current: float | None) -> list[float
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, done: int, out_dir: Path) -> int:
-    """Write safetensors atomically (temp file + fsync + rename) and return its size; a full disk becomes a clear
-    TyrError."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
+    """Write safetensors atomically and return its size; a full disk becomes a clear TyrError."""
     try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        count_written(size := path.stat().st_size)
-        return size
+        return atomic_save_tensors(tensors, path)
     except OSError as err:
         _raise_if_disk_full(err, path, done, out_dir)
         raise
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _raise_if_disk_full(err: OSError, path: Path, done: int, out_dir: Path) -> None:
