@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from tyr.compressor import supernet as supernet_module
@@ -232,7 +233,7 @@ def test_resume_after_interruption_is_bit_identical(tiny, ids, tmp_path, built):
 def test_disk_full_is_reported_and_leaves_finished_modules_valid(tiny, ids, tmp_path, monkeypatch, built):
     """A full disk cannot be produced here, so the safetensors writer raises ENOSPC on the 3rd module file."""
     out, _, _ = built
-    real_save, calls = supernet_module.save_file, []
+    real_save, calls = safetensors.torch.save_file, []
 
     def save_until_full(tensors, path, *args, **kwargs):
         calls.append(path)
@@ -240,11 +241,11 @@ def test_disk_full_is_reported_and_leaves_finished_modules_valid(tiny, ids, tmp_
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(tensors, path, *args, **kwargs)
 
-    monkeypatch.setattr(supernet_module, "save_file", save_until_full)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_until_full)
     with pytest.raises(TyrError, match="disk full .* the 2 finished modules"):
         build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False, memory=EVERY_MODULE)
     assert not [p for p in (tmp_path / "sn").rglob("*.tmp-*")]
-    monkeypatch.setattr(supernet_module, "save_file", real_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
     build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False)
     assert (tmp_path / "sn" / "manifest.json").read_bytes() == (out / "manifest.json").read_bytes()
 
