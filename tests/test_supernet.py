@@ -445,13 +445,13 @@ def test_checkpoints_are_time_based_and_a_kill_redoes_only_the_modules_since(tin
 
 
 def test_checkpoints_write_at_most_their_share_of_the_candidates(tiny, ids, tmp_path, monkeypatch):
-    real_save, written = supernet_module.save_file, []
+    real_save, written = safetensors.torch.save_file, []
 
     def recording_save(tensors, path, *args, **kwargs):
         real_save(tensors, path, *args, **kwargs)
         written.append((Path(path).parent.name == "modules", Path(path).stat().st_size))
 
-    monkeypatch.setattr(supernet_module, "save_file", recording_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", recording_save)
     wide_ids = ids.repeat(4, 1)    # hidden states of a size that makes the share, not the time, decide
     build_supernet(tiny, wide_ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False,
                    memory=MemoryRecipe(checkpoint_seconds=0, checkpoint_share=0.5))
