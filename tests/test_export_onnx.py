@@ -16,6 +16,8 @@ from tyr.exporters.onnx.runner import OrtCausalLM
 from tyr.models.io import load_model, save_model
 from tyr.testing import tiny_hetero
 
+from helpers import genai_greedy
+
 VOCAB = 49152  # SmolLM2's, so the real tokenizer works with the tiny model
 WIDTHS = [(0, 0, 96), (4, 2, 48), (2, 1, 0), (2, 1, 40)]  # layer 0: no attention; layer 2: no MLP
 
@@ -27,23 +29,6 @@ def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
                              min_new_tokens=new_tokens)
     return out[0, len(prompt):].tolist()
-
-
-def genai_greedy(folder, text: str, new_tokens: int) -> tuple[list[int], list[int]]:
-    """(prompt ids from genai's tokenizer, tokens genai generates greedily)."""
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    prompt = [int(t) for t in og.Tokenizer(model).encode(text)]
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens([prompt])
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    return prompt, tokens
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,8 @@ from vllm.model_executor.models.utils import (
     maybe_prefix,
 )
 
+from tyr.exporters.vllm.model import add_and_norm
+
 
 class TyrGemma3DecoderLayer(nn.Module):
     """vLLM's Gemma3DecoderLayer with this layer's widths; attention or MLP may be absent (with its two norms).
@@ -55,20 +57,14 @@ class TyrGemma3DecoderLayer(nn.Module):
                                  hidden_activation=config.hidden_activation, quant_config=vllm_config.quant_config,
                                  prefix=f"{prefix}.mlp")
 
-    @staticmethod
-    def _add_and_norm(norm: GemmaRMSNorm, hidden_states: torch.Tensor, residual: torch.Tensor | None):
-        if residual is None:  # first block of the network: nothing pending yet
-            return norm(hidden_states), hidden_states
-        return norm(hidden_states, residual)
-
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
                 **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.has_attention:
-            hidden_states, residual = self._add_and_norm(self.input_layernorm, hidden_states, residual)
+            hidden_states, residual = add_and_norm(self.input_layernorm, hidden_states, residual)
             hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states, **kwargs)
             hidden_states = self.post_attention_layernorm(hidden_states)
         if self.has_mlp:
-            hidden_states, residual = self._add_and_norm(self.pre_feedforward_layernorm, hidden_states, residual)
+            hidden_states, residual = add_and_norm(self.pre_feedforward_layernorm, hidden_states, residual)
             hidden_states = self.post_feedforward_layernorm(self.mlp(hidden_states))
         return hidden_states, residual
 

@@ -19,6 +19,14 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
 
+def add_and_norm(norm: nn.Module, hidden_states: torch.Tensor, residual: torch.Tensor | None):
+    """vLLM's fused residual add + norm (RMSNorm, GemmaRMSNorm). The first block that runs (an attention, or the
+    MLP of a layer whose attention was removed) has no residual pending yet."""
+    if residual is None:
+        return norm(hidden_states), hidden_states
+    return norm(hidden_states, residual)
+
+
 class TyrLlamaDecoderLayer(nn.Module):
     """vLLM's LlamaDecoderLayer with this layer's widths; attention or MLP may be absent (width 0).
 
@@ -71,19 +79,13 @@ class TyrLlamaDecoderLayer(nn.Module):
             prefix=prefix,
         )
 
-    @staticmethod
-    def _add_and_norm(norm: RMSNorm, hidden_states: torch.Tensor, residual: torch.Tensor | None):
-        if residual is None:  # first block of the network: nothing pending yet
-            return norm(hidden_states), hidden_states
-        return norm(hidden_states, residual)
-
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
                 **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.has_attention:
-            hidden_states, residual = self._add_and_norm(self.input_layernorm, hidden_states, residual)
+            hidden_states, residual = add_and_norm(self.input_layernorm, hidden_states, residual)
             hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
         if self.has_mlp:
-            hidden_states, residual = self._add_and_norm(self.post_attention_layernorm, hidden_states, residual)
+            hidden_states, residual = add_and_norm(self.post_attention_layernorm, hidden_states, residual)
             hidden_states = self.mlp(hidden_states)
         return hidden_states, residual
 
