@@ -21,6 +21,14 @@ def default_model_dir():
     return resolve()
 
 
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    """SmolLM2's tokenizer (one per test module, as the tests may set its padding)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
 @pytest.fixture(scope="session")
 def smollm2(default_model_dir):
     from tyr.models.io import load_model

@@ -1,5 +1,5 @@
-"""Checks several test files share: greedy tokens from onnxruntime-genai, and a saved folder's logits in a process
-where tyr cannot be imported."""
+"""What several test files share: a 4-layer keep pattern, greedy tokens from onnxruntime-genai, a saved folder's
+logits in a process where tyr cannot be imported, and the ONNX decode check."""
 
 from __future__ import annotations
 
@@ -9,6 +9,22 @@ import textwrap
 from pathlib import Path
 
 import torch
+
+from tyr.models.facts import layer_widths
+from tyr.models.slicing import LayerKeep
+
+
+def keeps_for(model, seed: int = 1) -> list[LayerKeep]:
+    """Keep sets for a 4-layer tiny model: layer 0 loses its attention (so every later layer's KV-cache slot differs
+    from its index), layer 2 its MLP; the others keep one KV group's heads or one head per group, and a random third
+    of their FFN channels."""
+    g = torch.Generator().manual_seed(seed)
+    choices = [[], [0, 2], [2, 3], [1]]
+    keeps = []
+    for i, w in enumerate(layer_widths(model.config)):
+        ffn = torch.randperm(w.intermediate_size, generator=g)[: w.intermediate_size // 3].tolist()
+        keeps.append(LayerKeep(keep_heads=choices[i], keep_ffn=[] if i == 2 else ffn))
+    return keeps
 
 
 def genai_greedy(folder, prompt: str | list[int], new_tokens: int) -> tuple[list[int], list[int]]:

@@ -14,13 +14,6 @@ MARKUP_RESIDUE = ["{{", "}}", "[[", "]]", "<ref", "</", "{|", "|}", "&nbsp;", "&
 
 
 @pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(default_model_dir)
-
-
-@pytest.fixture(scope="module")
 def articles():
     return wiki_articles()
 

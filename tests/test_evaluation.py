@@ -25,13 +25,6 @@ BIGBENCH_DIR = PACKAGED_TASKS_DIR
 
 
 @pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(default_model_dir)
-
-
-@pytest.fixture(scope="module")
 def blocks():
     return torch.randint(0, 256, (5, 24), generator=torch.Generator().manual_seed(0))
 

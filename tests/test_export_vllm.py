@@ -33,13 +33,6 @@ PROMPTS = ["The capital of France is", "Structured pruning removes", "def fibona
 NEW_TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(default_model_dir)
-
-
 def greedy(model, tokenizer, prompts=PROMPTS, new_tokens=NEW_TOKENS) -> list[list[int]]:
     return reference_greedy(model, [tokenizer(p).input_ids for p in prompts], new_tokens)[0]
 

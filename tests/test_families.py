@@ -18,10 +18,10 @@ from tyr.compressor.layerwise import DenseParts, attention_delta, heads_of, mlp_
 from tyr.errors import TyrError
 from tyr.models.io import load_model, save_model
 from tyr.models.facts import layer_widths
-from tyr.models.slicing import LayerKeep, mask_model, slice_model, to_tyr
+from tyr.models.slicing import mask_model, slice_model, to_tyr
 from tyr.testing import tiny_llama
 
-from helpers import assert_onnx_decodes_like_torch, genai_greedy, load_without_tyr
+from helpers import assert_onnx_decodes_like_torch, genai_greedy, keeps_for, load_without_tyr
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -41,24 +41,6 @@ TYR_CLASSES = {"qwen2": "TyrQwen2ForCausalLM", "qwen3": "TyrQwen3ForCausalLM", "
 def tiny(family: str, **kwargs):
     arch, overrides = FAMILIES[family]
     return tiny_llama(arch, **(dict(hidden=64, layers=4, heads=4, kv_heads=2, ffn=96, seed=5) | overrides | kwargs))
-
-
-def keeps_for(model, seed: int = 1) -> list[LayerKeep]:
-    """Layer 0 loses its attention, layer 2 its MLP; the others keep one KV group's heads or one head per group."""
-    g = torch.Generator().manual_seed(seed)
-    choices = [[], [0, 2], [2, 3], [1]]
-    keeps = []
-    for i, w in enumerate(layer_widths(model.config)):
-        ffn = torch.randperm(w.intermediate_size, generator=g)[: w.intermediate_size // 3].tolist()
-        keeps.append(LayerKeep(keep_heads=choices[i], keep_ffn=[] if i == 2 else ffn))
-    return keeps
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(default_model_dir)
 
 
 IDS = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(0))

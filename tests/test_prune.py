@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from tyr.cli import main as tyr_main
 from tyr.compressor.baselines import flap_prune, uniform_magnitude_keeps
@@ -19,11 +18,6 @@ from tyr.models.io import load_model, save_model
 from tyr.models.slicing import to_tyr
 from tyr.compressor.latency import LatencyTable
 from tyr.testing import TINY_RECIPE, tiny_llama
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    return AutoTokenizer.from_pretrained(default_model_dir)
 
 
 @pytest.fixture(scope="module")
