@@ -105,44 +105,40 @@ def publish_dir(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
     return final
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
-    try:
-        data = text.encode()
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        count_written(len(data))
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def atomic_save_tensors(tensors: dict, path: str | os.PathLike) -> int:
-    """Write torch tensors as safetensors (temp file, fsync, rename); their size on disk."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` for the block to fill; if the block succeeds it is fsynced, renamed to
+    ``path`` and its size counted, else removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
+        yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        count_written(size := path.stat().st_size)
-        return size
+        count_written(path.stat().st_size)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    with _replacing(path) as tmp:
+        tmp.write_bytes(text.encode())
+    return path
+
+
+def atomic_save_tensors(tensors: dict, path: str | os.PathLike) -> int:
+    """Write torch tensors as safetensors, atomically; their size on disk."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with _replacing(path) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+    return path.stat().st_size
 
 
 def atomic_write_json(path: str | os.PathLike, data) -> Path:
