@@ -141,7 +141,7 @@ def test_round_trip_without_tyr_needs_only_trust_remote_code(tmp_path):
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     with torch.no_grad():
         expected = model(ids).logits
-    assert "transformers_modules" in load_without_tyr(out, ids, expected, tmp_path)
+    assert "OK TyrLlamaForCausalLM transformers_modules" in load_without_tyr(out, ids, expected, tmp_path)
 
 
 def test_save_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path):
