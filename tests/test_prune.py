@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from tyr.compressor.baselines import flap_prune, uniform_magnitude_keeps
 from tyr.compressor.prune import LatencyBudget, prune
 from tyr.compressor.recipes import Recipe
 from tyr.errors import TyrError
-from tyr.models.facts import layer_widths
+from tyr.models.facts import layer_widths, tensor_index
 from tyr.models.io import load_model, save_model
 from tyr.models.slicing import to_tyr
 from tyr.compressor.latency import LatencyTable
@@ -158,6 +159,63 @@ def test_warm_start_scan_on_the_real_fitness(tmp_path, tyr_run, tiny_dir):
     assert tyr_run.report.iterations[0].warm_start is None
     markdown = (result.out_dir / "prune_report.md").read_text()
     assert "warm start:" in markdown and "scan after generation 2:" in markdown
+
+
+@pytest.mark.parametrize("method", ["tyr", "uniform"])
+def test_a_folder_is_streamed_and_prunes_as_the_loaded_model_does(tmp_path, tiny_dir, tokenizer, recipe, monkeypatch,
+                                                                  method):
+    """Týr and uniform read a model folder a module at a time: the dense model is never loaded whole, and the
+    pruned model is the one the same model, loaded and passed in, gives."""
+    loaded, _ = load_model(tiny_dir)
+    from_memory = prune(loaded, tokenizer=tokenizer, sparsity=0.5, recipe=recipe, out_dir=tmp_path / "loaded",
+                        method=method, progress=False, keep_model=True).model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dense model was loaded whole")
+
+    monkeypatch.setattr("tyr.models.io.load_model", refuse)
+    streamed = prune(tiny_dir, sparsity=0.5, recipe=recipe, out_dir=tmp_path / "streamed", method=method,
+                     progress=False)
+    monkeypatch.undo()
+    model, _ = load_model(streamed.out_dir)
+    assert layer_widths(model.config) == layer_widths(from_memory.config)
+    expected = from_memory.state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
+    assert streamed.report.achieved_sparsity == pytest.approx(1 - decoder_params(model) / decoder_params(loaded))
+
+
+def test_a_half_precision_folder_is_pruned_in_its_own_dtype(tmp_path, tiny_dir, tokenizer, recipe, monkeypatch):
+    half, _ = load_model(tiny_dir, dtype=torch.bfloat16)
+    half_dir = save_model(half, tokenizer, tmp_path / "half")
+    monkeypatch.setattr("tyr.models.io.load_model", lambda *a, **k: pytest.fail("the dense model was loaded whole"))
+    result = prune(half_dir, sparsity=0.5, recipe=recipe, out_dir=tmp_path / "out", progress=False)
+    assert {t.dtype for t in tensor_index(result.out_dir).values()} == {"BF16"}
+    assert abs(result.report.achieved_sparsity - 0.5) <= recipe.search.budget_tolerance
+    monkeypatch.undo()
+    model, _ = load_model(result.out_dir, dtype=torch.bfloat16)
+    ids = torch.randint(0, len(tokenizer), (1, 12))
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_a_hub_id_is_streamed_from_the_hub_cache(tmp_path, tiny_dir, monkeypatch):
+    """A hub id is fetched into the Hugging Face cache and read from there a module at a time (here the cache is
+    filled by hand and the hub is offline, as on a machine that downloaded it before)."""
+    import huggingface_hub.constants
+
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--tyr-test--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    shutil.copytree(tiny_dir, repo / "snapshots" / revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("tyr.models.io.load_model", lambda *a, **k: pytest.fail("the dense model was loaded whole"))
+    result = prune("tyr-test/tiny", sparsity=0.5, recipe="fast", out_dir=tmp_path / "out", method="uniform",
+                   progress=False)
+    assert result.report.model == "tyr-test/tiny" and abs(result.report.achieved_sparsity - 0.5) <= 0.0625
+    with pytest.raises(TyrError, match="cannot fetch tyr-test/absent from the hub"):
+        prune("tyr-test/absent", sparsity=0.5, out_dir=tmp_path / "absent", method="uniform", progress=False)
+    assert not (tmp_path / "absent").exists()
 
 
 def test_uniform_baseline_is_the_local_pruner_at_one_level(tmp_path, tiny_dir, recipe):

@@ -1,7 +1,8 @@
 """Calibration data for the supernet: token blocks, chunking, and input Hessians (fp32).
 
-The builder keeps the calibration hidden states [N, T, hidden] of the current module on the compute device and
-walks them in chunks of whole sequences, so a module's activations (up to [N, T, ffn]) need not fit at once.
+The builder keeps the calibration hidden states [N, T, hidden] of the current module on the compute device (or in
+host memory, recipe ``memory.hidden_states``) and walks them in chunks of whole sequences, each computed on the
+device, so a module's activations (up to [N, T, ffn]) need not fit at once.
 """
 
 from __future__ import annotations
@@ -71,8 +72,10 @@ class ModuleInputs:
     """
 
     def __init__(self, hidden: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor], width: int,
-                 cache_bytes: int | None = None, chunk_bytes: int | None = None, block_sequences: int | None = None):
+                 cache_bytes: int | None = None, chunk_bytes: int | None = None, block_sequences: int | None = None,
+                 device: torch.device | None = None):
         self.hidden, self.activation, self.width = hidden, activation, width
+        self.device = device if device is not None else hidden.device   # where chunks are computed
         self.slices = sequence_chunks(hidden.shape[0], hidden.shape[1], width, chunk_bytes, block_sequences)
         self.owned = distributed.owned(len(self.slices))
         owned_sequences = sum(self.slices[k].stop - self.slices[k].start for k in self.owned)
@@ -82,16 +85,19 @@ class ModuleInputs:
     def hessian(self) -> torch.Tensor:
         partials = {}
         for k in self.owned:
-            a = self.activation(self.hidden[self.slices[k]]).to(torch.float32)
+            a = self._activation(k)
             flat = a.reshape(-1, self.width)
             partials[k] = flat.T @ flat
             if self.cache is not None:
                 self.cache[k] = a
         H = distributed.sum_in_order(partials, len(self.slices), (self.width, self.width), torch.float32,
-                                     self.hidden.device)
+                                     self.device)
         return H / (self.hidden.shape[0] * self.hidden.shape[1])
 
     def chunks(self) -> Iterator[tuple[slice, torch.Tensor]]:
         for k in self.owned:
             sl = self.slices[k]
-            yield sl, self.cache[k] if self.cache is not None else self.activation(self.hidden[sl]).to(torch.float32)
+            yield sl, self.cache[k] if self.cache is not None else self._activation(k)
+
+    def _activation(self, k: int) -> torch.Tensor:
+        return self.activation(self.hidden[self.slices[k]].to(self.device)).to(torch.float32)

@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from tyr.compressor import distributed
-from tyr.compressor.layerwise import KINDS, DenseParts, attention_delta, heads_of, mlp_delta
+from tyr.compressor.layerwise import KINDS, DenseParts, attention_delta, heads_of, mlp_delta, module_weights
 from tyr.compressor.search import Choice
 
 # Positions per LM-head chunk of the fitness (see sparse_kl).
@@ -51,27 +51,48 @@ class SelectionTargets:
 
 
 @torch.no_grad()
-def dense_targets(model, ids: torch.LongTensor, top_k: int, batch_sequences: int = 1,
-                  progress: bool = True) -> SelectionTargets:
-    """Run the dense model once over ``ids`` and keep its top-k log-probs per position (under torchrun each rank
-    runs its share of the batches and all ranks receive the rest)."""
-    device = next(model.parameters()).device
-    top_k = min(top_k, model.config.vocab_size)
-    # Filled in place, with the LM head a few positions at a time (as in sparse_kl): no vocab-sized logits for a
-    # whole batch, and no small kept tensors allocated between large transient ones, which fragments the heap.
+def dense_targets(model, ids: torch.LongTensor, top_k: int, batch_sequences: int = 1, progress: bool = True,
+                  device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> SelectionTargets:
+    """Run the dense model once over ``ids`` and keep its top-k log-probs per position.
+
+    The model runs one decoder module at a time over all the sequences, in ``dtype`` on ``device`` (default: where
+    a loaded model is), with the same functional layers as the candidates' fitness; a StreamedModel reads each
+    module's weights from its files when it is reached, so only one module and the sequences' hidden states are
+    ever in memory. Under torchrun each rank runs its share of the batches and all ranks receive the rest.
+    """
+    parts = DenseParts.from_model(model)
+    device = torch.device(device) if device is not None else parts.embed_tokens.device
+    top_k = min(top_k, parts.lm_head.shape[0])
     top_logp = torch.empty(*ids.shape, top_k)
     top_index = torch.empty(*ids.shape, top_k, dtype=torch.int32)
-    step = max(1, POSITIONS_PER_CHUNK // batch_sequences)
     batches = [slice(start, start + batch_sequences) for start in range(0, ids.shape[0], batch_sequences)]
-    for k in tqdm(distributed.owned(len(batches)), desc="dense targets", unit="batch", disable=not progress,
-                  leave=False):
-        rows = batches[k]
-        hidden = model.model(input_ids=ids[rows].to(device)).last_hidden_state
-        for position in range(0, hidden.shape[1], step):
-            chunk = slice(position, position + step)
-            top = F.log_softmax(model.lm_head(hidden[:, chunk]).float(), dim=-1).topk(top_k, dim=-1)
-            top_logp[rows, chunk] = top.values.cpu()
-            top_index[rows, chunk] = top.indices.cpu()
+    rows = torch.cat([torch.arange(ids.shape[0])[batches[k]] for k in distributed.owned(len(batches))])
+    hidden = parts.embed(ids[rows].to(device)).to(dtype)
+    positions = parts.positions(ids.shape[1], device=device, dtype=dtype)
+    chunks = [slice(start, start + batch_sequences) for start in range(0, len(rows), batch_sequences)]
+    modules = [(layer, kind) for layer in range(parts.num_layers) for kind in KINDS]
+    for layer, kind in tqdm(modules, desc="dense targets", unit="module", disable=not progress, leave=False):
+        w = {k: v.to(device, dtype) for k, v in module_weights(model, layer, kind).items()}
+        for chunk in chunks:
+            x = hidden[chunk]
+            if kind == "attn":
+                heads, kv_heads = heads_of(w, parts.head_dim)
+                cos, sin, window = positions[layer]
+                x += attention_delta(x, w, heads, kv_heads, cos, sin, parts.head_dim, parts.eps, style=parts.style,
+                                     window=window)
+            else:
+                x += mlp_delta(x, w, parts.eps, style=parts.style)
+    head = parts.with_head_on(device, dtype)
+    # The LM head a few positions at a time (as in sparse_kl): no vocab-sized logits for a whole batch, and no
+    # small kept tensors allocated between large transient ones, which fragments the heap.
+    step = max(1, POSITIONS_PER_CHUNK // batch_sequences)
+    for chunk in chunks:
+        out = rows[chunk]
+        for position in range(0, ids.shape[1], step):
+            span = slice(position, position + step)
+            top = F.log_softmax(head.logits(hidden[chunk, span]).float(), dim=-1).topk(top_k, dim=-1)
+            top_logp[out, span] = top.values.cpu()
+            top_index[out, span] = top.indices.cpu().to(torch.int32)
     distributed.share_rows(top_logp, batches)
     distributed.share_rows(top_index, batches)
     return SelectionTargets(ids=ids.cpu(), top_logp=top_logp, top_index=top_index)

@@ -61,6 +61,11 @@ def layer_math(config) -> LayerMath:
                      embed_scale=math.sqrt(config.hidden_size), final_softcap=config.final_logit_softcapping)
 
 
+def head_dim_of(config) -> int:
+    """The attention head size: the config's head_dim where it sets one (Qwen3, Gemma 3), else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
     """LlamaRMSNorm: normalise in fp32, scale in the input dtype. With ``offset`` (Gemma3RMSNorm): scale by
     (offset + w) in fp32, then cast."""
@@ -216,7 +221,7 @@ class DenseParts:
     what the layers compute besides their weights (``style``, each layer's type: Gemma 3's sliding and global
     layers have their own rotary tables and windows)."""
 
-    def __init__(self, embed_tokens: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, rotary_emb,
+    def __init__(self, embed_tokens: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor | None, rotary_emb,
                  head_dim: int, eps: float, num_heads: int, num_kv_heads: int, num_layers: int,
                  style: LayerMath = LLAMA_MATH, layer_types: list[str] | None = None,
                  sliding_window: int | None = None):
@@ -227,26 +232,27 @@ class DenseParts:
         self.style, self.layer_types, self.sliding_window = style, layer_types, sliding_window
 
     @classmethod
-    def from_model(cls, model) -> "DenseParts":
+    def from_model(cls, model, with_head: bool = True) -> "DenseParts":
+        """``with_head=False``: a StreamedModel's LM head is not read (its ``logits`` then cannot run)."""
         if isinstance(model, StreamedModel):
-            return cls.from_streamed(model)
+            return cls.from_streamed(model, with_head)
         config = model.config
         return cls(embed_tokens=model.model.embed_tokens.weight.detach(), norm=model.model.norm.weight.detach(),
                    lm_head=model.lm_head.weight.detach(), rotary_emb=model.model.rotary_emb,
                    **cls._config_parts(config))
 
     @classmethod
-    def from_streamed(cls, model: StreamedModel) -> "DenseParts":
+    def from_streamed(cls, model: StreamedModel, with_head: bool = True) -> "DenseParts":
         """The parts of a streamed model, read from its files (in their stored dtype)."""
         embed = model.tensor("model.embed_tokens.weight")
-        return cls(embed_tokens=embed, norm=model.tensor("model.norm.weight"),
-                   lm_head=model.tensor("lm_head.weight") if model.has("lm_head.weight") else embed,
+        head = model.tensor("lm_head.weight") if with_head and model.has("lm_head.weight") else embed
+        return cls(embed_tokens=embed, norm=model.tensor("model.norm.weight"), lm_head=head if with_head else None,
                    rotary_emb=model.rotary_emb, **cls._config_parts(model.config))
 
     @staticmethod
     def _config_parts(config) -> dict:
         sliding = family_of(config).sliding_layers
-        return dict(head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        return dict(head_dim=head_dim_of(config),
                     eps=config.rms_norm_eps, num_heads=config.num_attention_heads,
                     num_kv_heads=config.num_key_value_heads, num_layers=config.num_hidden_layers,
                     style=layer_math(config), layer_types=list(config.layer_types) if sliding else None,

@@ -3,9 +3,10 @@
 Per stage (loading, supernet building, search, the final build, an evaluation pass) it gives the peak device and
 host memory, the disk in use, the bytes written and the work in FLOPs. Every figure comes from what the run uses:
 tyr.models.facts for widths and parameter counts, the recipe for token counts and caches, the coarse-to-fine
-ladders of the search module, and the supernet's own sizing of what it stores. It plans the run as implemented
-today: the dense model loads whole in float32 onto the compute device, and the calibration hidden states stay there
-(streaming weights layer by layer is not implemented yet).
+ladders of the search module, and the supernet's own sizing of what it stores. It plans the run as implemented:
+the dense model is read from its folder one decoder module at a time (in float32 on the compute device while that
+module works), its embedding and LM head stay on the host in their stored dtype, the calibration hidden states stay
+on the compute device, and the pruned model is built on the host in the stored dtype.
 
 Assumptions it cannot read from a config are named in the plan: the sustained FLOP rate (it sets how many
 hidden-state checkpoints a build writes), a process baseline, and the work a search saves by reusing activations
@@ -25,7 +26,7 @@ from tyr.errors import TyrError
 from tyr.models.facts import LayerWidth, decoder_params, layer_params, layer_widths
 
 GiB = 2 ** 30
-BASELINE_BYTES = 1 * GiB            # Python, torch and transformers in a process, before any tensor
+BASELINE_BYTES = GiB // 2           # Python, torch, transformers and a tokenizer in a process, before any tensor
 MANIFEST_BYTES_PER_INDEX = 16       # a kept head / channel in the supernet manifest (indented JSON)
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 EVAL_TOKENS, EVAL_BATCH, EVAL_SEQ = 32 * 512, 4, 512     # `tyr eval`'s defaults: 32 blocks of 512, batches of 4
@@ -39,6 +40,7 @@ class StagePlan(BaseModel):
     written_bytes: int = Field(description="bytes written to disk during the stage")
     flops: float
     notes: list[str] = []
+    in_prune: bool = Field(True, description="part of `tyr prune` (the evaluation pass is a separate `tyr eval`)")
 
 
 class RunPlan(BaseModel):
@@ -59,11 +61,12 @@ class RunPlan(BaseModel):
 
     @property
     def peak_device(self) -> int:
-        return max(s.device_bytes for s in self.stages)
+        """The prune's peak device memory (its stages, not the evaluation)."""
+        return max(s.device_bytes for s in self.stages if s.in_prune)
 
     @property
     def peak_host(self) -> int:
-        return max(s.host_bytes for s in self.stages)
+        return max(s.host_bytes for s in self.stages if s.in_prune)
 
 
 # ----- the model, from its config -----
@@ -136,7 +139,7 @@ def plan_prune(config_path: str | Path, recipe="fast", sparsity: float = 0.5, de
     folder = folder if folder.is_dir() else folder.parent
     if tokenizer_bytes is None:
         tokenizer_bytes = sum(p.stat().st_size for p in folder.glob("tokenizer*") if p.is_file())
-    context = _Context(config, recipe, sparsity, gpu, tflops, tokenizer_bytes)
+    context = _Context(config, recipe, sparsity, device_memory, tflops, tokenizer_bytes)
     stages = [context.load(), context.supernet(), context.search(), context.final(), context.evaluation()]
     plan = RunPlan(model=str(config_path), recipe=recipe.name, sparsity=sparsity, device="gpu" if gpu else "cpu",
                    device_memory=device_memory, host_memory=host_memory, weights_dtype=context.stored,
@@ -145,24 +148,31 @@ def plan_prune(config_path: str | Path, recipe="fast", sparsity: float = 0.5, de
                    fits=True, advice=[])
     plan.advice = context.advice(plan)
     plan.fits = not any(a.startswith("does not fit") for a in plan.advice)
+    plan.advice += context.evaluation_advice(plan)
     return plan
 
 
 class _Context:
     """One plan's inputs and the sizes every stage shares."""
 
-    def __init__(self, config, recipe, sparsity: float, gpu: bool, tflops: float, tokenizer_bytes: int):
+    def __init__(self, config, recipe, sparsity: float, device_memory: int | None, tflops: float,
+                 tokenizer_bytes: int):
         import torch
 
         from tyr.compressor.supernet import hidden_dtype, narrower
 
-        self.config, self.recipe, self.sparsity, self.gpu = config, recipe, sparsity, gpu
+        self.config, self.recipe, self.sparsity = config, recipe, sparsity
+        self.device_memory, self.gpu = device_memory, device_memory is not None
         self.rate, self.tokenizer_bytes = tflops * 1e12, tokenizer_bytes
         self.sizes = _Sizes.of(config, sparsity)
         self.stored = weights_dtype(config)
         self.store = narrower(torch.float32, getattr(torch, self.stored, torch.float32))
         self.hidden_itemsize = hidden_dtype(self.store).itemsize
-        self.model_bytes = 4 * self.sizes.total           # prune loads the dense model in float32
+        self.store_bytes = self.store.itemsize
+        # Streamed: only one decoder module is resident (in float32 while it works), plus the embedding and LM head
+        # in their stored dtype on the host.
+        self.module_bytes = 4 * max(max(layer_params(config, width)) for width in layer_widths(config))
+        self.parts_bytes = self.store_bytes * (self.sizes.total - self.sizes.decoder)
         calibration = recipe.calibration
         self.tokens = calibration.tokens
         self.hidden_bytes = self.tokens * config.hidden_size * self.hidden_itemsize
@@ -171,38 +181,57 @@ class _Context:
     # ----- stages -----
 
     def load(self) -> StagePlan:
-        device = self.model_bytes
-        return StagePlan(name="load model", device_bytes=device, host_bytes=BASELINE_BYTES + self.model_bytes,
+        return StagePlan(name="load model", device_bytes=0, host_bytes=BASELINE_BYTES + self.largest_tensor,
                          disk_bytes=0, written_bytes=0, flops=0.0,
-                         notes=["the dense model in float32 (transformers loads it on the host first)"])
+                         notes=["config, tokenizer and tensor headers; every tensor is read once, one at a time, "
+                                "to fingerprint the weights"])
 
     def supernet(self) -> StagePlan:
         """The largest iteration's build: the model, the hidden states and one module's working set on the
         device; the previous best supernet and a checkpoint beside the new one on disk."""
         work = max(self._module_work(kind, levels) for s in self.supernets for kind, levels in s.ladders)
-        device = self.model_bytes + self.hidden_bytes + work
+        on_host = self.hidden_on_host
+        device = self.module_bytes + (0 if on_host else self.hidden_bytes) + work
         checkpointing = any(s.checkpoints for s in self.supernets)
-        host_stage = BASELINE_BYTES + self.tokens * 8 + (self.hidden_bytes if checkpointing else 0)
-        host = host_stage + (0 if self.gpu else device)
+        # The embedding (not the head) is read to embed the tokens, and freed before the first module.
+        embedding = self.store_bytes * self.sizes.head
+        host = (BASELINE_BYTES + self.tokens * 8 + (self.hidden_bytes if checkpointing or on_host else 0)
+                + (embedding if self.gpu else max(embedding, device)))
         disk = self.supernets_on_disk + (2 * self.checkpoint_bytes if checkpointing else 0)
         notes = [f"{len(self.supernets)} supernets of {', '.join(_gib(s.disk) for s in self.supernets)} "
-                 f"({str(self.store).removeprefix('torch.')}); hidden states {_gib(self.hidden_bytes)} "
-                 f"({self.tokens:,} tokens); {sum(s.checkpoints for s in self.supernets)} checkpoints of "
+                 f"({self.stored_name}); hidden states {_gib(self.hidden_bytes)} "
+                 f"({self.tokens:,} tokens, {'in host memory' if on_host else 'on the device'}); "
+                 f"{sum(s.checkpoints for s in self.supernets)} checkpoints of "
                  f"{_gib(self.checkpoint_bytes)} at {self.rate / 1e12:g} TFLOP/s"]
         return StagePlan(name="calibration + supernet", device_bytes=device, host_bytes=host,
                          disk_bytes=disk, written_bytes=sum(s.written for s in self.supernets),
                          flops=sum(s.flops for s in self.supernets), notes=notes)
 
     def search(self) -> StagePlan:
+        from tyr.compressor.fitness import POSITIONS_PER_CHUNK
+        from tyr.compressor.recipes import fitness_dtype
+
         search, config = self.recipe.search, self.config
-        cbytes = 2 if self.gpu else 4
-        batch_tokens = search.batch_tokens
-        logits = batch_tokens * config.vocab_size * (cbytes + 8)       # logits, their float32 log-softmax
-        states = 4 * batch_tokens * config.hidden_size * 4
-        caches = (search.weight_cache_mb + search.activation_cache_mb) * 2 ** 20
-        device = self.model_bytes + self.sizes.head * cbytes + caches + states + logits
+        # The GPU's compute dtype, or what this machine's CPU computes the fitness in.
+        cbytes = 2 if self.gpu else fitness_dtype(search.dtype, "cpu").itemsize
+        positions = max(search.batch_sequences, POSITIONS_PER_CHUNK)
+        logits = positions * config.vocab_size * (cbytes + 8)     # a chunk's logits, float32 copy, log-softmax
+        states = 4 * search.batch_tokens * config.hidden_size * 4
+        # The caches fill up to their caps, or to all there is: every module's anchor states on the last stage's
+        # batches, every candidate's weights in the compute dtype.
+        modules = 2 * config.num_hidden_layers
+        activations = modules * search.stage_batches()[-1] * search.batch_tokens * config.hidden_size * 4
+        weights = max(sum(sum(1 - level for level in levels) for _, levels in s.ladders) / 2 for s in self.supernets)
+        weights = weights * self.sizes.decoder * cbytes
+        caches = (min(search.activation_cache_mb * 2 ** 20, activations)
+                  + min(search.weight_cache_mb * 2 ** 20, weights))
+        # The dense targets run all pool sequences through one module at a time (float32); the search then holds
+        # the LM head in its compute dtype, its caches and one batch's states and logits.
+        dense_pass = search.pool_size * config.hidden_size * 4 + self.module_bytes + logits
+        head = 0 if cbytes == self.store_bytes and not self.gpu else self.sizes.head * cbytes
+        device = max(dense_pass, head + caches + states + logits)
         targets = search.pool_size * min(search.kl_top_k, config.vocab_size) * 8
-        host = BASELINE_BYTES + targets + (0 if self.gpu else device)
+        host = BASELINE_BYTES + self.parts_bytes + targets + (0 if self.gpu else device)
         per_token = 2 * ((1 - self.sparsity) * self.sizes.decoder + self.sizes.head) + self._attention_flops(
             search.seq_len)
         scored = sum(self._scored_tokens(i) for i in range(self.recipe.iterations))
@@ -216,22 +245,45 @@ class _Context:
                                 "the savings of activation reuse"])
 
     def final(self) -> StagePlan:
-        pruned = 4 * self.sizes.pruned           # saved in float32, as the model is held
+        from tyr.models.io import SHARD_BYTES
+
+        pruned = self.store_bytes * self.sizes.pruned     # written in the stored dtype
         output = pruned + self.tokenizer_bytes + 64 * 1024
-        device = self.model_bytes + pruned
-        host = BASELINE_BYTES + (pruned if self.gpu else device)
-        return StagePlan(name="final build", device_bytes=device, host_bytes=host,
+        # Written a shard at a time: the shard being filled, plus the dense layer being sliced into it.
+        layer = self.store_bytes * max(sum(layer_params(self.config, w)) for w in layer_widths(self.config))
+        host = BASELINE_BYTES + min(pruned, SHARD_BYTES + max(self.largest_tensor, layer)) + layer
+        return StagePlan(name="final build", device_bytes=0, host_bytes=host,
                          disk_bytes=max(s.disk for s in self.supernets) + output, written_bytes=output, flops=0.0,
-                         notes=["the pruned model is written in float32"])
+                         notes=[f"the pruned model is written in {self.stored_name}, in shards of at most "
+                                f"{_gib(SHARD_BYTES)}"])
 
     def evaluation(self) -> StagePlan:
         device = 4 * (self.sizes.total + self.sizes.pruned) + 3 * EVAL_BATCH * EVAL_SEQ * self.config.vocab_size * 4
         host = BASELINE_BYTES + (0 if self.gpu else device)
         flops = EVAL_TOKENS * (2 * (self.sizes.total + self.sizes.pruned) + 2 * self._attention_flops(EVAL_SEQ))
-        return StagePlan(name="eval (perplexity + KL)", device_bytes=device, host_bytes=host, disk_bytes=0,
+        return StagePlan(name="eval (perplexity + KL)", in_prune=False, device_bytes=device, host_bytes=host,
+                         disk_bytes=0,
                          written_bytes=0, flops=flops,
                          notes=[f"`tyr eval` defaults: {EVAL_TOKENS:,} tokens, dense reference beside the pruned "
                                 "model, both in float32"])
+
+    @property
+    def hidden_on_host(self) -> bool:
+        """Where the builder keeps the hidden states (supernet.hidden_device; a GPU starts the build nearly empty)."""
+        setting = self.recipe.memory.hidden_states
+        if not self.gpu or setting == "device":
+            return False
+        return setting == "host" or self.hidden_bytes > self.device_memory // 2
+
+    @property
+    def largest_tensor(self) -> int:
+        """Bytes of the largest stored tensor (the embedding, or an FFN projection): the most read at once."""
+        c = self.config
+        return self.store_bytes * max(c.vocab_size * c.hidden_size, c.intermediate_size * c.hidden_size)
+
+    @property
+    def stored_name(self) -> str:
+        return str(self.store).removeprefix("torch.")
 
     # ----- the supernets -----
 
@@ -349,19 +401,18 @@ class _Context:
         """For each stage over the device budget, the setting that brings it within (when one does)."""
         budget, out = plan.device_memory, []
         stages = {s.name: s for s in plan.stages}
-        if self.model_bytes >= budget:
-            return [f"  the dense model alone takes {_gib(self.model_bytes)} in float32, and `tyr prune` holds it "
-                    "whole (only the supernet builder streams it yet); run on a device of that size, or on the CPU "
-                    "(--device cpu) with host memory for it"]
         supernet = stages["calibration + supernet"]
         if supernet.device_bytes > budget:
             spare = budget - (supernet.device_bytes - self.hidden_bytes)
             per_sequence = self.hidden_bytes // self.recipe.calibration.num_sequences
-            if spare >= per_sequence:
-                out.append(f"  fewer calibration tokens: calibration.num_sequences <= {spare // per_sequence} (of "
-                           f"{self.recipe.calibration.num_sequences}) keeps the supernet build within the device")
-            else:
-                out.append("  the supernet build's working set (model, one module's Hessian, solver and "
+            if not self.hidden_on_host and spare >= 0:
+                out.append(f"  memory.hidden_states: host keeps the {_gib(self.hidden_bytes)} of hidden states in host "
+                           "memory and brings the supernet build within the device")
+            if not self.hidden_on_host and spare >= per_sequence:
+                out.append(f"  or fewer calibration tokens: calibration.num_sequences <= {spare // per_sequence} (of "
+                           f"{self.recipe.calibration.num_sequences})")
+            elif spare < 0 or self.hidden_on_host:
+                out.append("  the supernet build's working set (one module's weights, Hessian, solver and "
                            "activations) exceeds the device even without hidden states")
         search = stages["search"]
         caches = (self.recipe.search.weight_cache_mb + self.recipe.search.activation_cache_mb) * 2 ** 20
@@ -370,10 +421,14 @@ class _Context:
             out.append(f"  smaller search caches: search.weight_cache_mb + search.activation_cache_mb <= "
                        f"{max(spare, 0) // 2 ** 20} (now {caches // 2 ** 20})" if spare > 0 else
                        "  the search's model and logits exceed the device even without caches")
-        for name in ("final build", "eval (perplexity + KL)"):
-            if stages[name].device_bytes > budget:
-                out.append(f"  {name}: needs {_gib(stages[name].device_bytes)}; run it on the CPU (--device cpu)")
         return out
+
+    def evaluation_advice(self, plan: RunPlan) -> list[str]:
+        evaluation = next(s for s in plan.stages if not s.in_prune)
+        if plan.device_memory is None or evaluation.device_bytes <= plan.device_memory:
+            return []
+        return [f"note: `tyr eval` of the dense and pruned models in float32 needs {_gib(evaluation.device_bytes)} of "
+                "device memory: run it with --device cpu"]
 
 
 def _gib(n: float) -> str:

@@ -48,6 +48,8 @@ from tyr.compressor.search import (GenerationRecord, ModuleLadder, SearchSpace, 
 from tyr.errors import TyrError
 from tyr.fingerprint import fingerprint
 from tyr.models.facts import check_width_rules, layer_widths, module_params, total_params
+from tyr.models.slicing import SlicedTensors
+from tyr.models.streaming import StreamedModel
 from tyr.compressor.latency import LatencyTable
 
 if TYPE_CHECKING:
@@ -56,6 +58,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METHODS = ("tyr", "uniform", "magnitude", "flap")
+# Methods that read a local dense model a module at a time instead of loading it (the baselines load it whole).
+STREAMED_METHODS = ("tyr", "uniform")
 
 
 @dataclass
@@ -83,7 +87,7 @@ class LatencyBudget(BaseModel):
 class PruneJob:
     """One run of `prune`: its inputs, checked, and the loaded dense model; every method reads what it needs here."""
 
-    model: torch.nn.Module             # the dense input model, on ``device``, in eval mode
+    model: torch.nn.Module | StreamedModel  # the dense input: loaded (on ``device``, eval mode) or read from disk
     tokenizer: object
     model_name: str
     method: str
@@ -112,7 +116,14 @@ class PruneJob:
 
         config = {k: v for k, v in self.model.config.to_dict().items()
                   if k not in ("_name_or_path", "transformers_version", "architectures", "auto_map")}
-        return fingerprint({"config": config, "weights": tensors_digest(self.model.state_dict().values())})
+        state = self.model.state_dict()
+        return fingerprint({"config": config, "weights": tensors_digest(state[name] for name in state)})
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the dense model runs in here: a loaded model's own; float32 for a streamed one, whose
+        weights are cast a module at a time."""
+        return torch.float32 if isinstance(self.model, StreamedModel) else next(self.model.parameters()).dtype
 
     def supernet_options(self) -> dict:
         """What every supernet build of this job shares: where it runs, and how it reads weights and uses disk."""
@@ -136,15 +147,21 @@ class PruneJob:
 
 @dataclass
 class Pruned:
-    """What a method returns: the pruned model and what the report says about how it was made."""
+    """What a method returns: the pruned model (built, or for a streamed dense model its tensors, written a layer
+    at a time) and what the report says about how it was made."""
 
-    model: torch.nn.Module                   # a TyrLlamaForCausalLM
+    model: torch.nn.Module | None = None     # a TyrLlamaForCausalLM
+    tensors: SlicedTensors | None = None
     levels: list[float] | None = None        # per module (layer 0 attn, layer 0 mlp, ...) when a supernet made it
     nominal: float | None = None             # the searched distribution's nominal sparsity
     iterations: list[IterationReport] = field(default_factory=list)
     calibration_tokens: int = 0
     selection_tokens: int = 0
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def config(self):
+        return self.model.config if self.model is not None else self.tensors.config
 
 
 class IterationOutcome(BaseModel):
@@ -190,7 +207,8 @@ def prune(model=None, sparsity: float = 0.5, recipe: str | Path | Recipe = "fast
         with _outputs_claimed(out_dir, work_dir), counting_writes() as written:
             started, meter = time.perf_counter(), StageMeter(device, folders=(work_dir, out_dir))
             with meter.stage("load model"):
-                model, tokenizer, model_name, model_folder = _load(model, tokenizer, device)
+                model, tokenizer, model_name, model_folder = _load(model, tokenizer, device,
+                                                                   stream=method in STREAMED_METHODS)
             check_width_rules(layer_widths(model.config)[0], recipe.local_pruner.width_rules)
             job = PruneJob(model=model, tokenizer=tokenizer, model_name=model_name, method=method,
                            sparsity=float(sparsity), recipe=recipe, text=TextSource.parse(text), out_dir=out_dir,
@@ -217,13 +235,19 @@ def _outputs_claimed(out_dir: Path, work_dir: Path) -> Iterator[None]:
         yield
 
 
-def _load(model, tokenizer, device: str):
+def _load(model, tokenizer, device: str, stream: bool):
     """(model, tokenizer, name, folder) from a folder, "default", a hub id, or an already loaded model and its
-    tokenizer; folder: the local safetensors folder the weights came from (None for a loaded model)."""
-    from tyr.models.io import load_model, resolve_model_path
+    tokenizer; folder: the local safetensors folder the weights came from (None for a loaded model). With
+    ``stream``, the folder (a hub id's fetched into the hub cache) is not loaded but read a module at a time (a
+    StreamedModel, in its stored dtype)."""
+    from tyr.models.io import load_model, load_tokenizer, local_model_folder, resolve_model_path
 
     if model is None or isinstance(model, (str, Path)):
-        name, path = str(model or "default"), resolve_model_path(model)
+        name = str(model or "default")
+        if stream:
+            folder = local_model_folder(model)
+            return StreamedModel(folder), load_tokenizer(folder), name, folder
+        path = resolve_model_path(model)
         model, tokenizer = load_model(path, dtype=torch.float32, device=device)
         return model, tokenizer, name, Path(path) if Path(path).is_dir() else None
     if tokenizer is None:
@@ -241,9 +265,8 @@ def _run(job: PruneJob, started: float, keep_model: bool) -> PruneResult:
         if distributed.world_size() > 1:
             pruned.notes.append(f"pruned by {distributed.world_size()} processes under torchrun "
                                 f"({distributed.backend()})")
-        report = _report(job, pruned)
         if distributed.is_main():
-            paths = _save(job, pruned.model, report, started)
+            report, paths = _save(job, pruned, started)
         distributed.barrier()      # the folder is published before any rank returns
         if not distributed.is_main():
             report = PruneReport.model_validate_json((job.out_dir / REPORT_JSON).read_text(encoding="utf-8"))
@@ -251,8 +274,12 @@ def _run(job: PruneJob, started: float, keep_model: bool) -> PruneResult:
     if not job.recipe.keep_supernets:
         log.info("pruned model written to %s; work files stay in %s (delete them when done)", job.out_dir,
                  job.work_dir)
-    return PruneResult(out_dir=job.out_dir, report=report, report_paths=paths,
-                       model=pruned.model if keep_model else None)
+    model = pruned.model
+    if keep_model and model is None:
+        from tyr.models.io import load_model
+
+        model = load_model(job.out_dir, dtype=pruned.tensors.dtype)[0]
+    return PruneResult(out_dir=job.out_dir, report=report, report_paths=paths, model=model if keep_model else None)
 
 
 # ----- the methods -----
@@ -292,8 +319,8 @@ def _prune_uniform(job: PruneJob) -> Pruned:
                        eea=job.recipe.eea, current_levels=levels, settings=job.recipe.local_pruner,
                        **job.supernet_options())
     with job.meter.stage("assemble"):
-        model = Supernet.open(supernet_dir).assemble(job.model, [0] * len(levels))
-    return Pruned(model=model, levels=levels, calibration_tokens=calibration.numel())
+        chosen = _assembled(job, Supernet.open(supernet_dir, cache_size=0), [0] * len(levels))
+    return Pruned(**chosen, levels=levels, calibration_tokens=calibration.numel())
 
 
 def _prune_tyr(job: PruneJob) -> Pruned:
@@ -305,7 +332,7 @@ def _prune_tyr(job: PruneJob) -> Pruned:
         table = job.latency.table
         pruned.notes.append(f"latency budget {job.latency.max_ms:.3f} ms per decode step ({table.method}, "
                             f"{table.device_name}); predicted for the output: "
-                            f"{table.predict_latency(layer_widths(pruned.model.config)):.3f} ms, dense "
+                            f"{table.predict_latency(layer_widths(pruned.config)):.3f} ms, dense "
                             f"{table.predict_latency(layer_widths(job.model.config)):.3f} ms")
     return pruned
 
@@ -349,13 +376,13 @@ class _CoarseToFine:
             if not self.recipe.keep_supernets:
                 self.drop_supernets(supernet_dirs, best)
         chosen = outcomes[best]
-        model = self.assemble(supernet_dirs[best], chosen)
+        assembled = self.assemble(supernet_dirs[best], chosen)
         for outcome in outcomes:
             outcome.report.selected = outcome.report.iteration == best
         dense_params = [p for _, _, p in self.modules]
         nominal = (self.job.sparsity
                    + self.unit * sum(p * t for p, t in zip(dense_params, chosen.ticks)) / sum(dense_params))
-        return Pruned(model=model, levels=[self.level(t) for t in chosen.ticks], nominal=nominal,
+        return Pruned(**assembled, levels=[self.level(t) for t in chosen.ticks], nominal=nominal,
                       iterations=[o.report for o in outcomes])
 
     def level(self, tick: int) -> float:
@@ -439,13 +466,21 @@ class _CoarseToFine:
             if j != best and directory.exists() and directory.is_relative_to(self.job.work_dir):
                 shutil.rmtree(directory, ignore_errors=True)
 
-    def assemble(self, directory: Path, chosen: IterationOutcome):
+    def assemble(self, directory: Path, chosen: IterationOutcome) -> dict:
         from tyr.compressor.supernet import MANIFEST, Supernet
 
         with self.job.meter.stage("assemble"):
             if not (directory / MANIFEST).is_file():   # removed by hand: rebuild it (deterministic)
                 self.build(directory, chosen.ladders, chosen.start_ticks)
-            return Supernet.open(directory).assemble(self.job.model, chosen.choice)
+            return _assembled(self.job, Supernet.open(directory, cache_size=0), chosen.choice)
+
+
+def _assembled(job: PruneJob, supernet, choice: list[int]) -> dict:
+    """Pruned's model fields for a choice: the model built from a loaded dense model, or a streamed dense model's
+    pruned tensors (written a layer at a time by _save)."""
+    if isinstance(job.model, StreamedModel):
+        return {"tensors": supernet.pruned_tensors(job.model, choice)}
+    return {"model": supernet.assemble(job.model, choice)}
 
 
 def _search(job: PruneJob, supernet_dir: Path, space: SearchSpace, start: tuple[int, ...], targets, iteration: int):
@@ -454,12 +489,12 @@ def _search(job: PruneJob, supernet_dir: Path, space: SearchSpace, start: tuple[
     from tyr.compressor.supernet import Supernet
 
     settings, device = job.recipe.search, job.device
-    supernet = Supernet.open(supernet_dir)
+    supernet = Supernet.open(supernet_dir, cache_size=0)     # the fitness keeps its own cache, capped in bytes
     fitness = SupernetKL(DenseParts.from_model(job.model), supernet.weights, [m.kind for m in space.modules], targets,
                          settings.batch_sequences, reuse_activations=settings.reuse_activations,
                          activation_cache_mb=settings.activation_cache_mb, weight_cache_mb=settings.weight_cache_mb,
                          cached_batches=settings.stage_batches()[-1], device=device,
-                         dtype=next(job.model.parameters()).dtype,
+                         dtype=job.dtype,
                          compute_dtype=fitness_dtype(settings.dtype, device))
     on_generation = job.on_generation
     callback = (lambda record: on_generation(iteration, record)) if on_generation else None
@@ -501,12 +536,13 @@ def _dense_targets(job: PruneJob, selection: torch.LongTensor):
     path = None
     if job.supernet_cache is not None:
         key = fingerprint({"model": job.model_digest, "ids": ids_digest(selection), "top_k": search.kl_top_k,
-                           "dtype": str(job.model.dtype), "device": torch.device(job.device).type}, 16)
+                           "dtype": str(job.dtype), "device": torch.device(job.device).type}, 16)
         path = job.supernet_cache / f"targets-{key}.safetensors"
         if path.is_file():
             log.info("dense targets: reusing %s", path)
             return SelectionTargets(**load_file(path))
-    targets = dense_targets(job.model, selection, search.kl_top_k, search.batch_sequences, progress=job.progress)
+    targets = dense_targets(job.model, selection, search.kl_top_k, search.batch_sequences, progress=job.progress,
+                            device=job.device, dtype=job.dtype)
     if path is not None and distributed.is_main():
         atomic_save_tensors(vars(targets), path)
     return targets
@@ -571,12 +607,13 @@ def _claim_work_dir(job: PruneJob) -> None:
     atomic_write_json(path, {"digest": digest, "model": job.model_name, "text": job.text.describe(), **identity})
 
 
-def _report(job: PruneJob, pruned: Pruned) -> PruneReport:
-    dense_modules, pruned_modules = module_params(job.model), module_params(pruned.model)
+def _report(job: PruneJob, pruned: Pruned, written: StreamedModel) -> PruneReport:
+    """The report of a pruned model, counted from the folder it was written to."""
+    dense_modules, pruned_modules = module_params(job.model), module_params(written)
     levels = pruned.levels
     layers = []
     for i, ((da, dm), (pa, pm), (h, kv, ffn)) in enumerate(zip(dense_modules, pruned_modules,
-                                                               layer_widths(pruned.model.config))):
+                                                               layer_widths(written.config))):
         layers.append(LayerReport(layer=i, heads=h, kv_heads=kv, ffn=ffn, attn_params=pa, mlp_params=pm,
                                   attn_sparsity=1 - pa / da if da else 0.0, mlp_sparsity=1 - pm / dm if dm else 0.0,
                                   attn_level=levels[2 * i] if levels else None,
@@ -588,18 +625,23 @@ def _report(job: PruneJob, pruned: Pruned) -> PruneReport:
         achieved_sparsity=1 - pruned_decoder / dense_decoder, nominal_sparsity=pruned.nominal,
         budget_tolerance=job.recipe.search.budget_tolerance if job.method == "tyr" else None,
         dense_decoder_params=dense_decoder, pruned_decoder_params=pruned_decoder,
-        dense_total_params=total_params(job.model), pruned_total_params=total_params(pruned.model),
+        dense_total_params=total_params(job.model), pruned_total_params=total_params(written),
         recipe=job.recipe.model_dump() if job.method != "magnitude" else None, seed=job.seed, device=str(job.device),
         text_source=job.text.describe(), calibration_tokens=pruned.calibration_tokens,
         selection_tokens=pruned.selection_tokens, layers=layers, iterations=pruned.iterations, notes=pruned.notes)
 
 
-def _save(job: PruneJob, pruned, report: PruneReport, started: float) -> dict[str, Path]:
-    """Save model + report into work_dir/final, then move it to out_dir in one rename."""
-    from tyr.models.io import save_model
+def _save(job: PruneJob, pruned: Pruned, started: float) -> tuple[PruneReport, dict[str, Path]]:
+    """Write the model into work_dir/final, report on it there, then move it to out_dir in one rename."""
+    from tyr.models.io import save_model, save_sliced
 
     staging, out_dir = job.work_dir / "final", job.out_dir
-    save_model(pruned, job.tokenizer, staging, overwrite=True)
+    with job.meter.stage("write model"):
+        if pruned.model is not None:
+            save_model(pruned.model, job.tokenizer, staging, overwrite=True)
+        else:
+            save_sliced(pruned.tensors, job.tokenizer, staging, job.model.generation_config, overwrite=True)
+    report = _report(job, pruned, StreamedModel(staging))
     count_written(tree_bytes(staging))
     report.stages = list(job.meter.stages)
     report.bytes_written = job.written.bytes
@@ -611,4 +653,4 @@ def _save(job: PruneJob, pruned, report: PruneReport, started: float) -> dict[st
         report.peak_gpu_mb = max(s.peak_gpu_mb or 0 for s in job.meter.stages)
     paths = write_report(report, staging)
     publish_dir(staging, out_dir)
-    return {k: out_dir / p.name for k, p in paths.items()}
+    return report, {k: out_dir / p.name for k, p in paths.items()}

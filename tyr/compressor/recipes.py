@@ -195,6 +195,11 @@ class SearchRecipe(_Strict):
 class MemoryRecipe(_Strict):
     """How a run uses memory and disk; none of it changes the result, so a run resumes under other values."""
 
+    hidden_states: Literal["auto", "device", "host"] = Field(
+        "auto", description="where the supernet builder keeps the calibration hidden states: on the compute device, "
+        "or in host memory with one chunk at a time on the device (auto: the device while they take at most half "
+        "of its free memory)")
+
     checkpoint_seconds: float = Field(300, ge=0, le=86_400, description="the supernet builder checkpoints its "
                                       "hidden states at most this often (0: after every module); a killed build "
                                       "redoes the modules since the last checkpoint")

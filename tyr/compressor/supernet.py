@@ -43,17 +43,17 @@ from tqdm.auto import tqdm
 
 from tyr.atomic import atomic_save_tensors, atomic_write_json
 from tyr.compressor import calibration, distributed
-from tyr.compressor.layerwise import (KINDS, DenseParts, attention_heads, mlp_hidden, module_weights, output_norm,
-                                     tensor_name)
+from tyr.compressor.layerwise import (KINDS, DenseParts, attention_heads, head_dim_of, mlp_hidden, module_weights,
+                                     output_norm, tensor_name)
 from tyr.compressor.local_pruner import PrunedLinear, prune_columns_progressively, prune_heads_gqa
 from tyr.compressor.recipes import EEAMode, LocalPrunerRecipe, MemoryRecipe
 from tyr.device import resolve_device
 from tyr.errors import TyrError
 from tyr.fingerprint import fingerprint
-from tyr.models.facts import (LayerWidth, StoredTensor, WidthRules, check_width_rules, ffn_width, gqa_widths,
-                              layer_params, layer_widths, tensor_index)
+from tyr.models.facts import (SAFETENSORS_DTYPES, LayerWidth, StoredTensor, WidthRules, check_width_rules, ffn_width,
+                              gqa_widths, layer_params, layer_widths, tensor_index)
 from tyr.models.families import family_of
-from tyr.models.slicing import LayerKeep, slice_model
+from tyr.models.slicing import LayerKeep, SlicedTensors, build_model, sliced_tensors
 from tyr.models.streaming import StreamedModel
 
 FORMAT_VERSION = 2
@@ -61,7 +61,6 @@ MANIFEST = "manifest.json"
 DEFAULT_LADDER = [i / 8 for i in range(9)]
 OUTPUT_PROJECTION = {"attn": "o_proj", "mlp": "down_proj"}   # the linear layer whose input columns are pruned
 TENSOR_HEADER_BYTES = 80        # a tensor's entry in a safetensors header, about
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 class TensorRef(BaseModel):
@@ -276,10 +275,13 @@ def build_supernet(model, calibration_ids: torch.Tensor, out_dir: str | Path, la
         found = None      # the files it reads the dense weights from changed: rebuild it
     if found is not None and found.complete:
         return found
+    store = getattr(torch, manifest.store_dtype)
     builder = _ModuleBuilder(model, ladders, eea, current_levels, settings, out_dir, device,
-                             seq_len=calibration_ids.shape[1], store=getattr(torch, manifest.store_dtype),
-                             index=index, block_sequences=block_sequences)
-    hidden = _resume(found, manifest, out_dir, device)
+                             seq_len=calibration_ids.shape[1], store=store, index=index,
+                             block_sequences=block_sequences, memory=memory,
+                             hidden_bytes=calibration_ids.numel() * model.config.hidden_size
+                             * hidden_dtype(store).itemsize)
+    hidden = _resume(found, manifest, out_dir, builder.hidden_device)
     distributed.barrier()        # every rank has read the partial build before rank 0 writes over it
     if not manifest.modules and distributed.is_main():  # the folder is this build's from now on
         _write_manifest(manifest, out_dir)
@@ -340,7 +342,9 @@ def store_dtype(model, index: dict[str, StoredTensor] | None) -> torch.dtype:
     """The dtype candidates are stored in: the dense weights' stored dtype (the model's, if it holds them in a
     narrower one or they come from no files)."""
     stored = index.get(tensor_name(0, "attn", "o_proj")) if index else None
-    return narrower(_dtype(model), SAFETENSORS_DTYPES.get(stored.dtype) if stored else None)
+    file_dtype = getattr(torch, SAFETENSORS_DTYPES[stored.dtype]) if stored and stored.dtype in SAFETENSORS_DTYPES \
+        else None
+    return narrower(_dtype(model), file_dtype)
 
 
 def _dtype(model) -> torch.dtype:
@@ -353,6 +357,17 @@ def _layer_tensors(model) -> Iterator[torch.Tensor]:
     if isinstance(model, StreamedModel):
         return (t for _, t in model.layer_tensors())
     return (t for name, t in model.state_dict().items() if name.startswith("model.layers."))
+
+
+def hidden_device(setting: str, device: torch.device, hidden_bytes: int) -> torch.device:
+    """Where the calibration hidden states live (recipe ``memory.hidden_states``): the compute device, or the
+    host when asked or when on a GPU they would take more than half of its free memory."""
+    if device.type == "cpu" or setting == "device":
+        return device
+    if setting == "host":
+        return torch.device("cpu")
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    return device if free is None or hidden_bytes <= free // 2 else torch.device("cpu")
 
 
 def narrower(model_dtype: torch.dtype, file_dtype: torch.dtype | None) -> torch.dtype:
@@ -413,7 +428,7 @@ def _new_manifest(model, calibration_ids: torch.Tensor, ladders: list[list[float
     digest = fingerprint(identity)
     return SupernetManifest(
         model=model_name or getattr(config, "_name_or_path", "") or "model", hidden_size=config.hidden_size,
-        head_dim=DenseParts.from_model(model).head_dim, num_layers=config.num_hidden_layers,
+        head_dim=head_dim_of(config), num_layers=config.num_hidden_layers,
         family=family_of(config).name,
         num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
         intermediate_size=config.intermediate_size, dtype=str(dtype).removeprefix("torch."),
@@ -474,22 +489,24 @@ class _ModuleBuilder:
     def __init__(self, model, ladders: list[list[float]], eea: str, current_levels: list[float] | None,
                  settings: LocalPrunerRecipe, out_dir: Path, device: torch.device, seq_len: int,
                  store: torch.dtype, index: dict[str, StoredTensor] | None,
-                 block_sequences: int | None = None):
+                 block_sequences: int | None = None, memory: MemoryRecipe = MemoryRecipe(), hidden_bytes: int = 0):
         self.model, self.config = model, model.config
         self.ladders, self.eea, self.current_levels = ladders, eea, current_levels
         self.settings, self.out_dir, self.device = settings, out_dir, device
         self.block_sequences = block_sequences
-        self.parts = DenseParts.from_model(model)
+        self.parts = DenseParts.from_model(model, with_head=False)   # the builder never needs logits
         self.store, self.hidden_dtype, self.index = store, hidden_dtype(store), index
         self.bytes_written = 0      # by the module files
         self.positions = self.parts.positions(seq_len, device=device)
+        self.hidden_device = hidden_device(memory.hidden_states, device, hidden_bytes)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The first module's input, embedded a memory chunk at a time (no float32 copy of it all)."""
-        hidden = torch.empty(*ids.shape, self.config.hidden_size, dtype=self.hidden_dtype, device=self.device)
+        hidden = torch.empty(*ids.shape, self.config.hidden_size, dtype=self.hidden_dtype, device=self.hidden_device)
         table = self.parts.embed_tokens
         for sl in calibration.sequence_chunks(ids.shape[0], ids.shape[1], self.config.hidden_size):
-            hidden[sl] = self.parts.embed(ids[sl].to(table.device)).to(self.device, self.hidden_dtype)
+            hidden[sl] = self.parts.embed(ids[sl].to(table.device)).to(self.hidden_device, self.hidden_dtype)
+        self.parts.embed_tokens = None       # only the first module's input needs the table: free it
         return hidden
 
     def build(self, index: int, hidden: torch.Tensor, done: int) -> ModuleCandidates:
@@ -498,7 +515,7 @@ class _ModuleBuilder:
         dense = {k: v.to(self.device, torch.float32) for k, v in module_weights(self.model, layer, kind).items()}
         W = dense[OUTPUT_PROJECTION[kind]]
         inputs = calibration.ModuleInputs(hidden, self._activation(kind, dense, layer), W.shape[1],
-                                          block_sequences=self.block_sequences)
+                                          block_sequences=self.block_sequences, device=self.device)
         levels = self.ladders[index]
         pruned = _prune_module(kind, W, inputs.hessian(), levels, self.config, self.settings)
         record = _candidates_record(index, kind, levels, pruned, self.config)
@@ -572,7 +589,7 @@ class _ModuleBuilder:
             if bias is not None:
                 update += bias_weight * bias
             update = output_norm(update, dense, kind, self.parts.eps, self.parts.style)  # Gemma 3's post-norms
-            hidden[sl] = (hidden[sl].to(torch.float32) + update).to(hidden.dtype)
+            hidden[sl] = (hidden[sl].to(self.device, torch.float32) + update).to(hidden.device, hidden.dtype)
         distributed.share_rows(hidden, inputs.slices)
 
 
@@ -695,7 +712,15 @@ class Supernet:
 
     @torch.no_grad()
     def assemble(self, model, choice: list[int]):
-        """The physically smaller TyrLlamaForCausalLM made of the chosen candidates (embeddings etc. from ``model``)."""
+        """The physically smaller tyr model made of the chosen candidates (embeddings etc. from ``model``), in the
+        dtype ``model`` holds or stores its weights in."""
+        tensors = self.pruned_tensors(model, choice)
+        device = "cpu" if isinstance(model, StreamedModel) else next(model.parameters()).device
+        return build_model(tensors, model.generation_config, device)
+
+    def pruned_tensors(self, model, choice: list[int]) -> SlicedTensors:
+        """The chosen model as a stream of tensors (slicing.sliced_tensors with each module's refitted output
+        projection from its candidate file), to build or to write a layer at a time."""
         self._check_choice(choice)
         config, m = model.config, self.manifest
         if (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.intermediate_size) != \
@@ -705,10 +730,18 @@ class Supernet:
         records = m.modules
         keeps = [LayerKeep(keep_heads=records[2 * i].keep[choice[2 * i]],
                            keep_ffn=records[2 * i + 1].keep[choice[2 * i + 1]]) for i in range(m.num_layers)]
-        pruned = slice_model(model, keeps)
-        for i, layer in enumerate(pruned.model.layers):
-            if layer.self_attn is not None:
-                layer.self_attn.o_proj.weight.copy_(self.weights(2 * i, choice[2 * i])["o_proj"])
-            if layer.mlp is not None:
-                layer.mlp.down_proj.weight.copy_(self.weights(2 * i + 1, choice[2 * i + 1])["down_proj"])
-        return pruned
+        sliced = sliced_tensors(model, keeps)
+        projections = {tensor_name(i // 2, r.kind, OUTPUT_PROJECTION[r.kind]): i for i, r in enumerate(records)}
+
+        def parts() -> Iterator[dict[str, torch.Tensor]]:
+            for part in sliced.parts:
+                yield {name: self.output_projection(projections[name], choice[projections[name]])
+                       if name in projections else tensor for name, tensor in part.items()}
+
+        return sliced._replace(parts=parts())
+
+    def output_projection(self, module: int, candidate: int) -> torch.Tensor:
+        """One candidate's refitted o_proj / down_proj, read alone from its module file."""
+        record = self.manifest.modules[module]
+        with safe_open(self.directory / record.file, framework="pt") as f:
+            return f.get_tensor(f"cand{candidate}.{OUTPUT_PROJECTION[record.kind]}")

@@ -11,6 +11,7 @@ tyr.models.families, so the compressor, the exporters and the benchmarks keep re
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -70,10 +71,13 @@ def decoder_params(config) -> int:
 
 def module_params(model) -> list[tuple[int, int]]:
     """(attention, MLP) parameters of every decoder layer as the loaded modules hold them (biases and norms
-    included); the counts the pruning report and the search budget use."""
+    included), or as a StreamedModel's files hold them; the counts the pruning report and the search budget use."""
     from tyr.models.families import family_of
+    from tyr.models.streaming import StreamedModel
 
     family = family_of(model.config)
+    if isinstance(model, StreamedModel):
+        return stored_module_params(model.shapes, model.config)
 
     def count(layer, block: str, norms: tuple[str, ...]) -> int:
         modules = [getattr(layer, block), *(getattr(layer, norm) for norm in norms)]
@@ -83,8 +87,30 @@ def module_params(model) -> list[tuple[int, int]]:
             for layer in model.model.layers]
 
 
+def stored_module_params(shapes: dict[str, list[int]], config) -> list[tuple[int, int]]:
+    """``module_params`` from a folder's tensor shapes: a block counts its tensors and its norms, and nothing when
+    it has no tensors (removed)."""
+    from tyr.models.families import family_of
+
+    family = family_of(config)
+
+    def count(layer: int, block: str, norms: tuple[str, ...]) -> int:
+        prefix = f"model.layers.{layer}."
+        names = [n for n in shapes if n.startswith(f"{prefix}{block}.")]
+        names += [f"{prefix}{norm}.weight" for norm in norms if names]
+        return sum(math.prod(shapes[n]) for n in names if n in shapes)
+
+    return [(count(i, "self_attn", family.attention_norms), count(i, "mlp", family.mlp_norms))
+            for i in range(config.num_hidden_layers)]
+
+
 def total_params(model) -> int:
-    """Every parameter of a loaded model, a tied embedding and LM head counted once."""
+    """Every parameter of a loaded model (or a StreamedModel's files), a tied embedding and LM head counted once."""
+    from tyr.models.streaming import StreamedModel
+
+    if isinstance(model, StreamedModel):
+        tied = model.config.tie_word_embeddings and "model.embed_tokens.weight" in model.shapes
+        return sum(math.prod(shape) for name, shape in model.shapes.items() if not (tied and name == "lm_head.weight"))
     return sum(p.numel() for p in model.parameters())
 
 
@@ -223,6 +249,10 @@ def file_shapes(path: str | Path) -> dict[str, list[int]]:
             return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
     except (SafetensorError, OSError) as err:
         raise TyrError(f"{path} is truncated or not a readable safetensors file ({err})") from err
+
+
+# safetensors' dtype names (StoredTensor.dtype) -> torch dtypes, for the float dtypes model weights come in.
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 class StoredTensor(NamedTuple):

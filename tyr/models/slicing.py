@@ -7,7 +7,10 @@ produce the same logits, which is how slicing is tested.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator, Mapping
+from typing import NamedTuple
 
 import torch
 from pydantic import BaseModel, Field
@@ -16,6 +19,7 @@ from tyr.errors import TyrError
 from tyr.models.facts import LayerWidth, layer_widths
 from tyr.models.families import TYR_CAUSAL_LM_CLASSES, Family, family_of
 from tyr.models.modeling_tyr_llama import TyrLlamaConfig, TyrLlamaForCausalLM
+from tyr.models.streaming import StreamedModel
 
 # Config fields that describe the dense architecture and are carried over into a TyrLlamaConfig.
 _NOT_CARRIED = {"model_type", "architectures", "auto_map", "per_layer_config", "transformers_version",
@@ -71,16 +75,26 @@ def _rows(weight: torch.Tensor, blocks: list[int], block: int) -> torch.Tensor:
     return weight.index_select(0, index.to(weight.device))
 
 
-def _slice_layer(state: dict, prefix: str, width: LayerWidth, keep: LayerKeep, head_dim: int, where: str,
-                 family: Family) -> tuple[dict, LayerWidth]:
+def _kept_width(width: LayerWidth, keep: LayerKeep, where: str) -> LayerWidth:
+    """The widths a layer has after keeping ``keep``; TyrError naming the layer for indices it does not have."""
     heads, kv_heads, ffn = width.num_attention_heads, width.num_key_value_heads, width.intermediate_size
-    keep_heads, keep_ffn = sorted(set(keep.keep_heads)), sorted(set(keep.keep_ffn))
-    if any(not 0 <= h < heads for h in keep_heads):
+    if any(not 0 <= h < heads for h in keep.keep_heads):
         raise TyrError(f"{where}.keep_heads has indices outside [0, {heads})")
-    if any(not 0 <= c < ffn for c in keep_ffn):
+    if any(not 0 <= c < ffn for c in keep.keep_ffn):
         raise TyrError(f"{where}.keep_ffn has indices outside [0, {ffn})")
-    out = {}
+    keep_heads = sorted(set(keep.keep_heads))
     groups = kept_groups(keep_heads, heads // kv_heads, where) if keep_heads else []
+    return LayerWidth(num_attention_heads=len(keep_heads), num_key_value_heads=len(groups),
+                      intermediate_size=len(set(keep.keep_ffn)))
+
+
+def _slice_layer(state: Mapping, prefix: str, width: LayerWidth, keep: LayerKeep, head_dim: int, where: str,
+                 family: Family) -> dict:
+    """The tensors of one decoder layer keeping ``keep`` (``state``: the layer's current checkpoint tensors)."""
+    keep_heads, keep_ffn = sorted(set(keep.keep_heads)), sorted(set(keep.keep_ffn))
+    out = {}
+    groups = kept_groups(keep_heads, width.num_attention_heads // width.num_key_value_heads, where) \
+        if keep_heads else []
     attn, mlp = f"{prefix}self_attn.", f"{prefix}mlp."
     if keep_heads:
         for name in ("q_proj", "k_proj", "v_proj"):
@@ -97,44 +111,93 @@ def _slice_layer(state: dict, prefix: str, width: LayerWidth, keep: LayerKeep, h
             if (key := f"{attn}{norm}.weight") in state:
                 out[key] = state[key]
     if keep_ffn:
-        index = torch.tensor(keep_ffn, device=state[f"{mlp}down_proj.weight"].device)
+        down = state[f"{mlp}down_proj.weight"]
+        index = torch.tensor(keep_ffn, device=down.device)
         for name in ("gate_proj", "up_proj"):
             for kind in ("weight", "bias"):
                 if (key := f"{mlp}{name}.{kind}") in state:
                     out[key] = state[key].index_select(0, index)
-        out[f"{mlp}down_proj.weight"] = state[f"{mlp}down_proj.weight"].index_select(1, index)
+        out[f"{mlp}down_proj.weight"] = down.index_select(1, index)
         if (key := f"{mlp}down_proj.bias") in state:
             out[key] = state[key]
         for norm in family.mlp_norms:
             out[f"{prefix}{norm}.weight"] = state[f"{prefix}{norm}.weight"]
-    return out, LayerWidth(num_attention_heads=len(keep_heads), num_key_value_heads=len(groups),
-                           intermediate_size=len(keep_ffn))
+    return out
 
 
-def slice_model(model, keeps: list[LayerKeep]) -> TyrLlamaForCausalLM:
-    """A new, physically smaller tyr model of the same family keeping ``keeps[i]`` of layer i (indices into its
-    current widths)."""
+class SlicedTensors(NamedTuple):
+    """A pruned model as its config and its tensors, produced a part at a time (the non-layer tensors, then each
+    decoder layer's), so it can be written or loaded without the dense model or the whole result in memory."""
+
+    config: TyrLlamaConfig
+    parts: Iterator[dict[str, torch.Tensor]]
+    dtype: torch.dtype
+
+
+def sliced_tensors(model, keeps: list[LayerKeep]) -> SlicedTensors:
+    """The tensors of ``model`` keeping ``keeps[i]`` of layer i (indices into its current widths), in the dtype
+    ``model`` holds or stores its weights in. A StreamedModel's tensors are read when their part is produced."""
     config = model.config
     widths = layer_widths(config)
     if len(keeps) != len(widths):
         raise TyrError(f"got keep sets for {len(keeps)} layers, the model has {len(widths)}")
+    family = family_of(config)
+    new_config = tyr_config(config, [_kept_width(w, k, f"layers[{i}]") for i, (w, k) in enumerate(zip(widths, keeps))])
     state = model.state_dict()
-    new_state = {k: v for k, v in state.items() if not k.startswith("model.layers.")}
-    new_widths = []
-    for i, (width, keep) in enumerate(zip(widths, keeps)):
-        layer_state, new_width = _slice_layer(state, f"model.layers.{i}.", width, keep, config.head_dim, f"layers[{i}]",
-                                              family_of(config))
-        new_state.update(layer_state)
-        new_widths.append(new_width)
-    new_config = tyr_config(config, new_widths)
-    param = next(model.parameters())
-    pruned = family_of(config).causal_lm_class(new_config).to(dtype=param.dtype, device=param.device)
-    missing, unexpected = pruned.load_state_dict(new_state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and new_config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise TyrError(f"sliced weights do not fit the pruned architecture: missing {missing}, unexpected {unexpected}")
-    pruned.generation_config = copy.deepcopy(model.generation_config)
+
+    def parts() -> Iterator[dict[str, torch.Tensor]]:
+        for name in state:
+            tied_head = name == "lm_head.weight" and new_config.tie_word_embeddings
+            if not name.startswith("model.layers.") and not tied_head:
+                yield {name: state[name]}
+        for i, (width, keep) in enumerate(zip(widths, keeps)):
+            yield _slice_layer(state, f"model.layers.{i}.", width, keep, config.head_dim, f"layers[{i}]", family)
+
+    return SlicedTensors(new_config, parts(), _dtype_and_device(model)[0])
+
+
+def build_model(sliced: SlicedTensors, generation_config=None,
+                device: str | torch.device = "cpu") -> TyrLlamaForCausalLM:
+    """The tyr model of ``sliced``, built in its dtype (no float32 copy of a half model) and filled part by part."""
+    with torch.device(device), _default_dtype(sliced.dtype):
+        pruned = family_of(sliced.config).causal_lm_class(sliced.config)
+    loaded = set()
+    for tensors in sliced.parts:
+        unexpected = pruned.load_state_dict(tensors, strict=False).unexpected_keys
+        if unexpected:
+            raise TyrError(f"sliced weights do not fit the pruned architecture: unexpected {unexpected}")
+        loaded.update(tensors)
+    missing = [k for k in pruned.state_dict() if k not in loaded
+               and not (k == "lm_head.weight" and sliced.config.tie_word_embeddings)]
+    if missing:
+        raise TyrError(f"sliced weights do not fit the pruned architecture: missing {missing}")
+    if generation_config is not None:
+        pruned.generation_config = copy.deepcopy(generation_config)
     return pruned.eval()
+
+
+def slice_model(model, keeps: list[LayerKeep]) -> TyrLlamaForCausalLM:
+    """A new, physically smaller tyr model of the same family keeping ``keeps[i]`` of layer i (indices into its
+    current widths), in the dtype and on the device ``model`` holds its weights in (a StreamedModel: its stored
+    dtype, on the CPU, read one layer at a time)."""
+    return build_model(sliced_tensors(model, keeps), model.generation_config, _dtype_and_device(model)[1])
+
+
+def _dtype_and_device(model) -> tuple[torch.dtype, torch.device]:
+    if isinstance(model, StreamedModel):
+        return model.dtype, torch.device("cpu")
+    param = next(model.parameters())
+    return param.dtype, param.device
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 @torch.no_grad()
