@@ -216,3 +216,29 @@ def test_model_facts_agree_with_the_modules_and_the_files(tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(TyrError, match="model.safetensors is truncated"):
         tensor_shapes(folder)
+
+
+def test_a_streamed_slice_written_in_shards_is_the_sliced_model(tmp_path):
+    """save_sliced writes what slice_model builds, a shard at a time and from a folder read a tensor at a time:
+    the same tensors, config and module counts (norms of removed blocks excluded, as the loaded modules count)."""
+    from tyr.models.facts import module_params, total_params
+    from tyr.models.io import save_sliced
+    from tyr.models.slicing import sliced_tensors
+    from tyr.models.streaming import StreamedModel
+
+    dense = to_tyr(tiny_llama(layers=3, heads=4, kv_heads=2, ffn=96, seed=5)).to(torch.bfloat16)
+    dense_dir = save_model(dense, None, tmp_path / "dense")
+    keeps = [LayerKeep(keep_heads=[0, 1], keep_ffn=list(range(0, 96, 3))), LayerKeep(keep_heads=[], keep_ffn=[5, 7]),
+             LayerKeep(keep_heads=[0, 1, 2, 3], keep_ffn=[])]
+    expected = slice_model(dense, keeps)
+    out = save_sliced(sliced_tensors(StreamedModel(dense_dir), keeps), None, tmp_path / "out", shard_bytes=4096)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1                        # several shards, named as HF names them
+    written = StreamedModel(out)
+    assert module_params(written) == module_params(expected) and total_params(written) == total_params(expected)
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    assert layer_widths(loaded.config) == layer_widths(expected.config)
+    assert set(loaded.state_dict()) == set(expected.state_dict())
+    assert all(torch.equal(t, expected.state_dict()[name]) for name, t in loaded.state_dict().items())

@@ -18,6 +18,10 @@ from tyr.models.slicing import SlicedTensors
 
 # Dense architectures whose decoder layers are Llama-style layers (same tensor names), and tyr's pruned formats.
 SUPPORTED_ARCHITECTURES = supported_model_types()
+# What a model folder needs from a hub repository: weights (safetensors only), configs, tokenizer, chat template.
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
+# The most tensor bytes save_sliced holds before writing them out as one safetensors shard.
+SHARD_BYTES = 512 * 2 ** 20
 
 
 def resolve_model_path(spec: str | Path | None) -> str:
@@ -45,13 +49,6 @@ def resolve_model_path(spec: str | Path | None) -> str:
     if _looks_like_path(str(spec)):
         raise TyrError(f"no model folder at {spec} (a hub id has the form org/name)")
     return str(spec)
-
-
-# The most tensor bytes save_sliced holds before writing them out as one safetensors shard.
-SHARD_BYTES = 512 * 2 ** 20
-
-# What a model folder needs from a hub repository: weights (safetensors only), configs, tokenizer, chat template.
-HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
 
 
 def local_model_folder(spec: str | Path | None) -> Path:
