@@ -6,7 +6,8 @@ tyr.models.facts for widths and parameter counts, the recipe for token counts an
 ladders of the search module, and the supernet's own sizing of what it stores. It plans the run as implemented:
 the dense model is read from its folder one decoder module at a time (in float32 on the compute device while that
 module works), its embedding and LM head stay on the host in their stored dtype, the calibration hidden states stay
-on the compute device, and the pruned model is built on the host in the stored dtype.
+on the compute device (or the host: recipe ``memory.hidden_states``), and the pruned model is written from the host
+a shard at a time in the stored dtype.
 
 Assumptions it cannot read from a config are named in the plan: the sustained FLOP rate (it sets how many
 hidden-state checkpoints a build writes), a process baseline, and the work a search saves by reusing activations
