@@ -66,7 +66,8 @@ def dense_targets(model, ids: torch.LongTensor, top_k: int, batch_sequences: int
     top_logp = torch.empty(*ids.shape, top_k)
     top_index = torch.empty(*ids.shape, top_k, dtype=torch.int32)
     batches = [slice(start, start + batch_sequences) for start in range(0, ids.shape[0], batch_sequences)]
-    rows = torch.cat([torch.arange(ids.shape[0])[batches[k]] for k in distributed.owned(len(batches))])
+    rows = torch.tensor([r for k in distributed.owned(len(batches)) for r in range(ids.shape[0])[batches[k]]],
+                        dtype=torch.long)      # empty on a rank that owns no batch
     hidden = parts.embed(ids[rows].to(device)).to(dtype)
     positions = parts.positions(ids.shape[1], device=device, dtype=dtype)
     chunks = [slice(start, start + batch_sequences) for start in range(0, len(rows), batch_sequences)]

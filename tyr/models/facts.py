@@ -75,9 +75,9 @@ def module_params(model) -> list[tuple[int, int]]:
     from tyr.models.families import family_of
     from tyr.models.streaming import StreamedModel
 
-    family = family_of(model.config)
     if isinstance(model, StreamedModel):
         return stored_module_params(model.shapes, model.config)
+    family = family_of(model.config)
 
     def count(layer, block: str, norms: tuple[str, ...]) -> int:
         modules = [getattr(layer, block), *(getattr(layer, norm) for norm in norms)]
