@@ -33,8 +33,9 @@ from tyr.compressor import distributed
 from tyr.compressor.layerwise import KINDS, DenseParts, attention_delta, heads_of, mlp_delta, module_weights
 from tyr.compressor.search import Choice
 
-# Positions per LM-head chunk of the fitness (see sparse_kl).
-POSITIONS_PER_CHUNK = 64
+# Positions per LM-head chunk of the fitness (see sparse_kl), and rows per float32 logsumexp over the vocabulary.
+POSITIONS_PER_CHUNK = 128
+ROWS_PER_NORMALIZER = 16
 
 
 @dataclass
@@ -91,9 +92,10 @@ def dense_targets(model, ids: torch.LongTensor, top_k: int, batch_sequences: int
         out = rows[chunk]
         for position in range(0, ids.shape[1], step):
             span = slice(position, position + step)
-            top = F.log_softmax(head.logits(hidden[chunk, span]).float(), dim=-1).topk(top_k, dim=-1)
-            top_logp[out, span] = top.values.cpu()
-            top_index[out, span] = top.indices.cpu().to(torch.int32)
+            logits = head.logits(hidden[chunk, span].flatten(0, 1))     # 2-D: see sparse_kl
+            top = F.log_softmax(logits.float(), dim=-1).topk(top_k, dim=-1)
+            top_logp[out, span] = top.values.view(len(out), -1, top_k).cpu()
+            top_index[out, span] = top.indices.view(len(out), -1, top_k).cpu().to(torch.int32)
     distributed.share_rows(top_logp, batches)
     distributed.share_rows(top_index, batches)
     return SelectionTargets(ids=ids.cpu(), top_logp=top_logp, top_index=top_index)
@@ -103,23 +105,34 @@ def sparse_kl(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]
               top_index: torch.Tensor) -> torch.Tensor:
     """Σ over positions of Σ_{i∈top-k} p_i (log p_i − log q_i), per sequence [B] (float64).
 
-    ``head`` maps hidden states [B, n, D] to logits [B, n, V] (the identity if ``hidden`` already holds logits). It
-    runs on a few positions at a time, so the full [B, L, V] logits never exist: a small chunk's buffers are reused
-    by the allocator and stay in cache, where a fresh [L, V] buffer per forward costs page faults
-    (``POSITIONS_PER_CHUNK`` positions per chunk).
+    ``head`` maps hidden states [N, D] to logits [N, V] (the identity if ``hidden`` already holds logits). It runs
+    on a few positions at a time, so the full [B, L, V] logits never exist: a small chunk's buffers are reused by
+    the allocator, where a fresh [L, V] buffer per forward costs page faults (``POSITIONS_PER_CHUNK`` positions
+    per chunk). The head gets a 2-D input: a [1, n, D] slice of a longer sequence can send the CPU matmul down a
+    much slower path.
     """
     batch, length = hidden.shape[:2]
     out = torch.zeros(batch, dtype=torch.float64, device=hidden.device)
     step = max(1, POSITIONS_PER_CHUNK // batch)
     for start in range(0, length, step):
         chunk = slice(start, start + step)
-        logits = head(hidden[:, chunk])
+        logits = head(hidden[:, chunk].flatten(0, 1))
+        logits = logits.view(batch, -1, logits.shape[-1])
         log_p = top_logp[:, chunk].to(logits.device)
         # log q_i = logit_i - logsumexp(logits): only the top-k entries are needed, not a full log-softmax.
         top = logits.gather(-1, top_index[:, chunk].to(logits.device, torch.int64)).float()
-        log_q_top = top - torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+        log_q_top = top - _log_normalizer(logits)
         out += (log_p.exp() * (log_p - log_q_top)).sum(dim=(1, 2), dtype=torch.float64)
     return out
+
+
+def _log_normalizer(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the vocabulary in float32, [..., V] -> [..., 1]. On a CPU ``ROWS_PER_NORMALIZER`` rows at a
+    time: the float32 copy of a whole chunk's logits would fall out of its cache (the rows give the same bits)."""
+    rows = logits.reshape(-1, logits.shape[-1])
+    step = ROWS_PER_NORMALIZER if rows.device.type == "cpu" else max(rows.shape[0], 1)
+    sums = [torch.logsumexp(rows[i:i + step].float(), dim=-1) for i in range(0, rows.shape[0], step)]
+    return torch.cat(sums).view(*logits.shape[:-1], 1)
 
 
 class ReuseStats(BaseModel):
