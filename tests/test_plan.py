@@ -76,3 +76,23 @@ def test_plan_bad_input_exits_2(tmp_path, case, capsys):
                 "size": "cannot read the size"}[case]
     assert expected in err and "Traceback" not in err
     assert not (tmp_path / "plan.json").exists()
+
+
+LLAMA_31_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+               "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+               "num_hidden_layers": 32, "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+               "max_position_embeddings": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+               "hidden_act": "silu", "head_dim": 128}
+
+
+@pytest.mark.parametrize("recipe", ["fast", "paper"])
+def test_llama_8b_fits_a_24gb_gpu_with_either_recipe(tmp_path, recipe):
+    """The search caches shrink to the device, as the run's do: `paper` asks for 32 GiB of them."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(LLAMA_31_8B))
+    plan = plan_prune(config, recipe=recipe, sparsity=0.5, device_memory=24 * 10 ** 9)
+    assert plan.fits and plan.peak_device <= 24 * 10 ** 9, plan.advice
+    search = next(s for s in plan.stages if s.name == "search")
+    assert any("search caches capped" in note for note in search.notes) == (recipe == "paper")
+    roomy = plan_prune(config, recipe=recipe, sparsity=0.5, device_memory=141 * 10 ** 9)
+    assert not any("capped" in note for s in roomy.stages for note in s.notes)

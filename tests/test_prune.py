@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import shutil
 
 import pytest
@@ -115,6 +116,22 @@ def test_tyr_resume_after_interrupt_gives_the_same_model(tmp_path, tyr_run, tiny
     first, _ = load_model(out)
     second, _ = load_model(tyr_run.out_dir)
     a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_search_caches_larger_than_memory_shrink_and_give_the_same_model(tmp_path, tyr_run, tiny_dir, recipe,
+                                                                           caplog):
+    """Caches asked beyond this machine's memory are capped to what fits; caches only save recomputation, so the
+    search and the model are the same."""
+    asked = 10_000_000
+    huge = recipe.model_copy(update={"search": recipe.search.model_copy(
+        update={"activation_cache_mb": asked, "weight_cache_mb": asked})})
+    with caplog.at_level(logging.INFO, logger="tyr.compressor.prune"):
+        result = prune(tiny_dir, sparsity=0.5, recipe=huge, out_dir=tmp_path / "out", progress=False)
+    assert f"(recipe: {asked} + {asked})" in caplog.text
+    assert [h.fitness for it in result.report.iterations for h in it.history] == \
+           [h.fitness for it in tyr_run.report.iterations for h in it.history]
+    a, b = load_model(result.out_dir)[0].state_dict(), load_model(tyr_run.out_dir)[0].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

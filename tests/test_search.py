@@ -632,3 +632,14 @@ def test_recipe_by_path_and_json(tmp_path):
     assert isinstance(load_recipe(Recipe.model_validate(data)), Recipe)
     with pytest.raises(TyrError, match="neither a file nor"):
         load_recipe("no-such-recipe")
+
+
+def test_fitted_caches_keep_the_recipe_caps_where_they_fit_and_scale_both_down_where_not():
+    from tyr.compressor.fitness import CACHE_SHARE, fitted_caches_mb
+
+    mib = 2 ** 20
+    assert fitted_caches_mb(256, 384, None, 0) == (256, 384)                  # free memory unknown
+    assert fitted_caches_mb(256, 384, 10_000 * mib, 1_000 * mib) == (256, 384)
+    activation, weight = fitted_caches_mb(1000, 3000, 3_000 * mib, 1_000 * mib)
+    assert activation + weight == pytest.approx(CACHE_SHARE * 2_000) and weight == pytest.approx(3 * activation)
+    assert fitted_caches_mb(1000, 3000, 500 * mib, 1_000 * mib) == (0, 0)     # nothing left beside the head

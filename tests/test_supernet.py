@@ -444,6 +444,37 @@ def test_checkpoints_are_time_based_and_a_kill_redoes_only_the_modules_since(tin
     assert manifest_path.read_bytes() == (out / "manifest.json").read_bytes()
 
 
+def test_a_kill_while_hidden_states_spill_to_disk_resumes_to_the_same_supernet(tiny, ids, tmp_path, monkeypatch,
+                                                                              built):
+    """Hidden states kept on the host (on the CPU the same memory as the device; no GPU here) and checkpointed
+    after every module: killed half-way through writing the second checkpoint, the rerun gives the same files."""
+    out, _, _ = built
+    real_save, checkpoints = safetensors.torch.save_file, []
+
+    def killed_in_second_checkpoint(tensors, path, *args, **kwargs):
+        if Path(path).name.startswith(".checkpoint-"):
+            checkpoints.append(path)
+            if len(checkpoints) == 2:
+                Path(path).write_bytes(b"half a checkpoint")
+                raise KeyboardInterrupt
+        real_save(tensors, path, *args, **kwargs)
+
+    spilled = MemoryRecipe(hidden_states="host", checkpoint_seconds=0, checkpoint_share=None)
+    monkeypatch.setattr(safetensors.torch, "save_file", killed_in_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False, memory=spilled)
+    monkeypatch.undo()
+    partial = SupernetManifest.model_validate_json((tmp_path / "sn" / "manifest.json").read_text())
+    assert len(partial.modules) == 1 and partial.checkpoint == "checkpoint-000.safetensors"
+    resumed = []
+    build_supernet(tiny, ids, tmp_path / "sn", [DEFAULT_LADDER] * 6, progress=False, memory=spilled,
+                   on_module_done=lambda i, h: resumed.append(i))
+    assert resumed == [1, 2, 3, 4, 5]
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "sn") for p in (tmp_path / "sn").rglob("*") if p.is_file())
+    assert [f for f in files if (out / f).read_bytes() != (tmp_path / "sn" / f).read_bytes()] == []
+
+
 def test_checkpoints_write_at_most_their_share_of_the_candidates(tiny, ids, tmp_path, monkeypatch):
     real_save, written = safetensors.torch.save_file, []
 

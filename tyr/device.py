@@ -26,3 +26,15 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise TyrError(f"device {device} was requested but torch sees {torch.cuda.device_count()} GPU(s)")
     return device
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can still take on ``device``: the GPU's free memory, or the host's available memory
+    for the CPU (None where it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil ships with the environment
+        return None
+    return psutil.virtual_memory().available

@@ -36,6 +36,8 @@ from tyr.compressor.search import Choice
 # Positions per LM-head chunk of the fitness (see sparse_kl), and rows per float32 logsumexp over the vocabulary.
 POSITIONS_PER_CHUNK = 128
 ROWS_PER_NORMALIZER = 16
+# The search's caches take at most this share of the memory left beside the LM head and one evaluation.
+CACHE_SHARE = 0.75
 
 
 @dataclass
@@ -93,9 +95,11 @@ def dense_targets(model, ids: torch.LongTensor, top_k: int, batch_sequences: int
         for position in range(0, ids.shape[1], step):
             span = slice(position, position + step)
             logits = head.logits(hidden[chunk, span].flatten(0, 1))     # 2-D: see sparse_kl
-            top = F.log_softmax(logits.float(), dim=-1).topk(top_k, dim=-1)
-            top_logp[out, span] = top.values.view(len(out), -1, top_k).cpu()
-            top_index[out, span] = top.indices.view(len(out), -1, top_k).cpu().to(torch.int32)
+            step = _normalizer_rows(logits)
+            tops = [F.log_softmax(logits[i:i + step].float(), dim=-1).topk(top_k, dim=-1)
+                    for i in range(0, logits.shape[0], step)]
+            top_logp[out, span] = torch.cat([t.values for t in tops]).view(len(out), -1, top_k).cpu()
+            top_index[out, span] = torch.cat([t.indices for t in tops]).view(len(out), -1, top_k).cpu().to(torch.int32)
     distributed.share_rows(top_logp, batches)
     distributed.share_rows(top_index, batches)
     return SelectionTargets(ids=ids.cpu(), top_logp=top_logp, top_index=top_index)
@@ -127,12 +131,39 @@ def sparse_kl(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]
 
 
 def _log_normalizer(logits: torch.Tensor) -> torch.Tensor:
-    """logsumexp over the vocabulary in float32, [..., V] -> [..., 1]. On a CPU ``ROWS_PER_NORMALIZER`` rows at a
-    time: the float32 copy of a whole chunk's logits would fall out of its cache (the rows give the same bits)."""
+    """logsumexp over the vocabulary in float32, [..., V] -> [..., 1], a few rows at a time (_normalizer_rows)."""
     rows = logits.reshape(-1, logits.shape[-1])
-    step = ROWS_PER_NORMALIZER if rows.device.type == "cpu" else max(rows.shape[0], 1)
+    step = _normalizer_rows(rows)
     sums = [torch.logsumexp(rows[i:i + step].float(), dim=-1) for i in range(0, rows.shape[0], step)]
     return torch.cat(sums).view(*logits.shape[:-1], 1)
+
+
+def _normalizer_rows(rows: torch.Tensor) -> int:
+    """Rows of logits per float32 pass over the vocabulary: ``ROWS_PER_NORMALIZER`` on a CPU, where the float32
+    copy of a whole chunk would fall out of its cache (row by row, the results are the same bits); all elsewhere."""
+    return ROWS_PER_NORMALIZER if rows.device.type == "cpu" else max(rows.shape[0], 1)
+
+
+def evaluation_bytes(vocab_size: int, hidden_size: int, batch_tokens: int, batch_sequences: int,
+                     compute_bytes: int, on_cpu: bool) -> int:
+    """One fitness evaluation's transient memory, beside the LM head and the caches: a batch's residual stream and
+    its working copies, one head chunk's logits, and the float32 rows of their normalizer (see sparse_kl)."""
+    positions = max(batch_sequences, POSITIONS_PER_CHUNK)
+    rows = ROWS_PER_NORMALIZER if on_cpu else positions
+    return 4 * batch_tokens * hidden_size * 4 + positions * vocab_size * compute_bytes + rows * vocab_size * 8
+
+
+def fitted_caches_mb(activation_mb: float, weight_mb: float, free_bytes: int | None,
+                     resident_bytes: int) -> tuple[float, float]:
+    """The search caches' caps (MiB): the recipe's, both scaled down by the same factor where together they would
+    take more than ``CACHE_SHARE`` of what ``free_bytes`` leaves beside ``resident_bytes`` (the LM head and one
+    evaluation). The caches only save recomputation, so smaller ones change the time, not the result."""
+    asked = (activation_mb + weight_mb) * 2 ** 20
+    if free_bytes is None or asked == 0:
+        return activation_mb, weight_mb
+    room = max(0.0, CACHE_SHARE * (free_bytes - resident_bytes))
+    scale = min(1.0, room / asked)
+    return activation_mb * scale, weight_mb * scale
 
 
 class ReuseStats(BaseModel):

@@ -140,7 +140,7 @@ def plan_prune(config_path: str | Path, recipe="fast", sparsity: float = 0.5, de
     folder = folder if folder.is_dir() else folder.parent
     if tokenizer_bytes is None:
         tokenizer_bytes = sum(p.stat().st_size for p in folder.glob("tokenizer*") if p.is_file())
-    context = _Context(config, recipe, sparsity, device_memory, tflops, tokenizer_bytes)
+    context = _Context(config, recipe, sparsity, device_memory, host_memory, tflops, tokenizer_bytes)
     stages = [context.load(), context.supernet(), context.search(), context.final(), context.evaluation()]
     plan = RunPlan(model=str(config_path), recipe=recipe.name, sparsity=sparsity, device="gpu" if gpu else "cpu",
                    device_memory=device_memory, host_memory=host_memory, weights_dtype=context.stored,
@@ -156,14 +156,14 @@ def plan_prune(config_path: str | Path, recipe="fast", sparsity: float = 0.5, de
 class _Context:
     """One plan's inputs and the sizes every stage shares."""
 
-    def __init__(self, config, recipe, sparsity: float, device_memory: int | None, tflops: float,
-                 tokenizer_bytes: int):
+    def __init__(self, config, recipe, sparsity: float, device_memory: int | None, host_memory: int | None,
+                 tflops: float, tokenizer_bytes: int):
         import torch
 
         from tyr.compressor.supernet import hidden_dtype, narrower
 
         self.config, self.recipe, self.sparsity = config, recipe, sparsity
-        self.device_memory, self.gpu = device_memory, device_memory is not None
+        self.device_memory, self.gpu, self.host_memory = device_memory, device_memory is not None, host_memory
         self.rate, self.tokenizer_bytes = tflops * 1e12, tokenizer_bytes
         self.sizes = _Sizes.of(config, sparsity)
         self.stored = weights_dtype(config)
@@ -209,7 +209,7 @@ class _Context:
                          flops=sum(s.flops for s in self.supernets), notes=notes)
 
     def search(self) -> StagePlan:
-        from tyr.compressor.fitness import POSITIONS_PER_CHUNK
+        from tyr.compressor.fitness import POSITIONS_PER_CHUNK, evaluation_bytes, fitted_caches_mb
         from tyr.compressor.recipes import fitness_dtype
 
         search, config = self.recipe.search, self.config
@@ -217,22 +217,29 @@ class _Context:
         cbytes = 2 if self.gpu else fitness_dtype(search.dtype, "cpu").itemsize
         positions = max(search.batch_sequences, POSITIONS_PER_CHUNK)
         logits = positions * config.vocab_size * (cbytes + 8)     # a chunk's logits, float32 copy, log-softmax
-        states = 4 * search.batch_tokens * config.hidden_size * 4
+        evaluation = evaluation_bytes(config.vocab_size, config.hidden_size, search.batch_tokens,
+                                      search.batch_sequences, cbytes, on_cpu=not self.gpu)
+        head = 0 if cbytes == self.store_bytes and not self.gpu else self.sizes.head * cbytes
+        targets = search.pool_size * min(search.kl_top_k, config.vocab_size) * 8
         # The caches fill up to their caps, or to all there is: every module's anchor states on the last stage's
-        # batches, every candidate's weights in the compute dtype.
+        # batches, every candidate's weights in the compute dtype. Their caps shrink to fit the memory beside the
+        # head and one evaluation (and, on the CPU, the process and the targets), as the run's do.
         modules = 2 * config.num_hidden_layers
         activations = modules * search.stage_batches()[-1] * search.batch_tokens * config.hidden_size * 4
         weights = max(sum(sum(1 - level for level in levels) for _, levels in s.ladders) / 2 for s in self.supernets)
         weights = weights * self.sizes.decoder * cbytes
-        caches = (min(search.activation_cache_mb * 2 ** 20, activations)
-                  + min(search.weight_cache_mb * 2 ** 20, weights))
+        resident = head + evaluation + (0 if self.gpu else BASELINE_BYTES + self.parts_bytes + targets)
+        caps = fitted_caches_mb(search.activation_cache_mb, search.weight_cache_mb,
+                                self.device_memory if self.gpu else self.host_memory, resident)
+        caches = min(caps[0] * 2 ** 20, activations) + min(caps[1] * 2 ** 20, weights)
         # The dense targets run all pool sequences through one module at a time (float32); the search then holds
-        # the LM head in its compute dtype, its caches and one batch's states and logits.
+        # the LM head in its compute dtype, its caches and one evaluation.
         dense_pass = search.pool_size * config.hidden_size * 4 + self.module_bytes + logits
-        head = 0 if cbytes == self.store_bytes and not self.gpu else self.sizes.head * cbytes
-        device = max(dense_pass, head + caches + states + logits)
-        targets = search.pool_size * min(search.kl_top_k, config.vocab_size) * 8
+        device = max(dense_pass, head + caches + evaluation)
         host = BASELINE_BYTES + self.parts_bytes + targets + (0 if self.gpu else device)
+        capped = ([f"search caches capped at {caps[0]:.0f} + {caps[1]:.0f} MiB (recipe: {search.activation_cache_mb}"
+                   f" + {search.weight_cache_mb}) to fit the {'device' if self.gpu else 'host memory'}"]
+                  if caps != (search.activation_cache_mb, search.weight_cache_mb) else [])
         per_token = 2 * ((1 - self.sparsity) * self.sizes.decoder + self.sizes.head) + self._attention_flops(
             search.seq_len)
         scored = sum(self._scored_tokens(i) for i in range(self.recipe.iterations))
@@ -243,7 +250,7 @@ class _Context:
         return StagePlan(name="search", device_bytes=device, host_bytes=host, disk_bytes=disk,
                          written_bytes=written, flops=dense + scored * per_token,
                          notes=[f"dense top-{search.kl_top_k} targets {_gib(targets)} on the host; FLOPs without "
-                                "the savings of activation reuse"])
+                                "the savings of activation reuse", *capped])
 
     def final(self) -> StagePlan:
         from tyr.models.io import SHARD_BYTES
@@ -415,13 +422,9 @@ class _Context:
             elif spare < 0 or self.hidden_on_host:
                 out.append("  the supernet build's working set (one module's weights, Hessian, solver and "
                            "activations) exceeds the device even without hidden states")
-        search = stages["search"]
-        caches = (self.recipe.search.weight_cache_mb + self.recipe.search.activation_cache_mb) * 2 ** 20
-        if search.device_bytes > budget:
-            spare = budget - (search.device_bytes - caches)
-            out.append(f"  smaller search caches: search.weight_cache_mb + search.activation_cache_mb <= "
-                       f"{max(spare, 0) // 2 ** 20} (now {caches // 2 ** 20})" if spare > 0 else
-                       "  the search's model and logits exceed the device even without caches")
+        if stages["search"].device_bytes > budget:     # its caches already shrank to what fits
+            out.append("  the search's LM head and one evaluation exceed the device even without caches: "
+                       "search.seq_len or search.batch_sequences smaller, or a larger device")
         return out
 
     def evaluation_advice(self, plan: RunPlan) -> list[str]:

@@ -488,14 +488,15 @@ def _search(job: PruneJob, supernet_dir: Path, space: SearchSpace, start: tuple[
     from tyr.compressor.layerwise import DenseParts
     from tyr.compressor.supernet import Supernet
 
-    settings, device = job.recipe.search, job.device
+    settings, device = job.recipe.search, torch.device(job.device)
     supernet = Supernet.open(supernet_dir, cache_size=0)     # the fitness keeps its own cache, capped in bytes
-    fitness = SupernetKL(DenseParts.from_model(job.model), supernet.weights, [m.kind for m in space.modules], targets,
+    parts, compute_dtype = DenseParts.from_model(job.model), fitness_dtype(settings.dtype, device)
+    activation_mb, weight_mb = _search_caches_mb(settings, parts, compute_dtype, device)
+    fitness = SupernetKL(parts, supernet.weights, [m.kind for m in space.modules], targets,
                          settings.batch_sequences, reuse_activations=settings.reuse_activations,
-                         activation_cache_mb=settings.activation_cache_mb, weight_cache_mb=settings.weight_cache_mb,
+                         activation_cache_mb=activation_mb, weight_cache_mb=weight_mb,
                          cached_batches=settings.stage_batches()[-1], device=device,
-                         dtype=job.dtype,
-                         compute_dtype=fitness_dtype(settings.dtype, device))
+                         dtype=job.dtype, compute_dtype=compute_dtype)
     on_generation = job.on_generation
     callback = (lambda record: on_generation(iteration, record)) if on_generation else None
     result = run_search(space, SharedFitness(fitness), settings, start,
@@ -503,6 +504,23 @@ def _search(job: PruneJob, supernet_dir: Path, space: SearchSpace, start: tuple[
                         checkpoint=job.work_dir / f"iter{iteration}" / "search.json", on_generation=callback,
                         progress=job.progress, description=f"search {iteration + 1}/{job.recipe.iterations}")
     return result, fitness.stats.across_ranks()
+
+
+def _search_caches_mb(settings, parts, compute_dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
+    """The recipe's search cache caps, scaled down where they would not fit the device's free memory beside the
+    LM head and one evaluation (fitness.fitted_caches_mb)."""
+    from tyr.compressor.fitness import evaluation_bytes, fitted_caches_mb
+    from tyr.device import free_memory
+
+    vocab, hidden = parts.lm_head.shape
+    resident = vocab * hidden * compute_dtype.itemsize + evaluation_bytes(
+        vocab, hidden, settings.batch_tokens, settings.batch_sequences, compute_dtype.itemsize,
+        on_cpu=device.type == "cpu")
+    caches = fitted_caches_mb(settings.activation_cache_mb, settings.weight_cache_mb, free_memory(device), resident)
+    if caches != (settings.activation_cache_mb, settings.weight_cache_mb):
+        log.info("search caches capped at %.0f + %.0f MiB (recipe: %d + %d) to fit %s's free memory", *caches,
+                 settings.activation_cache_mb, settings.weight_cache_mb, device)
+    return caches
 
 
 def iteration_seed(seed: int, iteration: int) -> int:

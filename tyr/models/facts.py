@@ -256,19 +256,23 @@ SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F
 
 
 class StoredTensor(NamedTuple):
-    """Where a model folder keeps one tensor, and in which safetensors dtype ("BF16", "F16", "F32", ...)."""
+    """Where a model folder keeps one tensor, in which safetensors dtype ("BF16", "F16", "F32", ...), and its
+    shape."""
 
     file: Path
     dtype: str
+    shape: tuple[int, ...]
 
 
 def tensor_index(folder: str | Path) -> dict[str, StoredTensor]:
-    """Tensor name -> its file and stored dtype, over every weight file of a model folder (headers only)."""
+    """Tensor name -> its file, stored dtype and shape, over every weight file of a model folder (headers only)."""
     index: dict[str, StoredTensor] = {}
     for path in weight_files(folder):
         try:
             with safe_open(path, framework="pt") as f:
-                index.update({name: StoredTensor(path, f.get_slice(name).get_dtype()) for name in f.keys()})
+                for name in f.keys():
+                    stored = f.get_slice(name)
+                    index[name] = StoredTensor(path, stored.get_dtype(), tuple(stored.get_shape()))
         except (SafetensorError, OSError) as err:
             raise TyrError(f"{path} is truncated or not a readable safetensors file ({err})") from err
     return index

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from tyr.errors import TyrError
-from tyr.models.facts import SAFETENSORS_DTYPES, StoredTensor, tensor_index, tensor_shapes
+from tyr.models.facts import SAFETENSORS_DTYPES, StoredTensor, tensor_index
 
 
 class StreamedModel:
@@ -36,7 +36,7 @@ class StreamedModel:
             raise TyrError(f"cannot read the model config of {self.folder}: {err}") from err
         check_supported(self.config.to_dict(), str(self.folder))
         self.index: dict[str, StoredTensor] = tensor_index(self.folder)
-        self.shapes: dict[str, list[int]] = tensor_shapes(self.folder)
+        self.shapes: dict[str, list[int]] = {name: list(t.shape) for name, t in self.index.items()}
         with torch.device("meta"):      # the model's own rotary embedding class, without its weights
             skeleton = AutoModelForCausalLM.from_config(self.config, trust_remote_code=trust_remote_code)
         self.rotary_emb = type(skeleton.model.rotary_emb)(config=self.config)
