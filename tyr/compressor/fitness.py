@@ -95,9 +95,9 @@ def dense_targets(model, ids: torch.LongTensor, top_k: int, batch_sequences: int
         for position in range(0, ids.shape[1], step):
             span = slice(position, position + step)
             logits = head.logits(hidden[chunk, span].flatten(0, 1))     # 2-D: see sparse_kl
-            step = _normalizer_rows(logits)
-            tops = [F.log_softmax(logits[i:i + step].float(), dim=-1).topk(top_k, dim=-1)
-                    for i in range(0, logits.shape[0], step)]
+            rows_per = _normalizer_rows(logits)
+            tops = [F.log_softmax(logits[i:i + rows_per].float(), dim=-1).topk(top_k, dim=-1)
+                    for i in range(0, logits.shape[0], rows_per)]
             top_logp[out, span] = torch.cat([t.values for t in tops]).view(len(out), -1, top_k).cpu()
             top_index[out, span] = torch.cat([t.indices for t in tops]).view(len(out), -1, top_k).cpu().to(torch.int32)
     distributed.share_rows(top_logp, batches)
