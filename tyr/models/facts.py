@@ -241,16 +241,6 @@ def weight_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def file_shapes(path: str | Path) -> dict[str, list[int]]:
-    """Tensor name -> shape of one safetensors file, without loading a tensor; TyrError if it is cut short or not
-    a safetensors file."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
-    except (SafetensorError, OSError) as err:
-        raise TyrError(f"{path} is truncated or not a readable safetensors file ({err})") from err
-
-
 # safetensors' dtype names (StoredTensor.dtype) -> torch dtypes, for the float dtypes model weights come in.
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
@@ -279,11 +269,8 @@ def tensor_index(folder: str | Path) -> dict[str, StoredTensor]:
 
 
 def tensor_shapes(folder: str | Path) -> dict[str, list[int]]:
-    """Tensor name -> shape over every weight file of a model folder."""
-    shapes: dict[str, list[int]] = {}
-    for path in weight_files(folder):
-        shapes.update(file_shapes(path))
-    return shapes
+    """Tensor name -> shape over every weight file of a model folder (headers only)."""
+    return {name: list(stored.shape) for name, stored in tensor_index(folder).items()}
 
 
 def folder_layer_widths(folder: str | Path) -> list[LayerWidth]:
