@@ -56,10 +56,13 @@ def quantize_int8(src: Path, dst: Path, external_data: bool) -> None:
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer logs every tensor it skips through the root logger
+    # reduce_range: 7-bit weights, so that onnxruntime's u8s8 kernels on x86 CPUs without VNNI (AVX2's
+    # VPMADDUBSW sums pairs into saturating int16) give the same products as with it; the graph runs on whichever
+    # CPU the user deploys to, not the one that exported it.
     try:
-        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
-                         nodes_to_exclude=exclude, use_external_data_format=external_data,
-                         extra_options={"MatMulConstBOnly": True})
+        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
+                         weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                         use_external_data_format=external_data, extra_options={"MatMulConstBOnly": True})
     finally:
         root.setLevel(level)
     if not dst.is_file():
