@@ -32,9 +32,10 @@ FP32_ATOL = 1e-4
 FP32_NOISE_FACTOR = 10.0
 # Teacher-forced greedy agreement with fp32 PyTorch that a variant must reach. Measured (2 prompts x 33 steps):
 # fp16: SmolLM2-135M 1.00, its 50% magnitude-pruned stand-in 0.985, tiny random models about 0.98;
-# int8 (dynamic, 7-bit weights): SmolLM2-135M 0.85, tiny random models 0.86-0.89, the 50% magnitude-pruned stand-in 0.09
-# (its activation outliers defeat per-tensor int8 activations; weight-only 8-bit MatMulNBits reaches only 0.42
-# there, so the model, not the quantizer settings, is the limit): that export fails, as it should.
+# int8 (dynamic, 7-bit weights): SmolLM2-135M 0.85, tiny random models 0.86-0.89; with 8-bit weights the 50%
+# magnitude-pruned stand-in reached 0.09 (its activation outliers defeat per-tensor int8 activations; weight-only
+# 8-bit MatMulNBits reaches only 0.42 there, so the model, not the quantizer settings, is the limit): that export
+# fails, as it should.
 MIN_AGREEMENT = {"fp16": 0.9, "int8": 0.75}
 TEXT_PROMPTS = (
     "The capital of France is Paris. The capital of Italy is Rome. The capital of Germany is",
